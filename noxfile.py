@@ -1,0 +1,34 @@
+"""Test sessions. They run in the current environment (the README's `.venv`): installing
+torch a second time per session would cost minutes and gigabytes for nothing."""
+
+import sys
+
+import nox
+
+nox.options.default_venv_backend = "none"
+nox.options.sessions = ["tests"]
+PY = sys.executable  # the interpreter nox runs under: the project's venv
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The default CPU suite (not slow, not gpu): what CI runs."""
+    session.run(PY, "-m", "pytest", "-q", "-m", "not slow and not gpu", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the package, baselines, tests and this file."""
+    session.run(PY, "-m", "ruff", "check", "rapm_bench", "baselines", "tests", "noxfile.py")
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """Long CPU tests (minutes)."""
+    session.run(PY, "-m", "pytest", "-q", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """Tests that need CUDA (skipped without it)."""
+    session.run(PY, "-m", "pytest", "-q", "-m", "gpu", *session.posargs)

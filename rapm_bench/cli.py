@@ -1,0 +1,250 @@
+"""The `rapm-bench` command line: parse, resolve a config, call one library function.
+
+Errors a user can fix print as one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+from .errors import NotBuiltError, UserError
+
+app = typer.Typer(
+    name="rapm-bench",
+    help="Distil a text-to-image teacher into a 4-step student with RAPM on one GPU, then evaluate "
+    "RAPM, PCM, DMD2 and the teacher (FID, CLIP score) on one declared protocol. "
+    "The default preset `tiny` is an embedded shapes world that runs offline on a CPU; "
+    "`--preset sdxl` is the paper's setting.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Preset = Annotated[str, typer.Option(help="World: `tiny` (embedded shapes world, CPU, offline) or `sdxl`.")]
+
+
+def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a library function; a UserError becomes one line on stderr and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError as e:
+        typer.echo(f"rapm-bench: error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("rapm-bench: interrupted; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+
+
+def _not_built(command: str, needs: str) -> None:
+    raise NotBuiltError(f"`rapm-bench {command}` is not built yet: it needs {needs}")
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option(help="Model name from the registry (`teacher`, `rapm`, ...); "
+                                            "its sampler and guidance come from its spec.")] = "teacher",
+    steps: Annotated[int | None, typer.Option(help="Sampling steps; default: the model's.")] = None,
+    guidance: Annotated[float | None, typer.Option(
+        help="Classifier-free guidance scale; <= 1 disables CFG; default: the model's (teacher: the world's).")] = None,
+    prompts: Annotated[str | None, typer.Option(
+        help="UTF-8 text file, one caption a line; default on `tiny`: captions from the shapes eval split.")] = None,
+    out: Annotated[str, typer.Option(help="Output folder for {index:06d}.png, config.json and manifest.json; "
+                                          "rerunning the same command resumes.")] = "out/generate",
+    lora: Annotated[str | None, typer.Option(
+        help="LoRA file or folder (diffusers, kohya or PEFT keys; .safetensors, or .pt read weights-only); "
+        "replaces the model's own weights.")] = None,
+    fuse: Annotated[bool, typer.Option(help="Merge the LoRA into the UNet before sampling.")] = False,
+    num_images: Annotated[int | None, typer.Option(help="How many images; default: one per caption "
+                                                        "(16 grammar captions on `tiny`).")] = None,
+    seed: Annotated[int, typer.Option(help="Image i is drawn with seed + i, whatever the batch size.")] = 0,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch; default: the preset's.")] = None,
+    grid: Annotated[str | None, typer.Option(help="Also write a contact sheet of the first 64 images here.")] = None,
+    preset: Preset = "tiny",
+    teacher: Annotated[str | None, typer.Option(help="Teacher: hub id or local diffusers folder; "
+                                                      "default: the preset's.")] = None,
+    device: Annotated[str, typer.Option(help="`auto`, `cpu`, `cuda`, `cuda:1`, ...")] = "auto",
+    precision: Annotated[str, typer.Option(help="`auto` (fp16 on GPU, fp32 on CPU), `fp32`, `fp16`, `bf16`; "
+                                                "the SDXL VAE stays fp32.")] = "auto",
+    resolution: Annotated[int | None, typer.Option(help="Image side in pixels; default: the teacher's.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved config and exit.")] = False,
+) -> None:
+    """Generate images for captions with one model (one seeded generator per image)."""
+    from .config import GenerateConfig, WorldConfig, resolve_generate
+
+    cfg = GenerateConfig(
+        world=WorldConfig(preset=preset, teacher=teacher, device=device, precision=precision, resolution=resolution),
+        out=out, model=model, steps=steps, guidance=guidance, lora=lora, fuse=fuse, prompts=prompts,
+        num_images=num_images, seed=seed, batch_size=batch_size, grid=grid,
+    )
+    if dry_run:
+        typer.echo(_run(resolve_generate, cfg).to_json())
+        return
+    from .generate import generate as run_generate
+
+    manifest = _run(run_generate, cfg)
+    typer.echo(f"wrote {len(manifest['images'])} images to {out}")
+
+
+@app.command()
+def distill(preset: Preset = "tiny") -> None:
+    """Distil the teacher into a few-step student with RAPM (rank-1 LoRA, batch 1, no real images)."""
+    _run(_not_built, "distill", "the RAPM distillation engine (issue #5)")
+
+
+@app.command(name="eval")
+def evaluate(
+    model: Annotated[str, typer.Option(help="`teacher`, a registry name (`rapm`, ...), or `lora:PATH` "
+                                            "(any few-step LoRA, DDIM trailing, guidance 1).")] = "rapm",
+    steps: Annotated[int | None, typer.Option(help="Sampling steps; default: the model's.")] = None,
+    guidance: Annotated[float | None, typer.Option(help="CFG scale; default: the model's (teacher: the world's).")]
+    = None,
+    protocol: Annotated[str | None, typer.Option(help="Evaluation protocol (`tiny`, `coco30k`, `dmd2-coco10k`); "
+                                                      "default: the preset's.")] = None,
+    num_images: Annotated[int | None, typer.Option(help="Evaluate the first K caption pairs; default: all of the "
+                                                        "protocol's.")] = None,
+    out: Annotated[str | None, typer.Option(help="Folder for the result JSON; default: results/<preset>.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result JSON on stdout.")] = False,
+    seed: Annotated[int, typer.Option(help="Image i is drawn with seed + i.")] = 0,
+    batch_size: Annotated[int | None, typer.Option(help="Images per generation batch; default: the preset's.")]
+    = None,
+    data_dir: Annotated[str | None, typer.Option(help="Prepared protocol data (`rapm-bench data coco`) and "
+                                                      "reference-statistics cache; default: ~/.cache/rapm-bench.")]
+    = None,
+    inception: Annotated[str | None, typer.Option(help="Local clean-fid Inception weights (coco protocols).")] = None,
+    clip_checkpoint: Annotated[str | None, typer.Option(help="Local open_clip checkpoint (coco protocols).")] = None,
+    save_images: Annotated[str | None, typer.Option(help="Also save the generated PNGs in this folder.")] = None,
+    preset: Preset = "tiny",
+    teacher: Annotated[str | None, typer.Option(help="Teacher: hub id or local diffusers folder.")] = None,
+    device: Annotated[str, typer.Option(help="`auto`, `cpu`, `cuda`, ...")] = "auto",
+    precision: Annotated[str, typer.Option(help="`auto`, `fp32`, `fp16`, `bf16`.")] = "auto",
+) -> None:
+    """Generate for a protocol's captions and compute FID and CLIP score with full provenance.
+
+    Several GPUs: `accelerate launch --num_processes G -m rapm_bench.cli eval ...` shards the
+    captions and merges the statistics exactly (same scores as one process).
+    """
+    import json
+
+    from .config import EvalConfig, WorldConfig
+    from .eval.engine import evaluate as run_eval
+
+    cfg = EvalConfig(
+        world=WorldConfig(preset=preset, teacher=teacher, device=device, precision=precision),
+        model=model, steps=steps, guidance=guidance, protocol=protocol, num_images=num_images, out=out, seed=seed,
+        batch_size=batch_size, data_dir=data_dir, inception=inception, clip_checkpoint=clip_checkpoint,
+        images_out=save_images,
+    )
+    result = _run(run_eval, cfg)
+    if result is None:
+        return
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    retrieval = "" if result["retrieval_accuracy"] is None else f"  retrieval {result['retrieval_accuracy']:.3f}"
+    typer.echo(f"{result['model']} {result['steps']}-step, {result['protocol']} ({result['num_images']} images): "
+               f"FID {result['fid']:.3f}  CLIP {result['clip_score']:.3f}{retrieval}  "
+               f"[{result['seconds']:.1f} s, {result['images_per_second']:.1f} img/s] -> {result.get('path')}")
+
+
+Inputs = Annotated[list[str] | None, typer.Option("--results", help="Result JSON files or folders "
+                                                                     "(default: results/<preset>).")]
+
+
+@app.command()
+def table(
+    results: Inputs = None,
+    out: Annotated[str | None, typer.Option(help="Folder for table.md/.csv/.tex; default: results/<preset>.")] = None,
+    reported: Annotated[bool, typer.Option(help="Add the authors' reported rows, labelled as reported.")] = True,
+    preset: Preset = "tiny",
+) -> None:
+    """Write the comparison table (our measured rows beside the papers' reported ones): Markdown, CSV, LaTeX."""
+    from pathlib import Path
+
+    from .report.table import write_table
+
+    inputs = [Path(p) for p in results] if results else [Path("results") / preset]
+    typer.echo(_run(write_table, inputs, Path(out) if out else Path("results") / preset, preset, reported), nl=False)
+
+
+@app.command()
+def plot(
+    results: Inputs = None,
+    out: Annotated[str | None, typer.Option(help="Folder for the PNGs; default: results/<preset>.")] = None,
+    grid_prompts: Annotated[int, typer.Option(help="Captions in the side-by-side sample grid (0: no grid).")] = 8,
+    device: Annotated[str, typer.Option(help="Device for the sample grid.")] = "auto",
+    preset: Preset = "tiny",
+) -> None:
+    """Plot FID against steps, FID against CLIP score, and a side-by-side sample grid of every model."""
+    from pathlib import Path
+
+    from .report.plots import write_plots
+
+    inputs = [Path(p) for p in results] if results else [Path("results") / preset]
+    paths = _run(write_plots, inputs, Path(out) if out else Path("results") / preset, preset, grid_prompts, device)
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
+@app.command()
+def check(
+    baseline: Annotated[list[str], typer.Option(help="Committed baseline result JSON(s) or folder(s).")],
+    results: Annotated[list[str] | None, typer.Option("--results", help="Results to compare; default: rerun "
+                                                                          "each baseline's evaluation now.")] = None,
+    fid_tol: Annotated[float, typer.Option(help="Largest allowed |FID change| (absolute).")] = 0.5,
+    clip_tol: Annotated[float, typer.Option(help="Largest allowed |CLIP score change| (absolute; retrieval "
+                                                 "accuracy uses clip_tol/100).")] = 0.5,
+    device: Annotated[str, typer.Option(help="Device for reruns.")] = "auto",
+    preset: Preset = "tiny",
+) -> None:
+    """Fail (exit 1, with a table of what moved) when a score drifts past its tolerance: the CI guard."""
+    from pathlib import Path
+
+    from .report.check import check as run_check
+
+    ok, report = _run(run_check, [Path(b) for b in baseline], [Path(r) for r in results] if results else None,
+                      fid_tol, clip_tol, device)
+    typer.echo(report, nl=False)
+    if not ok:
+        typer.echo("rapm-bench: scores drifted past the tolerance", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def reproduce(preset: Preset = "tiny") -> None:
+    """Distil, evaluate every model at its step counts and write the paper's table, in one resumable command."""
+    _run(_not_built, "reproduce", "the distillation, evaluation and baselines engines (issues #4, #5, #6)")
+
+
+@app.command()
+def bench(preset: Preset = "tiny") -> None:
+    """Time distillation, generation and evaluation on the GPU against their compute floors."""
+    _run(_not_built, "bench", "the GPU benchmarks (issue #7)")
+
+
+def _mount_subapps() -> None:
+    """`rapm-bench tiny ...` (build the shapes world) and `rapm-bench data ...` (prepare protocol data)."""
+    from .cli_data import app as data_app
+    from .cli_tiny import app as tiny_app
+
+    app.add_typer(tiny_app, name="tiny")
+    app.add_typer(data_app, name="data")
+
+
+_mount_subapps()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except UserError as e:  # raised outside a command body (e.g. while mounting)
+        typer.echo(f"rapm-bench: error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Frozen configs with named presets: defaults live here, each with a comment.
+
+CLI options default to None, meaning "take it from the preset or the model spec"; the
+resolved config is written to the run folder before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Which world to load and how."""
+
+    preset: str = "tiny"  # "tiny" (embedded shapes world, CPU) or "sdxl" (the paper)
+    teacher: str | None = None  # hub id or local diffusers folder; None = the preset's teacher
+    device: str = "auto"  # "auto" = CUDA when present, else CPU
+    precision: str = "auto"  # "auto" = fp16 on a GPU, fp32 on a CPU (VAE always fp32)
+    resolution: int | None = None  # image side in pixels; None = the teacher's native size
+    vae: str | None = None  # optional fp16-fixed VAE folder (SDXL only)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Per-world defaults."""
+
+    name: str
+    teacher: str | None  # None = weights shipped in the package
+    batch_size: int  # images per generation batch
+    num_images: int  # images `generate` makes without a prompt file (grammar captions; tiny only)
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("tiny", teacher=None, batch_size=64, num_images=16),
+    "sdxl": Preset("sdxl", teacher="stabilityai/stable-diffusion-xl-base-1.0", batch_size=4, num_images=0),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """A preset by name, or a one-line error listing the known ones."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """`rapm-bench generate`: images for captions from one model."""
+
+    world: WorldConfig
+    out: str  # output folder: {index:06d}.png, config.json, manifest.json
+    model: str = "teacher"  # a name from the baselines registry
+    steps: int | None = None  # None = the model's default step count
+    guidance: float | None = None  # None = the model's guidance (the teacher: the world's)
+    lora: str | None = None  # a LoRA file or folder in any format diffusers reads; overrides the model's
+    fuse: bool = False  # merge the LoRA into the UNet before sampling (same images, faster)
+    prompts: str | None = None  # UTF-8 text file, one caption a line; None = grammar captions (tiny)
+    num_images: int | None = None  # None = one per prompt (or the preset's count for grammar captions)
+    seed: int = 0  # image i uses seed + i
+    batch_size: int | None = None  # None = the preset's
+    grid: str | None = None  # optional contact-sheet PNG path
+
+    def to_json(self) -> str:
+        """Stable JSON of the resolved config."""
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def resolve_generate(cfg: GenerateConfig) -> GenerateConfig:
+    """Fill every None from the preset and the model spec; validate ranges."""
+    from .models import get_model
+
+    preset = get_preset(cfg.world.preset)
+    spec = get_model(cfg.model)
+    steps, guidance = spec.resolve(cfg.steps, cfg.guidance)
+    batch = cfg.batch_size or preset.batch_size
+    if batch < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch}")
+    if cfg.num_images is not None and cfg.num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {cfg.num_images}")
+    world = replace(cfg.world, teacher=cfg.world.teacher or preset.teacher)
+    return replace(cfg, world=world, steps=steps, guidance=guidance, batch_size=batch)
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A config as a plain dict."""
+    return asdict(cfg)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`rapm-bench eval`: one model at one step count on one protocol."""
+
+    world: WorldConfig
+    model: str = "rapm"  # a registry name, `teacher`, or `lora:PATH`
+    steps: int | None = None  # None = the model's default
+    guidance: float | None = None  # None = the model's (the teacher: the world's)
+    protocol: str | None = None  # None = the preset's default protocol
+    num_images: int | None = None  # None = the protocol's number of pairs
+    out: str | None = None  # folder for the result JSON; None = results/<preset>
+    seed: int = 0  # image i is drawn with seed + i
+    batch_size: int | None = None  # None = the preset's
+    data_dir: str | None = None  # prepared protocol data (`rapm-bench data coco`); None = the cache
+    inception: str | None = None  # local clean-fid Inception torchscript (coco protocols)
+    clip_checkpoint: str | None = None  # local open_clip checkpoint (coco protocols)
+    images_out: str | None = None  # also save the generated PNGs here (optional)
+    fuse: bool = True  # merge the LoRA before sampling (same images, faster)

@@ -1,0 +1,1 @@
+"""Evaluation: FID statistics and the metric models of each protocol."""

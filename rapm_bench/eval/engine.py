@@ -1,0 +1,262 @@
+"""`rapm-bench eval`: generate for a protocol's captions and stream the images into FID and CLIP.
+
+Images never touch the disk (saving PNGs is optional): each batch goes as uint8 tensors
+into the protocol's feature extractor and CLIP scorer; FID statistics accumulate in
+float64 and merge exactly across processes (`accelerate launch`), which shard the
+captions by fixed groups of indices. Image i is drawn with seed + i, so the result does
+not depend on the number of processes or the batch size.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import EvalConfig, get_preset
+from ..errors import UserError
+from ..generate import atomic_write_bytes, generate_batch, png_bytes, sha256_file
+from ..models import get_model
+from ..worlds import World, load_world
+from .fid import FeatureStats, checked_fid
+from .protocols import Protocol, default_protocol, get_protocol
+from .scorers import Scorer, load_scorer
+
+GROUP = 64  # images per shard group: also the tiny world's retrieval batch (captions of one group)
+
+
+@dataclass
+class Accumulator:
+    """Everything a shard adds up; merges exactly."""
+
+    stats: FeatureStats
+    clip_sum: float = 0.0
+    hits: int = 0
+    hit_count: int = 0
+
+    def tensors(self, device: torch.device) -> list[torch.Tensor]:
+        """Flat float64 tensors for an all-reduce."""
+        assert self.stats.sum is not None and self.stats.sum_sq is not None
+        scalars = torch.tensor([self.stats.count, self.clip_sum, self.hits, self.hit_count], dtype=torch.float64)
+        return [scalars.to(device), self.stats.sum.to(device), self.stats.sum_sq.to(device)]
+
+    def load_tensors(self, ts: list[torch.Tensor]) -> None:
+        """Inverse of `tensors` after the reduce."""
+        count, clip_sum, hits, hit_count = ts[0].cpu().tolist()
+        self.stats.count, self.clip_sum, self.hits, self.hit_count = int(count), clip_sum, int(hits), int(hit_count)
+        self.stats.sum, self.stats.sum_sq = ts[1].cpu(), ts[2].cpu()
+        self.stats.device = torch.device("cpu")
+
+
+def default_cache_dir() -> Path:
+    """Where reference statistics and prepared data live (XDG cache)."""
+    import os
+
+    base = os.environ.get("RAPM_BENCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rapm-bench")
+    return Path(base)
+
+
+def versions() -> dict[str, str]:
+    """Versions of what can move a score."""
+    import diffusers
+    import numpy
+    import scipy
+
+    from .. import __version__
+
+    return {"rapm_bench": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "numpy": numpy.__version__, "scipy": scipy.__version__}
+
+
+def git_commit() -> str | None:
+    """The commit of the rapm-bench checkout, if it is one (with `+dirty` when edited)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    """GPU model or CPU description."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def result_name(model: str, steps: int, protocol: str) -> str:
+    """File name of one result: one JSON per (model, steps, protocol)."""
+    return f"{model}-{steps}step-{protocol}.json"
+
+
+def _all_reduce(acc: Accumulator, state: Any) -> None:
+    """Sum the shards' accumulators across processes (exact: float64 sums)."""
+    if state.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    ts = acc.tensors(state.device)
+    for t in ts:
+        dist.all_reduce(t)
+    acc.load_tensors(ts)
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
+    """Run one evaluation; write and return its result record (None on non-main processes)."""
+    from accelerate import PartialState
+    from tqdm import tqdm
+
+    preset = get_preset(cfg.world.preset)
+    spec = get_model(cfg.model)
+    steps, guidance_or_none = spec.resolve(cfg.steps, cfg.guidance)
+    protocol = get_protocol(cfg.protocol) if cfg.protocol else default_protocol(preset.name)
+    captions_all = protocol_captions(protocol, Path(cfg.data_dir) if cfg.data_dir else None)
+    n = cfg.num_images or len(captions_all)
+    if n > len(captions_all):
+        raise UserError(f"--num-images {n} is more than the {len(captions_all)} caption pairs of protocol "
+                        f"{protocol.name!r}")
+    if n < 2:
+        raise UserError(f"--num-images must be at least 2 for a covariance, got {n}")
+    captions = captions_all[:n]
+    out_dir = Path(cfg.out) if cfg.out else Path("results") / preset.name
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a folder")
+
+    state = PartialState(cpu=cfg.world.device == "cpu")
+    world_cfg = cfg.world if state.num_processes == 1 else replace(cfg.world, device=str(state.device))
+    world = load_world(replace(world_cfg, teacher=world_cfg.teacher or preset.teacher))
+    lora = spec.lora_path(preset.name, steps)
+    if lora is not None:
+        world.load_lora(lora)
+        if cfg.fuse:
+            world.fuse_lora()
+    guidance = world.default_guidance if guidance_or_none is None else guidance_or_none
+    scorer = load_scorer(protocol, world.device, cfg.inception, cfg.clip_checkpoint)
+    reference = reference_stats(protocol, scorer, Path(cfg.data_dir) if cfg.data_dir else None)
+
+    batch = cfg.batch_size or preset.batch_size
+    groups = [range(g, min(g + GROUP, n)) for g in range(0, n, GROUP)]
+    mine = groups[state.process_index :: state.num_processes]
+    acc = Accumulator(FeatureStats(scorer.feature_dim))
+    images_out = Path(cfg.images_out) if cfg.images_out else None
+    t0 = time.perf_counter()
+    with tqdm(total=sum(len(g) for g in mine), desc=f"eval {spec.name} {steps}-step", unit="img",
+              disable=not state.is_main_process) as bar:
+        for group in mine:
+            imgs = []
+            for start in range(group.start, group.stop, batch):
+                idx = list(range(start, min(start + batch, group.stop)))
+                imgs.append(generate_batch(world, [captions[i] for i in idx], [cfg.seed + i for i in idx],
+                                           spec.recipe, steps, guidance))
+                bar.update(len(idx))
+            images = torch.cat(imgs)
+            caps = [captions[i] for i in group]
+            _score_group(acc, scorer, images, caps)
+            if images_out is not None:
+                for i, img in zip(group, images, strict=True):
+                    atomic_write_bytes(images_out / f"{i:06d}.png", png_bytes(img))
+    _all_reduce(acc, state)
+    seconds = time.perf_counter() - t0
+
+    if not state.is_main_process:
+        return None
+    result = _record(cfg, spec, steps, guidance, protocol, n, acc, reference, world, lora, seconds, scorer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / result_name(spec.name, steps, protocol.name)
+    atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
+    result["path"] = str(path)
+    return result
+
+
+def _score_group(acc: Accumulator, scorer: Scorer, images: torch.Tensor, captions: list[str]) -> None:
+    """Features, CLIP scores and retrieval hits of one group of images."""
+    acc.stats.update(scorer.features(images))
+    acc.clip_sum += float(scorer.clip_scores(images, captions).double().sum())
+    hits = scorer.retrieval_hits(images, captions)
+    if hits is not None:
+        acc.hits += int(hits.sum())
+        acc.hit_count += len(hits)
+
+
+def _record(cfg: EvalConfig, spec: Any, steps: int, guidance: float, protocol: Protocol, n: int,
+            acc: Accumulator, reference: FeatureStats, world: World, lora: Path | None, seconds: float,
+            scorer: Scorer) -> dict[str, Any]:
+    """The result JSON: scores with full provenance."""
+    reliable = n >= (acc.stats.dim or 0)
+    return {
+        "model": spec.name,
+        "steps": steps,
+        "guidance": guidance,
+        "sampler": spec.recipe.describe(),
+        "preset": cfg.world.preset,
+        "protocol": protocol.name,
+        "protocol_hash": protocol.hash(),
+        "num_images": n,
+        "seed": cfg.seed,
+        "fid": checked_fid(acc.stats, reference),
+        "fid_reliable": reliable,
+        "clip_score": acc.clip_sum / n,
+        "retrieval_accuracy": acc.hits / acc.hit_count if acc.hit_count else None,
+        "seconds": seconds,
+        "images_per_second": n / seconds if seconds > 0 else None,
+        "device": device_name(world.device),
+        "world": world.describe(),
+        "lora": None if lora is None else {"path": str(lora), "sha256": sha256_file(lora) if lora.is_file() else None},
+        "scorer": scorer.describe(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "command": " ".join(["rapm-bench", *sys.argv[1:]]) if sys.argv and "rapm" in sys.argv[0] else None,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def protocol_captions(protocol: Protocol, data_dir: Path | None) -> list[str]:
+    """The protocol's captions in pair order."""
+    if protocol.caption_source == "shapes-eval":
+        from ..worlds.shapes import eval_captions
+
+        return eval_captions(protocol.num_pairs)
+    from .coco import load_pairs, pairs_path
+
+    path = pairs_path(data_dir or default_cache_dir(), protocol)
+    if not path.is_file():
+        raise UserError(f"no caption pairs for protocol {protocol.name} in {path.parent}: run `rapm-bench data coco "
+                        f"--protocol {protocol.name} --annotations captions_val2014.json --images val2014/` first")
+    return [p.caption for p in load_pairs(path)]
+
+
+def reference_stats(protocol: Protocol, scorer: Scorer, data_dir: Path | None) -> FeatureStats:
+    """The protocol's reference FID statistics (all its pairs), cached by protocol and weights hash."""
+    from .coco import load_reference_stats, stats_path
+
+    path = stats_path(data_dir or default_cache_dir(), protocol, scorer.weights_sha256)
+    if path.is_file():
+        return load_reference_stats(path)
+    if protocol.caption_source != "shapes-eval":
+        raise UserError(f"no reference statistics for protocol {protocol.name} ({path} missing): run "
+                        f"`rapm-bench data coco --protocol {protocol.name} ...` with the same Inception weights")
+    from ..worlds.shapes import render_images, split_indices
+
+    stats = FeatureStats(scorer.feature_dim)
+    idx = split_indices("eval", protocol.num_pairs)
+    for start in range(0, len(idx), 4096):
+        stats.update(scorer.features(render_images(idx[start : start + 4096])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    stats.save(tmp)
+    tmp.replace(path)
+    return stats

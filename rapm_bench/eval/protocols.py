@@ -1,0 +1,172 @@
+"""Evaluation protocols as data: one frozen record per protocol, hashed into every result.
+
+A protocol fixes everything that moves FID or CLIP score: the caption set and its seed,
+the number of pairs, the reference images, the resolutions and resize filter, the FID
+feature network and the CLIP model, prompt prefix and scaling (DESIGN.md section 5,
+REFERENCE.md "Evaluation protocols seen in public code").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UserError
+
+CAPTION_SOURCES = ("coco2014-val", "shapes-eval")
+CAPTION_SAMPLINGS = ("coco30k", "dmd2", "shapes-eval")
+REFERENCES = ("paired", "all-val2014")
+CROPS = ("center",)
+RESIZE_FILTERS = ("lanczos", "none")
+FID_EXTRACTORS = ("clean-fid-inception", "tiny-evaluator")
+FID_MODES = ("clean", "none")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything that defines an FID / CLIP-score number; `hash()` names it in results and caches."""
+
+    name: str
+    caption_source: str  # "coco2014-val" (captions_val2014.json) or "shapes-eval" (the shapes world's eval split)
+    caption_sampling: str  # "coco30k": pycocotools, one seeded caption per image; "dmd2": DMD2's pandas recipe
+    caption_seed: int  # seed of the caption/image sampling
+    num_pairs: int  # (image, caption) pairs evaluated; `--num-images K` evaluates the first K
+    reference: str  # FID reference images: "paired" (the pairs' own images) or "all-val2014"
+    generation_resolution: int  # side of the generated images, pixels
+    eval_resolution: int  # real and generated images are centre-cropped and resized to this side
+    crop: str  # "center": centre crop to a square (torchvision's centre_crop offsets)
+    resize_filter: str  # "lanczos" (PIL) or "none" (sizes must already match)
+    fid_extractor: str  # "clean-fid-inception" (InceptionV3W pool3, 2048-d) or "tiny-evaluator" (128-d)
+    fid_weights_sha256: str | None  # expected weights hash; None = not pinned (the file's hash goes into results)
+    fid_mode: str  # "clean": clean-fid's PIL float bicubic resize to 299; "none": features of the eval image
+    clip_model: str  # open_clip architecture name, or "tiny-evaluator"
+    clip_pretrained: str | None  # open_clip pretrained tag (a local checkpoint may replace it at run time)
+    clip_resize: int | None  # centre-crop + LANCZOS to this side before the model's preprocess; None = raw image
+    clip_prefix: str  # prepended to every caption for CLIP score ("A photo depicts " for DMD2)
+    clip_scale: float  # 100 -> 100·cos; 1 -> raw cosine
+    clip_clamp: bool  # max(cos, 0) per sample before scaling
+
+    def __post_init__(self) -> None:
+        """Reject values no code path implements."""
+        for field, allowed in (
+            ("caption_source", CAPTION_SOURCES),
+            ("caption_sampling", CAPTION_SAMPLINGS),
+            ("reference", REFERENCES),
+            ("crop", CROPS),
+            ("resize_filter", RESIZE_FILTERS),
+            ("fid_extractor", FID_EXTRACTORS),
+            ("fid_mode", FID_MODES),
+        ):
+            value = getattr(self, field)
+            if value not in allowed:
+                raise ValueError(f"protocol {self.name!r}: {field}={value!r} is not one of {', '.join(allowed)}")
+        if self.num_pairs < 1 or self.eval_resolution < 1 or self.generation_resolution < 1:
+            raise ValueError(f"protocol {self.name!r}: sizes and counts must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The protocol as a plain JSON-able dict."""
+        return dataclasses.asdict(self)
+
+    def canonical_json(self) -> str:
+        """Sorted, whitespace-free JSON: the bytes the hash is taken of."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+    def hash(self) -> str:
+        """Stable short id: the first 12 hex digits of sha256(canonical JSON)."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
+
+    def with_num_pairs(self, num_pairs: int) -> Protocol:
+        """The same protocol on its first `num_pairs` pairs (a different hash)."""
+        if num_pairs < 1 or num_pairs > self.num_pairs:
+            raise UserError(f"--num-images must be between 1 and {self.num_pairs} for protocol {self.name}")
+        return dataclasses.replace(self, num_pairs=num_pairs)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    # Default for sdxl: 30K val2014 images, one seeded caption each; reference = those 30K images.
+    "coco30k": Protocol(
+        name="coco30k",
+        caption_source="coco2014-val",
+        caption_sampling="coco30k",
+        caption_seed=2014,
+        num_pairs=30_000,
+        reference="paired",
+        generation_resolution=1024,
+        eval_resolution=512,
+        crop="center",
+        resize_filter="lanczos",
+        fid_extractor="clean-fid-inception",
+        fid_weights_sha256=None,
+        fid_mode="clean",
+        clip_model="ViT-g-14",
+        clip_pretrained="laion2b_s12b_b42k",
+        clip_resize=None,
+        clip_prefix="",
+        clip_scale=100.0,
+        clip_clamp=True,
+    ),
+    # DMD2's SDXL protocol (their 19.32): pandas recipe, seed 123, 10K pairs, 512 px LANCZOS, clean-fid;
+    # CLIP: centre-crop + LANCZOS 256, "A photo depicts " prefix, mean raw cosine.
+    "dmd2-coco10k": Protocol(
+        name="dmd2-coco10k",
+        caption_source="coco2014-val",
+        caption_sampling="dmd2",
+        caption_seed=123,
+        num_pairs=10_000,
+        reference="paired",
+        generation_resolution=1024,
+        eval_resolution=512,
+        crop="center",
+        resize_filter="lanczos",
+        fid_extractor="clean-fid-inception",
+        fid_weights_sha256=None,
+        fid_mode="clean",
+        clip_model="ViT-g-14",
+        clip_pretrained="laion2b_s12b_b42k",
+        clip_resize=256,
+        clip_prefix="A photo depicts ",
+        clip_scale=1.0,
+        clip_clamp=False,
+    ),
+    # The embedded shapes world: eval split captions, paired rendered references, 32 px, tiny evaluator.
+    "tiny": Protocol(
+        name="tiny",
+        caption_source="shapes-eval",
+        caption_sampling="shapes-eval",
+        caption_seed=0,
+        num_pairs=2_000,
+        reference="paired",
+        generation_resolution=32,
+        eval_resolution=32,
+        crop="center",
+        resize_filter="none",
+        fid_extractor="tiny-evaluator",
+        fid_weights_sha256=None,
+        fid_mode="none",
+        clip_model="tiny-evaluator",
+        clip_pretrained=None,
+        clip_resize=None,
+        clip_prefix="",
+        clip_scale=100.0,
+        clip_clamp=True,
+    ),
+}
+
+DEFAULT_PROTOCOLS = {"sdxl": "coco30k", "tiny": "tiny"}
+
+
+def get_protocol(name: str) -> Protocol:
+    """The shipped protocol called `name`."""
+    if name not in PROTOCOLS:
+        raise UserError(f"unknown protocol {name!r}; use one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+def default_protocol(preset: str) -> Protocol:
+    """The protocol a preset evaluates on when none is named."""
+    if preset not in DEFAULT_PROTOCOLS:
+        raise UserError(f"no default protocol for preset {preset!r}; pass --protocol ({', '.join(PROTOCOLS)})")
+    return PROTOCOLS[DEFAULT_PROTOCOLS[preset]]

@@ -1,0 +1,51 @@
+"""A protocol's scorer: FID features, CLIP score and (tiny world) caption retrieval behind one interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .clip_score import ClipScorer
+from .features import eval_preprocess, load_extractor
+from .protocols import Protocol
+
+
+class Scorer:
+    """uint8 images in, features and scores out (STYLE.md rule 9: a fixed boundary)."""
+
+    def __init__(self, protocol: Protocol, device: torch.device, inception: str | None = None,
+                 clip_checkpoint: str | None = None) -> None:
+        self.protocol = protocol
+        self.extractor = load_extractor(protocol, inception, device)
+        self.clip = ClipScorer.for_protocol(protocol, clip_checkpoint, device)
+        self.feature_dim = int(self.extractor.dim)
+        self.weights_sha256 = self.extractor.weights_sha256
+        # The tiny evaluator also ranks captions: the sharper alignment number of DESIGN.md §3.
+        self.retriever = self.clip.embedder if hasattr(self.clip.embedder, "retrieval_hits") else None
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """FID features (N, D) of generated or real images, after the protocol's crop and resize."""
+        return self.extractor(eval_preprocess(images, self.protocol))
+
+    def clip_scores(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Per-sample CLIP scores (the protocol's own resize, prefix and scaling)."""
+        return self.clip.scores(images, captions)
+
+    def retrieval_hits(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor | None:
+        """Per-sample hit of the right caption among this group's captions (tiny world only)."""
+        if self.retriever is None:
+            return None
+        return self.retriever.retrieval_hits(images, captions, batch=len(captions))
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance: extractor and CLIP model with their weight hashes."""
+        return {"fid_features": self.extractor.describe(), "clip": self.clip.describe()}
+
+
+def load_scorer(protocol: Protocol, device: torch.device, inception: str | Path | None = None,
+                clip_checkpoint: str | Path | None = None) -> Scorer:
+    """The scorer a protocol declares, from local weights."""
+    return Scorer(protocol, device, None if inception is None else str(inception),
+                  None if clip_checkpoint is None else str(clip_checkpoint))

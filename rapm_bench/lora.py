@@ -1,0 +1,187 @@
+"""LoRA files: read safely, convert to diffusers keys, attach to a UNet, fuse, remove."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def resolve_lora_path(path: Path) -> Path:
+    """A LoRA file, or a folder holding exactly one (diffusers' `pytorch_lora_weights.safetensors`).
+
+    Like diffusers' `load_lora_weights(DIR)`, files named *checkpoint*, *optimizer* or
+    *scheduler* are not LoRA weights (a `rapm-bench distill` run folder holds one).
+    """
+    path = Path(path)
+    if path.is_dir():
+        preferred = path / "pytorch_lora_weights.safetensors"
+        if preferred.is_file():
+            return preferred
+        files = sorted(p for p in path.iterdir() if p.suffix in LORA_SUFFIXES
+                       and not any(s in p.name for s in ("checkpoint", "optimizer", "scheduler")))
+        if len(files) != 1:
+            raise UserError(f"LoRA folder {path} must hold exactly one weights file, found {len(files)}")
+        return files[0]
+    if not path.is_file():
+        raise UserError(f"LoRA file not found: {path}")
+    if path.suffix not in LORA_SUFFIXES:
+        raise UserError(f"LoRA file {path} has an unknown suffix; expected one of {', '.join(LORA_SUFFIXES)}")
+    return path
+
+
+def read_lora_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a LoRA file; pickles are read with `weights_only=True` only."""
+    path = resolve_lora_path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"refused to load {path}: it is a pickle that holds more than tensors ({e})") from None
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file
+        raise UserError(f"cannot read LoRA file {path}: {type(e).__name__}: {e}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"LoRA file {path} does not hold a flat dict of tensors")
+    return state
+
+
+def to_diffusers_unet_lora(
+    state: dict[str, torch.Tensor], unet_config: object
+) -> tuple[dict[str, torch.Tensor], dict[str, float] | None]:
+    """Convert kohya/A1111 keys to diffusers keys (via diffusers itself); returns (state, alphas)."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+    converted, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(dict(state), unet_config=unet_config)
+    return converted, alphas
+
+
+def load_unet_lora(unet: torch.nn.Module, path: Path, adapter_name: str = "default") -> None:
+    """Attach a LoRA file to a bare diffusers UNet (worlds without a diffusers pipeline)."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+    state, alphas = to_diffusers_unet_lora(read_lora_file(path), unet.config)
+    if not any(k.startswith("unet.") or "lora" in k for k in state):
+        raise UserError(f"{path} holds no UNet LoRA weights")
+    try:
+        StableDiffusionXLLoraLoaderMixin.load_lora_into_unet(state, alphas, unet=unet, adapter_name=adapter_name)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"LoRA {path} does not fit this teacher's UNet: {str(e).splitlines()[0]}") from None
+
+
+# --- training: attach a trainable LoRA, save it (diffusers or kohya keys) ------------------------
+LORA_TARGETS: tuple[str, ...] = (
+    # attention (self and cross): queries, keys, values, output projection
+    "to_q", "to_k", "to_v", "to_out.0",
+    # transformer in/out projections and the feed-forward (GEGLU in, linear out)
+    "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    # resnet convolutions, shortcuts and their time-embedding projections
+    "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+    # down/upsampler convolutions
+    "downsamplers.0.conv", "upsamplers.0.conv",
+    # the timestep embedding MLP
+    "time_embedding.linear_1", "time_embedding.linear_2",
+)
+"""Module-name suffixes the LoRA wraps (PEFT `target_modules`): 3.08 M params at rank 1 on SDXL."""
+
+LORA_FORMATS = ("diffusers", "kohya")
+
+
+def attach_lora(
+    unet: torch.nn.Module, rank: int = 1, targets: tuple[str, ...] = LORA_TARGETS,
+    adapter_name: str = "rapm", seed: int = 0,
+) -> list[torch.nn.Parameter]:
+    """Add a trainable PEFT LoRA (alpha = rank, B = 0) to a frozen UNet; returns its fp32 parameters.
+
+    Precision policy (STYLE.md rule 6): the frozen weights keep the world's dtype, the LoRA
+    weights are fp32. `seed` fixes the random init of the A matrices.
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    names = [n for n, _ in unet.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if len(missing) == len(targets):
+        raise UserError(f"none of the LoRA targets {list(targets)} is a module of this UNet")
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                        target_modules=[t for t in targets if t not in missing])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(config, adapter_name=adapter_name)
+    unet.set_adapter(adapter_name)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n and f".{adapter_name}." in f"{n}."]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def lora_state_dict(unet: torch.nn.Module, adapter_name: str = "rapm") -> dict[str, torch.Tensor]:
+    """The adapter's weights with PEFT keys (`down_blocks.0...to_q.lora_A.weight`), fp32, on the CPU."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+
+def load_lora_state(unet: torch.nn.Module, state: dict[str, torch.Tensor], adapter_name: str = "rapm") -> None:
+    """Copy PEFT-keyed weights (from `lora_state_dict`) into an attached adapter, exactly."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise UserError(f"LoRA checkpoint does not fit this UNet ({len(unexpected)} unexpected keys, "
+                        f"e.g. {unexpected[0]})")
+
+
+def kohya_state_dict(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """PEFT keys -> kohya/A1111 keys (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`).
+
+    Module paths keep diffusers' names with `.` -> `_` (what ComfyUI, A1111 and diffusers'
+    own kohya converter read); `alpha` = rank, so the scale is 1 as in the PEFT adapter.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, kind = key.rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        if kind == "A.weight":
+            out[f"{name}.lora_down.weight"] = value
+            out[f"{name}.alpha"] = torch.tensor(float(rank))
+        elif kind == "B.weight":
+            out[f"{name}.lora_up.weight"] = value
+        else:
+            raise ValueError(f"unexpected LoRA key {key}")
+    return out
+
+
+def save_lora(
+    path: Path, state: dict[str, torch.Tensor], rank: int, fmt: str = "diffusers", dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write PEFT-keyed LoRA weights as one safetensors file, atomically.
+
+    `diffusers`: `unet.<module>.lora_A.weight` keys, what `pipeline.load_lora_weights(DIR,
+    weight_name=...)` and `rapm-bench generate --lora` read. `kohya`: `lora_unet_...` keys.
+    """
+    from safetensors.torch import save
+
+    from .generate import atomic_write_bytes
+
+    if fmt not in LORA_FORMATS:
+        raise UserError(f"unknown LoRA format {fmt!r}; use one of {', '.join(LORA_FORMATS)}")
+    tensors = {f"unet.{k}": v for k, v in state.items()} if fmt == "diffusers" else kohya_state_dict(state, rank)
+    tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(Path(path), save(tensors, metadata={"format": "pt"}))
+    return Path(path)

@@ -1,0 +1,132 @@
+"""Model specs: what a model name means (weights, sampler, steps, guidance) in each world.
+
+The specs themselves live in the top-level `baselines/` registry, one module per model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .sampling import SamplerRecipe
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """A published weights file on the Hugging Face hub."""
+
+    repo: str
+    filename: str
+    revision: str | None = None  # pin a commit: several published files were replaced after release
+    subfolder: str | None = None
+    sha256: str | None = None
+
+    def fetch(self) -> Path:
+        """Local path of the file: the hub cache, or a download where the network allows."""
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(self.repo, self.filename, subfolder=self.subfolder, revision=self.revision))
+        except Exception as e:  # noqa: BLE001 - offline, missing, or refused: all need the same advice
+            raise UserError(
+                f"cannot get {self.repo}/{self.filename} ({type(e).__name__}): download it with "
+                f"`huggingface-cli download {self.repo} {self.filename}` or pass --lora PATH"
+            ) from None
+
+
+@dataclass(frozen=True)
+class Reported:
+    """A score its authors reported: shown beside ours, never mixed with measurements."""
+
+    preset: str  # the world it refers to ("sdxl")
+    steps: int | None  # None = not stated
+    fid: float | None
+    clip_score: float | None
+    protocol: str  # their protocol, in words, with what differs from ours
+    source: str  # where the number is printed
+
+
+LoraSource = HubFile | str | dict[int, HubFile | str]
+"""A hub file, a path inside the package (or absolute), or one of those per step count."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One evaluable model: teacher, or teacher + LoRA, with its sampler recipe."""
+
+    name: str
+    description: str
+    recipe: SamplerRecipe
+    default_steps: int
+    steps: tuple[int, ...] | None = None  # step counts it ships; None = any
+    guidance: float | None = None  # None = the world's teacher guidance
+    lora: dict[str, LoraSource] | None = None  # per preset: hub file, or a path inside the package
+    reported: tuple[Reported, ...] = ()  # the authors' numbers
+
+    def resolve(self, steps: int | None, guidance: float | None) -> tuple[int, float | None]:
+        """Validated (steps, guidance), the model's defaults filling what is None (guidance may stay None)."""
+        steps = self.default_steps if steps is None else steps
+        if steps < 1:
+            raise UserError(f"--steps must be at least 1, got {steps}")
+        self.check_steps(steps)
+        if guidance is not None and not 0.0 <= guidance <= 50.0:
+            raise UserError(f"--guidance must be between 0 and 50, got {guidance}")
+        return steps, self.guidance if guidance is None else guidance
+
+    def check_steps(self, steps: int) -> None:
+        """Reject a step count this model does not ship."""
+        if self.steps is not None and steps not in self.steps:
+            shipped = ", ".join(map(str, self.steps))
+            raise UserError(f"model {self.name!r} ships {shipped}-step weights only, got --steps {steps}")
+
+    def lora_path(self, preset: str, steps: int) -> Path | None:
+        """The LoRA weights for this preset and step count (None for the plain teacher)."""
+        if self.lora is None:
+            return None
+        source = self.lora.get(preset)
+        if isinstance(source, dict):
+            source = source.get(steps)
+        if source is None:
+            raise UserError(f"model {self.name!r} has no {steps}-step weights for preset {preset!r}; "
+                            "pass --lora PATH")
+        if isinstance(source, HubFile):
+            return source.fetch()
+        path = Path(__file__).parent / source  # absolute paths (lora:PATH) stay as they are
+        if Path(source).is_absolute() and not path.exists():
+            raise UserError(f"LoRA file not found: {path}")
+        if not path.exists():
+            raise UserError(f"model {self.name!r} for preset {preset!r} is not trained yet ({path} missing); "
+                            "run `rapm-bench distill` or pass --lora PATH")
+        return path
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly record for manifests and results."""
+        return {"name": self.name, "recipe": self.recipe.describe()}
+
+
+def registry() -> dict[str, ModelSpec]:
+    """All known models by name."""
+    from baselines import MODELS
+
+    return MODELS
+
+
+def lora_model(path: str) -> ModelSpec:
+    """`lora:PATH`: any few-step LoRA, sampled with the RAPM recipe (DDIM trailing, guidance 1)."""
+    from .sampling import DDIM_TRAILING
+
+    p = Path(path)
+    return ModelSpec(name=f"lora-{p.stem}", description=f"LoRA file {path}", recipe=DDIM_TRAILING,
+                     default_steps=4, guidance=1.0, lora={"tiny": str(p.resolve()), "sdxl": str(p.resolve())})
+
+
+def get_model(name: str) -> ModelSpec:
+    """A model spec by name (or `lora:PATH`), or a one-line error listing the known names."""
+    if name.startswith("lora:"):
+        return lora_model(name.removeprefix("lora:"))
+    models = registry()
+    if name not in models:
+        raise UserError(f"unknown model {name!r}; known: {', '.join(sorted(models))}")
+    return models[name]

@@ -1,0 +1,1 @@
+"""Reports over result JSONs: comparison tables, plots and the CI drift check."""

@@ -1,0 +1,120 @@
+"""`rapm-bench plot`: FID against steps, FID against CLIP score, and a side-by-side sample grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from .results import read_results
+
+
+def _pyplot() -> Any:
+    """matplotlib without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Save a figure atomically as PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    tmp.replace(path)
+
+
+def fid_vs_steps(results: list[dict[str, Any]], path: Path) -> None:
+    """One line per model: FID against sampling steps (log scale)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in sorted({r["model"] for r in results}):
+        pts = sorted((r["steps"], r["fid"]) for r in results if r["model"] == model)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(f"FID vs steps — protocol {results[0]['protocol']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def fid_vs_clip(results: list[dict[str, Any]], path: Path) -> None:
+    """Each (model, steps) as a point: FID against CLIP score."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        ax.scatter(r["clip_score"], r["fid"])
+        ax.annotate(f"{r['model']} {r['steps']}", (r["clip_score"], r["fid"]), fontsize=8,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("CLIP score (higher is better)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(f"FID vs CLIP score — protocol {results[0]['protocol']}")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def sample_grid(results: list[dict[str, Any]], path: Path, num_prompts: int, device: str = "auto") -> None:
+    """Rows = evaluated (model, steps), columns = the same captions and seeds for every row."""
+    from ..config import WorldConfig
+    from ..eval.engine import protocol_captions
+    from ..eval.protocols import get_protocol
+    from ..generate import generate_batch
+    from ..models import get_model
+    from ..worlds import load_world
+
+    preset = results[0]["preset"]
+    protocol = get_protocol(results[0]["protocol"])
+    captions = protocol_captions(protocol, None)[:num_prompts]
+    seeds = list(range(num_prompts))
+    rows: list[tuple[str, torch.Tensor]] = []
+    for r in sorted(results, key=lambda r: (r["model"], r["steps"])):
+        lora = (r.get("lora") or {}).get("path")
+        model = f"lora:{lora}" if r["model"].startswith("lora-") and lora else r["model"]
+        spec = get_model(model)
+        world = load_world(WorldConfig(preset=preset, device=device))
+        path_lora = spec.lora_path(preset, r["steps"])
+        if path_lora is not None:
+            world.load_lora(path_lora)
+            world.fuse_lora()
+        rows.append((f"{r['model']} {r['steps']}", generate_batch(world, captions, seeds, spec.recipe, r["steps"],
+                                                                   r["guidance"])))
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), num_prompts, figsize=(1.3 * num_prompts, 1.4 * len(rows)), squeeze=False)
+    for i, (label, images) in enumerate(rows):
+        for j in range(num_prompts):
+            ax = axes[i][j]
+            ax.imshow(images[j].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(label, fontsize=8)
+            if i == 0:
+                ax.set_title(captions[j], fontsize=5, wrap=True)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def write_plots(inputs: list[Path], out: Path, preset: str, grid_prompts: int, device: str = "auto") -> list[Path]:
+    """All plots for one preset's results; returns the written paths."""
+    results = [r for r in read_results(inputs) if r["preset"] == preset]
+    if not results:
+        raise UserError(f"no {preset} results in {', '.join(map(str, inputs))}; run `rapm-bench eval` first")
+    protocols = {r["protocol_hash"] for r in results}
+    if len(protocols) > 1:
+        raise UserError("the results mix protocols; plot one protocol at a time (pass its result files)")
+    paths = [out / "fid_vs_steps.png", out / "fid_vs_clip.png"]
+    fid_vs_steps(results, paths[0])
+    fid_vs_clip(results, paths[1])
+    if grid_prompts > 0:
+        paths.append(out / "samples.png")
+        sample_grid(results, paths[2], grid_prompts, device)
+    return paths

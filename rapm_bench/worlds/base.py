@@ -1,0 +1,128 @@
+"""The world adapter: everything that differs between SDXL and the embedded tiny world.
+
+Nothing outside a world knows which world it is in. A world owns its networks, their
+precision policy (STYLE.md rule 4: fp32 in, half precision inside, fp32 out) and its
+noise schedule; samplers, the distillation engine and the evaluation only call the
+methods below.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+Cond = dict[str, torch.Tensor]
+"""Text conditioning: batch-first tensors the world's UNet call understands."""
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The training noise schedule, as diffusers scheduler keyword arguments."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"  # or "v_prediction"
+    rescale_betas_zero_snr: bool = False
+
+    def scheduler_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by every diffusers scheduler built for this world."""
+        return {
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "beta_schedule": self.beta_schedule,
+            "prediction_type": self.prediction_type,
+            "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
+        }
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alphabar_t for t = 0..T-1 in float64, exactly as diffusers computes it."""
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler(**self.scheduler_kwargs())
+        return sched.alphas_cumprod.to(torch.float64)
+
+
+class World(abc.ABC):
+    """A text-to-image world: prompt encoding, the UNet call, the schedule, decoding."""
+
+    name: str
+    noise_schedule: NoiseSchedule
+    device: torch.device
+    unet: torch.nn.Module  # a diffusers UNet2DConditionModel (LoRA targets are shared)
+    default_guidance: float  # the teacher's CFG scale when a command gives none
+
+    @property
+    @abc.abstractmethod
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one latent (the tiny world: pixel space 3×32×32)."""
+
+    @property
+    @abc.abstractmethod
+    def image_size(self) -> int:
+        """Side of the decoded square image in pixels."""
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alphabar_t, float64, on the CPU."""
+        return self.noise_schedule.alphas_cumprod()
+
+    @abc.abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Encode a batch of captions into the UNet's conditioning (no grad)."""
+
+    @abc.abstractmethod
+    def negative_cond(self, cond: Cond) -> Cond:
+        """The unconditional branch for classifier-free guidance, batch-aligned with `cond`."""
+
+    @abc.abstractmethod
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Raw model output (eps or v, see noise_schedule) for latents x at timesteps t; fp32 out."""
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> uint8 images (B, 3, H, W) on the CPU."""
+
+    # --- LoRA -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def load_lora(self, path: Path, adapter_name: str = "default", scale: float = 1.0) -> None:
+        """Attach a LoRA file (any format diffusers reads) to the UNet, unfused."""
+
+    @abc.abstractmethod
+    def fuse_lora(self) -> None:
+        """Merge the attached LoRA into the UNet weights (faster sampling, same images)."""
+
+    @abc.abstractmethod
+    def unload_lora(self) -> None:
+        """Remove every LoRA (unfusing first where fused): back to the plain teacher."""
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance of this world for manifests and results."""
+        return {"world": self.name, "noise_schedule": self.noise_schedule.__dict__}
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """The requested device, or CUDA when present, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Half precision on a GPU, fp32 on the CPU, unless asked otherwise."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in _DTYPES:
+        raise UserError(f"unknown precision {precision!r}; use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[precision]

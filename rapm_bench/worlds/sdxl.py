@@ -1,0 +1,180 @@
+"""The SDXL world: two CLIP text encoders, `time_ids`, a 4-channel VAE latent space.
+
+Precision policy (STYLE.md rule 6) lives here and nowhere else: text encoders and UNet
+in half precision on a GPU (fp32 on the CPU), the VAE always fp32 unless an fp16-fixed
+VAE is given, latents and model outputs fp32 outside `predict`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..lora import read_lora_file
+from .base import Cond, NoiseSchedule, World, pick_device, pick_dtype
+
+SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+HOW_TO_GET = (
+    f"download it with `huggingface-cli download {SDXL_HUB_ID} --local-dir DIR` "
+    "and pass --teacher DIR (or unset HF_HUB_OFFLINE so the hub id can be fetched)"
+)
+
+def _load_pipeline(source: str, dtype: torch.dtype) -> Any:
+    """StableDiffusionXLPipeline from a local diffusers folder or a hub id (hub cache when offline)."""
+    import warnings
+
+    import diffusers
+    import transformers
+    from diffusers import StableDiffusionXLPipeline
+
+    for lib in (diffusers, transformers):  # our own progress bar and errors say what matters
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+    local = Path(source).expanduser()
+    looks_local = local.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
+    if looks_local and not (local / "model_index.json").is_file():
+        what = "does not exist" if not local.exists() else "is not a diffusers SDXL folder (no model_index.json)"
+        raise UserError(f"SDXL teacher {source} {what}: {HOW_TO_GET}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # `torch_dtype` is renamed `dtype` in newer diffusers
+            return StableDiffusionXLPipeline.from_pretrained(
+                str(local) if looks_local else source,
+                torch_dtype=dtype,
+                add_watermarker=False,
+                local_files_only=looks_local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"),
+            )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load the SDXL teacher {source!r} ({first}): {HOW_TO_GET}") from None
+
+
+class SDXLWorld(World):
+    """SDXL (or any SDXL-architecture pipeline) behind the world interface."""
+
+    name = "sdxl"
+    default_guidance = 5.0  # diffusers' SDXL default CFG scale
+
+    def __init__(
+        self,
+        source: str = SDXL_HUB_ID,
+        device: str | torch.device | None = None,
+        precision: str = "auto",
+        resolution: int | None = None,
+        vae: str | None = None,
+    ) -> None:
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(precision, self.device)
+        self.source = source
+        self.pipe = _load_pipeline(source, self.dtype)
+        if vae is not None:  # an fp16-fixed VAE may run in half precision
+            from diffusers import AutoencoderKL
+
+            self.pipe.vae = AutoencoderKL.from_pretrained(vae, torch_dtype=self.dtype)
+        else:
+            self.pipe.vae.to(torch.float32)
+        self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.unet = self.pipe.unet
+        self.vae = self.pipe.vae
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._resolution = resolution or self.unet.config.sample_size * self.vae_scale
+        if self._resolution % self.vae_scale:
+            raise UserError(f"--resolution must be a multiple of {self.vae_scale}, got {self._resolution}")
+        cfg = self.pipe.scheduler.config
+        self.noise_schedule = NoiseSchedule(
+            num_train_timesteps=cfg.num_train_timesteps,
+            beta_start=cfg.beta_start,
+            beta_end=cfg.beta_end,
+            beta_schedule=cfg.beta_schedule,
+            prediction_type=cfg.prediction_type,
+            rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
+        )
+
+    # --- geometry -----------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self._resolution // self.vae_scale
+        return (self.unet.config.in_channels, side, side)
+
+    @property
+    def image_size(self) -> int:
+        return self._resolution
+
+    # --- conditioning -------------------------------------------------------------------
+    def _time_ids(self, n: int) -> torch.Tensor:
+        """SDXL micro-conditioning: (original size, crop top-left, target size) = (H, W, 0, 0, H, W)."""
+        side = self._resolution
+        ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=self.dtype, device=self.device)
+        proj_dim = self.pipe.text_encoder_2.config.projection_dim
+        expected = self.unet.add_embedding.linear_1.in_features
+        if self.unet.config.addition_time_embed_dim * ids.shape[1] + proj_dim != expected:
+            raise UserError("this UNet does not take SDXL time_ids: is the teacher an SDXL pipeline?")
+        return ids.repeat(n, 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return {"prompt_embeds": embeds, "text_embeds": pooled, "time_ids": self._time_ids(len(prompts))}
+
+    @torch.no_grad()
+    def negative_cond(self, cond: Cond) -> Cond:
+        n = cond["prompt_embeds"].shape[0]
+        if self.pipe.config.force_zeros_for_empty_prompt:  # SDXL base: zero embeddings, not ""
+            neg = {"prompt_embeds": torch.zeros_like(cond["prompt_embeds"]),
+                   "text_embeds": torch.zeros_like(cond["text_embeds"])}
+        else:
+            e, _, p, _ = self.pipe.encode_prompt([""] * n, device=self.device, do_classifier_free_guidance=False)
+            neg = {"prompt_embeds": e, "text_embeds": p}
+        return neg | {"time_ids": cond["time_ids"]}
+
+    # --- networks -----------------------------------------------------------------------
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        out = self.unet(
+            x.to(self.dtype),
+            t,
+            encoder_hidden_states=cond["prompt_embeds"],
+            added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]},
+            return_dict=False,
+        )[0]
+        return out.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / cfg.scaling_factor + mean
+        else:
+            latents = latents / cfg.scaling_factor
+        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()
+        # VaeImageProcessor.postprocess: [-1, 1] -> [0, 1] -> round(255 x)
+        return (image / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+    # --- LoRA -----------------------------------------------------------------------------
+    def load_lora(self, path: Path, adapter_name: str = "default", scale: float = 1.0) -> None:
+        state = read_lora_file(path)
+        try:
+            self.pipe.load_lora_weights(state, adapter_name=adapter_name)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise UserError(f"LoRA {path} does not fit this SDXL teacher: {str(e).splitlines()[0]}") from None
+        if scale != 1.0:
+            self.pipe.set_adapters([adapter_name], adapter_weights=[scale])
+
+    def fuse_lora(self) -> None:
+        self.pipe.fuse_lora()
+
+    def unload_lora(self) -> None:
+        self.pipe.unfuse_lora()
+        self.pipe.unload_lora_weights()
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {"teacher": self.source, "resolution": self._resolution,
+                                     "dtype": str(self.dtype).removeprefix("torch.")}

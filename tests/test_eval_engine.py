@@ -1,0 +1,83 @@
+"""`rapm-bench eval` on the tiny world: provenance, warnings, sharding across processes, the CI drift guard."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rapm_bench.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = ("model", "steps", "guidance", "preset", "protocol", "protocol_hash", "num_images", "fid", "clip_score",
+          "seconds", "images_per_second", "device", "versions", "git_commit", "seed", "retrieval_accuracy")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private reference-statistics cache (computed once from real renders)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def run_eval(out: Path, cache: Path, *args: str) -> dict:
+    result = CliRunner().invoke(app, ["eval", "--out", str(out), "--data-dir", str(cache), "--device", "cpu",
+                                      "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output[result.output.index("{"):])
+
+
+def test_eval_writes_a_result_with_provenance(tmp_path, cache):
+    rec = run_eval(tmp_path, cache, "--model", "teacher", "--steps", "1", "--num-images", "136")
+    for key in FIELDS:
+        assert key in rec, key
+    assert rec["protocol"] == "tiny" and rec["num_images"] == 136 and rec["guidance"] == 3.0
+    assert rec["fid"] > 0 and 0 < rec["clip_score"] <= 100 and 0 <= rec["retrieval_accuracy"] <= 1
+    assert rec["fid_reliable"] is True
+    on_disk = json.loads((tmp_path / "teacher-1step-tiny.json").read_text())
+    assert on_disk["fid"] == rec["fid"]
+
+
+def test_few_images_warn_and_give_a_number_not_nan(tmp_path, cache):
+    with pytest.warns(UserWarning, match="unreliable"):
+        rec = run_eval(tmp_path, cache, "--model", "teacher", "--steps", "1", "--num-images", "40")
+    assert rec["fid_reliable"] is False
+    assert rec["fid"] == rec["fid"]  # not NaN
+
+
+def test_two_processes_give_the_same_scores(tmp_path, cache):
+    """torchrun with 2 CPU processes shards by groups of 64 and merges float64 sums exactly."""
+    one = run_eval(tmp_path / "one", cache, "--model", "teacher", "--steps", "1", "--num-images", "160")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rapm_bench.cli", "eval",
+         "--model", "teacher", "--steps", "1", "--num-images", "160", "--out", str(tmp_path / "two"),
+         "--data-dir", str(cache), "--device", "cpu"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "teacher-1step-tiny.json").read_text())
+    assert abs(two["fid"] - one["fid"]) <= 1e-6 * one["fid"]
+    assert abs(two["clip_score"] - one["clip_score"]) <= 1e-9 * one["clip_score"]
+    assert two["retrieval_accuracy"] == one["retrieval_accuracy"]
+
+
+def test_eval_bad_input(tmp_path, cache):
+    for args, needle in [(["--model", "teacher", "--num-images", "999999"], "more than the"),
+                         (["--model", "nope"], "unknown model"),
+                         (["--model", "rapm", "--steps", "3"], "ships 4-step"),
+                         (["--protocol", "nope"], "unknown protocol")]:
+        result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "o"), "--data-dir", str(cache), *args])
+        assert result.exit_code == 2, result.output
+        assert needle in result.output
+        assert not (tmp_path / "o").exists()
+
+
+def test_committed_ci_baselines_still_hold():
+    """The CI drift guard: rerun the committed tiny baselines on the CPU within tolerance."""
+    baseline = ROOT / "results" / "tiny" / "ci"
+    result = CliRunner().invoke(app, ["check", "--baseline", str(baseline), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "DRIFT" not in result.output
