@@ -81,3 +81,12 @@ def test_committed_ci_baselines_still_hold():
     result = CliRunner().invoke(app, ["check", "--baseline", str(baseline), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "DRIFT" not in result.output
+
+
+def test_plot_sample_grid_from_real_results(tmp_path, cache):
+    """The side-by-side grid regenerates each evaluated model on the same captions and seeds."""
+    run_eval(tmp_path, cache, "--model", "teacher", "--steps", "1", "--num-images", "130")
+    result = CliRunner().invoke(app, ["plot", "--results", str(tmp_path), "--out", str(tmp_path / "p"),
+                                      "--grid-prompts", "3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p" / "samples.png").stat().st_size > 1000

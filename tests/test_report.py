@@ -70,3 +70,14 @@ def test_bad_result_file_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["check", "--baseline", str(bad), "--results", str(bad)])
     assert result.exit_code == 2
     assert "not valid JSON" in result.output
+
+
+def test_plot_writes_pngs(tmp_path):
+    """FID vs steps and FID vs CLIP from results (the sample grid needs generation: see test_eval_engine)."""
+    fake_result(tmp_path / "res", "teacher", 4, 12.5, 28.1)
+    fake_result(tmp_path / "res", "teacher", 50, 3.25, 30.2)
+    result = CliRunner().invoke(app, ["plot", "--results", str(tmp_path / "res"), "--out", str(tmp_path / "p"),
+                                      "--grid-prompts", "0"])
+    assert result.exit_code == 0, result.output
+    for name in ("fid_vs_steps.png", "fid_vs_clip.png"):
+        assert (tmp_path / "p" / name).stat().st_size > 1000

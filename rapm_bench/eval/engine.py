@@ -138,6 +138,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
 
     state = PartialState(cpu=cfg.world.device == "cpu")
     world_cfg = cfg.world if state.num_processes == 1 else replace(cfg.world, device=str(state.device))
+    world_cfg = replace(world_cfg, resolution=world_cfg.resolution or protocol.generation_resolution)
     world = load_world(replace(world_cfg, teacher=world_cfg.teacher or preset.teacher))
     lora = spec.lora_path(preset.name, steps)
     if lora is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ def fid_vs_steps(results: list[dict[str, Any]], path: Path) -> None:
         pts = sorted((r["steps"], r["fid"]) for r in results if r["model"] == model)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
     ax.set_xscale("log", base=2)
+    steps = sorted({r["steps"] for r in results})
+    ax.set_xticks(steps, [str(x) for x in steps])
     ax.set_xlabel("sampling steps")
     ax.set_ylabel("FID (lower is better)")
     ax.set_title(f"FID vs steps — protocol {results[0]['protocol']}")
@@ -88,7 +91,8 @@ def sample_grid(results: list[dict[str, Any]], path: Path, num_prompts: int, dev
         rows.append((f"{r['model']} {r['steps']}", generate_batch(world, captions, seeds, spec.recipe, r["steps"],
                                                                    r["guidance"])))
     plt = _pyplot()
-    fig, axes = plt.subplots(len(rows), num_prompts, figsize=(1.3 * num_prompts, 1.4 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), num_prompts, figsize=(1.4 * num_prompts, 1.5 * len(rows) + 0.4),
+                             squeeze=False)
     for i, (label, images) in enumerate(rows):
         for j in range(num_prompts):
             ax = axes[i][j]
@@ -98,7 +102,7 @@ def sample_grid(results: list[dict[str, Any]], path: Path, num_prompts: int, dev
             if j == 0:
                 ax.set_ylabel(label, fontsize=8)
             if i == 0:
-                ax.set_title(captions[j], fontsize=5, wrap=True)
+                ax.set_title(textwrap.fill(captions[j], 24), fontsize=5)
     _save(fig, path)
     plt.close(fig)
 
