@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -13,7 +15,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never touch the network
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("RAPM_BENCH_CACHE", tempfile.mkdtemp(prefix="rapm-bench-test-cache-"))  # not ~/.cache
+if "RAPM_BENCH_CACHE" not in os.environ:  # reference statistics go to a private folder, not ~/.cache
+    os.environ["RAPM_BENCH_CACHE"] = tempfile.mkdtemp(prefix="rapm-bench-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["RAPM_BENCH_CACHE"], ignore_errors=True)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
