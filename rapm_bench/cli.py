@@ -89,12 +89,6 @@ def generate(
     typer.echo(f"wrote {len(manifest['images'])} images to {out}")
 
 
-@app.command()
-def distill(preset: Preset = "tiny") -> None:
-    """Distil the teacher into a few-step student with RAPM (rank-1 LoRA, batch 1, no real images)."""
-    _run(_not_built, "distill", "the RAPM distillation engine (issue #5)")
-
-
 @app.command(name="eval")
 def evaluate(
     model: Annotated[str, typer.Option(help="`teacher`, a registry name (`rapm`, ...), or `lora:PATH` "
@@ -228,7 +222,11 @@ def bench(preset: Preset = "tiny") -> None:
 def _mount_subapps() -> None:
     """`rapm-bench tiny ...` (build the shapes world) and `rapm-bench data ...` (prepare protocol data)."""
     from .cli_data import app as data_app
+    from .cli_distill import distill
     from .cli_tiny import app as tiny_app
+
+    app.command(help="Distil the teacher into a few-step student with RAPM (rank-1 LoRA, batch 1, no real "
+                     "images).")(distill)
 
     app.add_typer(tiny_app, name="tiny")
     app.add_typer(data_app, name="data")

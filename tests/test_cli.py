@@ -28,7 +28,7 @@ def test_each_command_has_help(name):
     assert "--preset" in result.output
 
 
-@pytest.mark.parametrize("name", ["distill", "reproduce", "bench"])
+@pytest.mark.parametrize("name", ["reproduce", "bench"])
 def test_unbuilt_commands_exit_2_with_one_line(name):
     result = CliRunner().invoke(app, [name])
     assert result.exit_code == 2

@@ -1,0 +1,92 @@
+"""`rapm-bench distill`: parse, resolve the preset's DistillConfig, call the engine (STYLE.md rule 1)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def _targets(text: str | None) -> tuple[str, ...] | None:
+    """'to_q,to_k' -> ('to_q', 'to_k')."""
+    return None if text is None else tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def distill(
+    preset: Annotated[str, typer.Option(help="World: `tiny` (embedded shapes world, CPU, offline) or `sdxl`.")]
+    = "tiny",
+    out: Annotated[str | None, typer.Option(help="Run folder (config.json, checkpoint, train_log.jsonl, samples/, "
+                                                 "lora.safetensors); default: runs/distill/<preset>. Rerunning the "
+                                                 "same command resumes an interrupted run.")] = None,
+    iters: Annotated[int | None, typer.Option(help="Training iterations, one trajectory each (batch 1); default: the "
+                                                   "preset's (tiny 400, sdxl 20000).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Student LoRA learning rate (AdamW, constant after warm-up); "
+                                                  "default: the preset's.")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Linear learning-rate warm-up iterations; default: the "
+                                                    "preset's.")] = None,
+    disc_lr: Annotated[float | None, typer.Option(help="Discriminator heads' learning rate; default: the preset's.")]
+    = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank (the paper: 1).")] = None,
+    substeps: Annotated[int | None, typer.Option("--M", "-M", help="Teacher DDIM sub-steps per slot for the "
+                                                                    "trajectories (M); default: the preset's.")] = None,
+    slots: Annotated[int | None, typer.Option(help="Coarse slots N = the student's sampling steps (default 4).")]
+    = None,
+    cfg: Annotated[float | None, typer.Option("--cfg", help="Teacher CFG scale w for the trajectories; default: the "
+                                                            "world's (tiny 3.0, sdxl 5.0).")] = None,
+    lambda_abs: Annotated[float | None, typer.Option(help="Weight of absolute-position matching (z̃_n).")] = None,
+    lambda_rel: Annotated[float | None, typer.Option(help="Weight of relative-position matching (ẑ_n).")] = None,
+    lambda_reg: Annotated[float | None, typer.Option(help="Weight of the pseudo-Huber regression to z̃_n (0: off).")]
+    = None,
+    distance: Annotated[str | None, typer.Option(help="`gan` (two hinge discriminators) or `l2` (plain MSE to the "
+                                                      "same targets).")] = None,
+    num_trajectories: Annotated[int | None, typer.Option(help="Teacher trajectories K (prompts × seeded noise); "
+                                                              "default: the preset's (tiny 256, sdxl 1000).")] = None,
+    prompts: Annotated[str | None, typer.Option(help="Caption file for the trajectories: text (one a line) or COCO "
+                                                     "captions_train2014.json; tiny default: the shapes train split.")]
+    = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint, allowing a new "
+                                              "--iters (every other option must match).")] = False,
+    format: Annotated[str | None, typer.Option("--format", help="LoRA keys: `diffusers` (load_lora_weights, rapm-bench "
+                                                                "generate --lora) or `kohya` (ComfyUI/A1111).")]
+    = None,
+    grad_checkpointing: Annotated[bool | None, typer.Option(
+        "--grad-checkpointing/--no-grad-checkpointing",
+        help="Recompute UNet activations in backward (less memory); default: on for sdxl.")] = None,
+    targets: Annotated[str | None, typer.Option(help="Comma-separated LoRA target module suffixes; default: "
+                                                     "attention, FF, resnet convs, samplers, time embedding.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher: hub id or local diffusers folder; default: the "
+                                                     "preset's.")] = None,
+    device: Annotated[str | None, typer.Option(help="`auto`, `cpu`, `cuda`, `cuda:1`, ...")] = None,
+    precision: Annotated[str | None, typer.Option(help="Frozen-weight precision: `auto`, `fp32`, `fp16`, `bf16` "
+                                                       "(LoRA weights stay fp32); default: the preset's.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the LoRA/head init and every iteration's randomness.")]
+    = None,
+    cache_dir: Annotated[str | None, typer.Option(help="Trajectory cache root; default: ~/.cache/rapm-bench/"
+                                                       "trajectories.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Iterations between checkpoints.")] = None,
+    sample_every: Annotated[int | None, typer.Option(help="Iterations between sample grids (0: only the last).")]
+    = None,
+    slot_chunk: Annotated[int | None, typer.Option(help="Slots per student forward: N is fastest, 1 uses least "
+                                                        "memory.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved config and exit.")] = False,
+) -> None:
+    """Distil the teacher into a few-step student with RAPM (rank-1 LoRA, batch 1, no real images)."""
+    from .cli import _run
+    from .distill.config import resolve_distill
+
+    config = _run(
+        resolve_distill, preset, out=out, iters=iters, lr=lr, warmup=warmup, disc_lr=disc_lr,
+        rank=rank, substeps=substeps, slots=slots, guidance=cfg, lambda_abs=lambda_abs, lambda_rel=lambda_rel,
+        lambda_reg=lambda_reg, distance=distance, num_trajectories=num_trajectories, prompts=prompts, format=format,
+        grad_checkpointing=grad_checkpointing, lora_targets=_targets(targets), teacher=teacher, device=device,
+        precision=precision, seed=seed, cache_dir=cache_dir, checkpoint_every=checkpoint_every,
+        sample_every=sample_every, slot_chunk=slot_chunk,
+    )
+    if dry_run:
+        typer.echo(config.to_json())
+        return
+    from .distill.engine import distill as run_distill
+
+    summary = _run(run_distill, config, resume)
+    typer.echo(f"distilled {summary['iters']} iterations in {summary['total_seconds'] / 60:.1f} min "
+               f"({summary['machine']}) -> {summary['lora']['path']}\nevaluate: {summary['eval']}")

@@ -1,0 +1,17 @@
+"""RAPM distillation (DESIGN.md §4): teacher trajectories, relative and absolute position matching.
+
+`distill(cfg)` is the whole `rapm-bench distill` job; the pieces are importable on their own:
+`trajectories` (cached teacher trajectories), `rapm` (the objective), `discriminator`
+(heads on frozen teacher-UNet encoder features), `engine` (the training loop).
+"""
+
+from .config import DistillConfig, distill_preset, resolve_distill
+
+__all__ = ["DistillConfig", "distill", "distill_preset", "resolve_distill"]
+
+
+def distill(cfg: DistillConfig) -> dict:
+    """Run (or resume) one distillation; returns its summary."""
+    from .engine import distill as run
+
+    return run(cfg)

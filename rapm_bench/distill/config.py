@@ -1,0 +1,169 @@
+"""`rapm-bench distill`: one frozen config, two named presets (STYLE.md rule 2).
+
+Every field carries its default and why. The `tiny` defaults were chosen by the ablation in
+results/tiny/rapm.md; `sdxl` keeps the objective's defaults and scales the run to the
+paper's (1000 trajectories, 20K iterations, batch 1, rank 1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from ..config import WorldConfig, get_preset
+from ..errors import UserError
+from ..lora import LORA_FORMATS, LORA_TARGETS
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything that defines a distillation run; written to `out/config.json` before any work."""
+
+    world: WorldConfig = field(default_factory=WorldConfig)  # the teacher (preset, weights, device, precision)
+    out: str = "runs/distill/tiny"  # run folder: config, checkpoint, log, samples, lora.safetensors
+
+    # --- 1. teacher trajectories (DESIGN.md §4.1) -------------------------------------------------
+    num_trajectories: int = 256  # K prompts × seeded noise; tiny: 256 is enough at batch 1 (paper: 1000)
+    slots: int = 4  # N coarse slots = the student's sampling steps (DDIM trailing 999, 749, 499, 249)
+    substeps: int = 4  # M teacher DDIM sub-steps per slot (N·M-step teacher); tiny ablation: 4 ≈ 10
+    guidance: float | None = None  # teacher CFG scale w; None = the world's default (tiny 3.0, SDXL 5.0)
+    prompts: str | None = None  # caption file (.txt, or COCO captions_*.json); None = shapes train split (tiny)
+    prompt_offset: int = 0  # tiny: first train-split index (the evaluator trains from 5M, the eval split is apart)
+    trajectory_seed: int = 0  # trajectory k starts from noise seeded with trajectory_seed + k
+    trajectory_batch: int = 64  # trajectories per teacher batch (and per cache shard)
+    cache_dir: str | None = None  # None = $RAPM_BENCH_CACHE or ~/.cache/rapm-bench, under trajectories/<hash>
+    store_dtype: str = "fp32"  # dtype of stored trajectory points (fp16 halves SDXL's 1.2 GB for 1000)
+
+    # --- 2. student (DESIGN.md §4.5) ---------------------------------------------------------------
+    rank: int = 1  # LoRA rank (paper: 1); tiny ablation: 4 is no better
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # module-name suffixes: attention, FF, resnets, samplers, time emb
+    grad_checkpointing: bool = False  # recompute UNet activations in backward (SDXL: 5.9 vs 13.9 GiB)
+    slot_chunk: int = 4  # slots per student forward: N batches the roll-out (CPU speed), 1 saves memory (SDXL)
+
+    # --- 3. objective (DESIGN.md §4.2-4.4) ---------------------------------------------------------
+    lambda_abs: float = 1.0  # weight of matching the absolute position z̃_n (teacher point)
+    lambda_rel: float = 1.0  # weight of matching the relative position ẑ_n (student jump from ẑΔ_{n+1})
+    lambda_reg: float = 1.0  # weight of the pseudo-Huber regression to z̃_n (0 = off)
+    distance: str = "gan"  # "gan": two hinge discriminators; "l2": plain MSE to the same targets (ablation)
+    huber_c: float = 0.03  # pseudo-Huber c per element scale: sqrt(|d|²/D + c²) − c (iCT uses 0.00054·√D)
+    disc_hidden: int = 64  # discriminator head width (conv3×3 → GroupNorm → SiLU → conv1×1 per feature level)
+
+    # --- 4. optimisation --------------------------------------------------------------------------
+    iters: int = 400  # iterations, one trajectory each (batch 1); tiny: beats the 4-step teacher (rapm.md)
+    lr: float = 1e-3  # student (LoRA) AdamW learning rate; constant after warm-up so --resume can extend
+    disc_lr: float = 1e-3  # discriminator heads' AdamW learning rate
+    betas: tuple[float, float] = (0.0, 0.99)  # Adam betas of both optimisers (β1 = 0, the usual GAN choice)
+    weight_decay: float = 0.0  # AdamW decay (LoRA B starts at 0: decay would pull it back)
+    warmup: int = 20  # linear LR warm-up iterations
+    grad_clip: float = 1.0  # max global grad norm of the LoRA (0 = off)
+    seed: int = 0  # LoRA init, head init, and every iteration's randomness via (seed, step)
+
+    # --- 5. run management ------------------------------------------------------------------------
+    checkpoint_every: int = 50  # iterations between atomic checkpoints (and LoRA exports)
+    log_every: int = 10  # iterations per JSONL log row (interval means)
+    sample_every: int = 100  # iterations between sample grids (0 = only at the end)
+    sample_count: int = 8  # prompts in each sample grid (student, N DDIM-trailing steps, guidance 1)
+    format: str = "diffusers"  # LoRA file keys: "diffusers" (load_lora_weights) or "kohya" (ComfyUI/A1111)
+    save_dtype: str = "fp32"  # dtype of the exported LoRA (fp16 halves the file)
+
+    def to_json(self) -> str:
+        """Stable JSON of the resolved config."""
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> DistillConfig:
+        """Inverse of `to_json`."""
+        d = json.loads(text)
+        d["world"] = WorldConfig(**d["world"])
+        for name in ("lora_targets", "betas"):
+            d[name] = tuple(d[name])
+        return DistillConfig(**d)
+
+
+_TINY = DistillConfig()
+
+_SDXL = replace(
+    _TINY,
+    world=WorldConfig(preset="sdxl", precision="bf16"),  # frozen weights bf16, LoRA fp32 (STYLE.md rule 6)
+    out="runs/distill/sdxl",
+    num_trajectories=1000,  # the paper's overhead: 1000 teacher trajectories
+    guidance=None,  # SDXL's default CFG (5.0)
+    prompts=None,  # required: COCO-2014 *train* captions (disjoint from the val-based protocols)
+    trajectory_batch=8,
+    store_dtype="fp16",
+    grad_checkpointing=True,
+    slot_chunk=1,  # one slot per forward: memory of batch 1
+    disc_hidden=256,
+    iters=20_000,  # the paper's 20K iterations
+    lr=1e-4,  # 1e-3 suits the 4M-param tiny UNet; SDXL LoRAs train at ~1e-4
+    disc_lr=1e-4,
+    warmup=200,
+    checkpoint_every=500,
+    log_every=50,
+    sample_every=1000,
+    sample_count=4,
+    save_dtype="fp16",  # ~6 MB rank-1 file, like the published one
+)
+
+DISTILL_PRESETS: dict[str, DistillConfig] = {"tiny": _TINY, "sdxl": _SDXL}
+
+
+def distill_preset(name: str) -> DistillConfig:
+    """The named preset's config."""
+    get_preset(name)  # one error message for unknown presets
+    return DISTILL_PRESETS[name]
+
+
+def resolve_distill(preset: str = "tiny", **overrides: Any) -> DistillConfig:
+    """The preset's config with the given overrides (None = keep the preset's), validated.
+
+    World fields (`teacher`, `device`, `precision`, `resolution`, `vae`) may be given flat.
+    """
+    base = distill_preset(preset)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    world_keys = {f.name for f in fields(WorldConfig)} - {"preset"}
+    world = replace(base.world, **{k: overrides.pop(k) for k in list(overrides) if k in world_keys})
+    unknown = set(overrides) - {f.name for f in fields(DistillConfig)}
+    if unknown:
+        raise TypeError(f"unknown distill config fields: {sorted(unknown)}")
+    for name in ("lora_targets", "betas"):
+        if name in overrides:
+            overrides[name] = tuple(overrides[name])
+    cfg = replace(base, world=world, **overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DistillConfig) -> None:
+    """Reject values the engine cannot run, with the option's name."""
+    positive = {"num_trajectories": cfg.num_trajectories, "slots": cfg.slots, "substeps": cfg.substeps,
+                "trajectory_batch": cfg.trajectory_batch, "rank": cfg.rank, "slot_chunk": cfg.slot_chunk,
+                "checkpoint_every": cfg.checkpoint_every, "log_every": cfg.log_every,
+                "disc_hidden": cfg.disc_hidden}
+    for name, value in positive.items():
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if cfg.iters < 0:
+        raise UserError(f"--iters must be at least 0, got {cfg.iters}")
+    if cfg.lr <= 0 or cfg.disc_lr <= 0:
+        raise UserError(f"learning rates must be positive, got --lr {cfg.lr}, --disc-lr {cfg.disc_lr}")
+    for name in ("lambda_abs", "lambda_rel", "lambda_reg"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(cfg, name)}")
+    if cfg.lambda_abs == cfg.lambda_rel == cfg.lambda_reg == 0:
+        raise UserError("all loss weights are 0: set --lambda-abs, --lambda-rel or --lambda-reg")
+    if cfg.distance not in ("gan", "l2"):
+        raise UserError(f"--distance must be `gan` or `l2`, got {cfg.distance!r}")
+    if cfg.format not in LORA_FORMATS:
+        raise UserError(f"--format must be one of {', '.join(LORA_FORMATS)}, got {cfg.format!r}")
+    for name in ("store_dtype", "save_dtype"):
+        if getattr(cfg, name) not in ("fp32", "fp16", "bf16"):
+            raise UserError(f"{name} must be fp32, fp16 or bf16, got {getattr(cfg, name)!r}")
+    if cfg.guidance is not None and not 0.0 <= cfg.guidance <= 50.0:
+        raise UserError(f"--cfg must be between 0 and 50, got {cfg.guidance}")
+    if cfg.substeps > 1000 // cfg.slots:
+        raise UserError(f"--M {cfg.substeps} is more sub-steps than a slot has timesteps ({1000 // cfg.slots})")
+    if cfg.world.preset == "sdxl" and cfg.prompts is None:
+        raise UserError("--preset sdxl needs --prompts FILE: COCO-2014 train captions (captions_train2014.json) "
+                        "or a text file, one caption a line")

@@ -1,0 +1,298 @@
+"""The RAPM training loop: one readable function with commented phases (EDM2 `training_loop` style).
+
+Run folder (`cfg.out`): config.json (first), train_log.jsonl, samples/step_*.png,
+checkpoint.safetensors (LoRA, discriminator heads, optimisers, RNG, step: atomic),
+lora.safetensors (the student, diffusers or kohya keys), summary.json.
+
+Every iteration re-seeds from (seed, step) (STYLE.md rule 7), so a run interrupted and
+resumed from its last checkpoint ends bit-identical to an uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from .config import DistillConfig, validate
+
+LOG = "train_log.jsonl"
+LORA_FILE = "lora.safetensors"
+ADAPTER = "rapm"
+
+
+class DivergedError(UserError):
+    """A loss or gradient went NaN/inf: the run stops and keeps its last good checkpoint."""
+
+
+# --- small helpers -----------------------------------------------------------------------------------
+def derived_seed(seed: int, purpose: str, step: int) -> int:
+    """A 63-bit seed for (seed, purpose, step): independent streams, no overlap between purposes."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}:{step}".encode()).digest()[:8], "little") >> 1
+
+
+def trajectory_index(seed: int, step: int, num: int) -> int:
+    """The trajectory of iteration `step`: a fresh permutation of the K trajectories per epoch."""
+    epoch, i = divmod(step, num)
+    perm = torch.randperm(num, generator=torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch)))
+    return int(perm[i])
+
+
+def lr_at(step: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then constant (so `--resume --iters` can extend a run without changing its past)."""
+    return base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
+
+
+def cache_root(cfg: DistillConfig) -> Path:
+    """Where the trajectory caches live."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    from ..eval.engine import default_cache_dir
+
+    return default_cache_dir() / "trajectories"
+
+
+def open_run(out: Path, cfg: DistillConfig, resume: bool) -> None:
+    """Accept `out` if new/empty or holding this run (`--resume` may change --iters); write config.json."""
+    from ..generate import atomic_write_bytes
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    cfg_path = out / "config.json"
+    if out.exists() and any(out.iterdir()):
+        if not cfg_path.is_file():
+            raise UserError(f"--out {out} holds other files; choose another --out or empty it")
+        old = DistillConfig.from_json(cfg_path.read_text())
+        if old != cfg and not (resume and replace(old, iters=cfg.iters) == cfg):
+            diff = [f.name for f in fields(DistillConfig) if getattr(old, f.name) != getattr(cfg, f.name)]
+            raise UserError(f"--out {out} holds a run with another config (differs in: {', '.join(diff)}); "
+                            "choose another --out, or pass --resume to continue it with a new --iters only")
+    elif resume:
+        raise UserError(f"nothing to resume in {out}: no run there")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cfg_path, cfg.to_json().encode())  # the resolved config, before any work
+
+
+def sample_prompts(cfg: DistillConfig, train_prompts: tuple[str, ...]) -> list[str]:
+    """Captions of the periodic sample grids: eval-split captions (tiny) or the first training prompts."""
+    if cfg.world.preset == "tiny":
+        from ..worlds.shapes import eval_captions
+
+        return eval_captions(cfg.sample_count)
+    return list(train_prompts[: cfg.sample_count])
+
+
+def save_samples(world: Any, prompts: list[str], steps: int, path: Path) -> None:
+    """A grid of student samples: the RAPM recipe (DDIM trailing, `steps` steps, guidance 1), seeds 0..n-1."""
+    from ..generate import generate_batch, save_grid
+    from ..sampling import DDIM_TRAILING
+
+    images = generate_batch(world, prompts, list(range(len(prompts))), DDIM_TRAILING, steps, 1.0)
+    save_grid(images, path, nrow=len(prompts))
+
+
+class JsonlLog:
+    """Interval means of the losses, one JSON row every `every` iterations."""
+
+    def __init__(self, path: Path, every: int, start: int) -> None:
+        self.path, self.every = path, every
+        self.sums: dict[str, float] = {}
+        self.n = 0
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        keep = [r for r in rows if r["step"] <= start]  # a resumed run rewrites what came after its checkpoint
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+    def add(self, step: int, values: dict[str, float], extra: dict[str, float]) -> dict[str, float] | None:
+        """Accumulate one iteration; return the row when one is written."""
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+        if (step + 1) % self.every:
+            return None
+        row = {"step": step + 1, **extra, **{k: v / self.n for k, v in self.sums.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.sums, self.n = {}, 0
+        return row
+
+
+def machine(device: torch.device) -> str:
+    """One line naming the hardware."""
+    import os
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
+           f"{torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """`rapm-bench distill`: teacher trajectories, then RAPM training of a LoRA student; returns the summary."""
+    from tqdm import tqdm
+
+    from ..generate import atomic_write_bytes, sha256_file
+    from ..lora import attach_lora, load_lora_state, lora_state_dict, save_lora
+    from ..worlds import load_world
+    from .checkpoint import CHECKPOINT, load_checkpoint, module_state, save_checkpoint, unflatten_optimizer
+    from .discriminator import EncoderFeatures, build_heads, feature_channels
+    from .rapm import LossWeights, RAPMLoss
+    from .schedule import SlotSchedule
+    from .trajectories import DTYPES, load_or_build, make_spec, training_prompts
+
+    # 0. Run folder: the resolved config goes first (STYLE.md rule 2).
+    validate(cfg)
+    out = Path(cfg.out)
+    open_run(out, cfg, resume)
+    t_start = time.perf_counter()
+
+    # 1. Teacher and its trajectories (DESIGN.md §4.1), computed before any LoRA exists.
+    world = load_world(cfg.world)
+    device = world.device
+    guidance = world.default_guidance if cfg.guidance is None else cfg.guidance
+    prompts = training_prompts(cfg.world.preset, cfg.num_trajectories, cfg.prompts, cfg.prompt_offset)
+    spec = make_spec(world, prompts, cfg.trajectory_seed, guidance, cfg.slots, cfg.substeps, cfg.store_dtype,
+                     cfg.trajectory_batch)
+    trajs = load_or_build(world, prompts, spec, cache_root(cfg), progress)
+    t_traj = time.perf_counter() - t_start
+    sched = SlotSchedule(world.alphas_cumprod, cfg.slots, cfg.substeps)
+
+    # 2. Student = teacher + LoRA (fp32 weights); teacher = the same UNet, adapters disabled (§4.5).
+    if cfg.grad_checkpointing:
+        world.unet.enable_gradient_checkpointing()
+    lora_params = attach_lora(world.unet, cfg.rank, cfg.lora_targets, ADAPTER, cfg.seed)
+    weights = LossWeights(cfg.lambda_abs, cfg.lambda_rel, cfg.lambda_reg, cfg.distance, cfg.huber_c)
+    use_gan = cfg.distance == "gan" and (cfg.lambda_abs > 0 or cfg.lambda_rel > 0)
+    features = EncoderFeatures(world) if use_gan else None
+    heads_abs = heads_rel = None
+    head_params: list[torch.nn.Parameter] = []
+    if features is not None:
+        channels = feature_channels(features, world.encode_prompts([prompts[0]]))
+        heads_abs, heads_rel = build_heads(channels, cfg.disc_hidden, cfg.seed, device)
+        head_params = [*heads_abs.parameters(), *heads_rel.parameters()]
+    loss_fn = RAPMLoss(world.predict, sched, world.noise_schedule.prediction_type, weights,
+                       features, heads_abs, heads_rel)
+    opt_g = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizers: dict[str, torch.optim.Optimizer] = {"g": opt_g}
+    if head_params:
+        optimizers["d"] = torch.optim.AdamW(head_params, lr=cfg.disc_lr, betas=cfg.betas, weight_decay=0.0)
+
+    def state_modules() -> dict[str, dict[str, torch.Tensor]]:
+        mods = {"lora": lora_state_dict(world.unet, ADAPTER)}
+        if heads_abs is not None and heads_rel is not None:
+            mods |= {"heads_abs": heads_abs.state_dict(), "heads_rel": heads_rel.state_dict()}
+        return mods
+
+    def export() -> Path:
+        return save_lora(out / LORA_FILE, lora_state_dict(world.unet, ADAPTER), cfg.rank, cfg.format,
+                         DTYPES[cfg.save_dtype])
+
+    # 3. Resume from the last checkpoint, if any.
+    start = last_good = 0
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.is_file():
+        start, tensors, meta = load_checkpoint(ckpt_path)
+        last_good = start
+        load_lora_state(world.unet, {k: v.to(device) for k, v in module_state(tensors, "lora").items()}, ADAPTER)
+        if heads_abs is not None and heads_rel is not None:
+            heads_abs.load_state_dict(module_state(tensors, "heads_abs"))
+            heads_rel.load_state_dict(module_state(tensors, "heads_rel"))
+        for name, opt in optimizers.items():
+            opt.load_state_dict(unflatten_optimizer(tensors, meta[f"groups.{name}"], name))
+        torch.set_rng_state(tensors["rng.torch"])
+        if start > cfg.iters:
+            raise UserError(f"the run in {out} is already at iteration {start}; pass --iters {start} or more")
+    log = JsonlLog(out / LOG, cfg.log_every, start)
+    grid_prompts = sample_prompts(cfg, trajs.prompts)
+    if start == 0 and cfg.iters > 0:
+        save_samples(world, grid_prompts, cfg.slots, out / "samples" / "step_000000.png")
+
+    # 4. Training: one trajectory per iteration (batch 1), no real images.
+    t_loop = time.perf_counter()
+    step = start
+    bar = tqdm(total=cfg.iters, initial=start, desc="rapm distill", unit="it", disable=not progress)
+    for step in range(start, cfg.iters):
+        # 4a. This iteration's randomness and data: functions of (seed, step) only.
+        gen = torch.Generator(device).manual_seed(derived_seed(cfg.seed, "step", step))
+        torch.manual_seed(derived_seed(cfg.seed, "global", step))  # any hidden global-RNG user follows (seed, step)
+        k = trajectory_index(cfg.seed, step, len(trajs))
+        z_tilde = trajs.z_tilde[k].to(device, torch.float32)
+        z_delta = trajs.z_delta[k].to(device, torch.float32)
+        cond = world.encode_prompts([trajs.prompts[k]])
+        for opt, base in ((opt_g, cfg.lr), (optimizers.get("d"), cfg.disc_lr)):
+            if opt is not None:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, base, cfg.warmup)
+
+        # 4b. Roll out the N slots (detach between slots); backward chunk by chunk into the LoRA / the heads.
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        sums: dict[str, torch.Tensor] = {}
+        for terms in loss_fn.chunks(z_tilde, z_delta, cond, gen, cfg.slot_chunk):
+            terms.g_loss.backward(inputs=lora_params)
+            if terms.d_loss is not None:
+                terms.d_loss.backward(inputs=head_params)
+            parts = {"g_loss": terms.g_loss.detach(), **terms.logs}
+            if terms.d_loss is not None:
+                parts["d_loss"] = terms.d_loss.detach()
+            for key, value in parts.items():
+                sums[key] = sums[key] + value if key in sums else value
+
+        # 4c. NaN/inf guard: stop before the update, keep the last good checkpoint.
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        values = {k: float(v) for k, v in sums.items()} | {"grad_norm": float(grad_norm)}
+        bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+        bad += ["heads grad"] if head_params and not all(
+            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in head_params) else []
+        if bad:
+            bar.close()
+            kept = f"its last good checkpoint (iteration {last_good})" if last_good else "no checkpoint yet"
+            raise DivergedError(f"non-finite {', '.join(bad)} at iteration {step + 1}: stopped; {out} keeps {kept}; "
+                                "lower --lr, then rerun with --resume")
+
+        # 4d. Update the student and the discriminators.
+        for opt in optimizers.values():
+            opt.step()
+
+        # 4e. Log, sample, checkpoint.
+        row = log.add(step, values, {"lr": lr_at(step, cfg.lr, cfg.warmup),
+                                     "minutes": round((time.perf_counter() - t_loop) / 60, 4)})
+        bar.update(1)
+        if row is not None:
+            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("g_loss", "d_loss", "acc_abs", "mse_abs") if k in row})
+        if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+            save_samples(world, grid_prompts, cfg.slots, out / "samples" / f"step_{step + 1:06d}.png")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.iters:
+            save_checkpoint(ckpt_path, step + 1, state_modules(), optimizers, {"config": asdict(cfg)})
+            last_good = step + 1
+            export()
+    bar.close()
+
+    # 5. The student as a LoRA file, a last sample grid and the summary.
+    lora_path = export()
+    if cfg.iters > 0 and (not cfg.sample_every or cfg.iters % cfg.sample_every):
+        save_samples(world, grid_prompts, cfg.slots, out / "samples" / f"step_{cfg.iters:06d}.png")
+    summary = {
+        "iters": cfg.iters,
+        "resumed_from": start,
+        "trajectories": {"key": spec.key(), "folder": str(trajs.folder), "num": len(trajs),
+                         "guidance": guidance, "seconds": round(t_traj, 2)},
+        "train_seconds": round(time.perf_counter() - t_loop, 2),
+        "total_seconds": round(time.perf_counter() - t_start, 2),
+        "machine": machine(device),
+        "lora": {"path": str(lora_path), "format": cfg.format, "sha256": sha256_file(lora_path),
+                 "params": sum(p.numel() for p in lora_params)},
+        "last_log": json.loads((out / LOG).read_text().splitlines()[-1]) if (out / LOG).read_text() else None,
+        "eval": f"rapm-bench eval --model lora:{lora_path} --steps {cfg.slots}"
+                + ("" if cfg.world.preset == "tiny" else f" --preset {cfg.world.preset}"),
+    }
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return summary

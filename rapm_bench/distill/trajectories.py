@@ -1,0 +1,204 @@
+"""Teacher trajectories (DESIGN.md §4.1): computed once, cached on disk, resumable.
+
+For K prompts and seeded noise z̃_N the teacher (CFG scale w) runs M DDIM sub-steps per
+slot. Stored per trajectory: every boundary point z̃_n (n = 0..N) and ẑΔ_{n+1}, the point
+after the first sub-step below each boundary t_{n+1} (n = 0..N−1).
+
+The cache folder is named by a hash of everything that defines the trajectories (teacher
+weights fingerprint, prompts, seeds, w, N, M, schedule, dtypes); it fills shard by shard
+(one teacher batch each, written atomically), so an interrupted run resumes where it
+stopped and ends equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..sampling import cfg_denoiser, seeded_noise
+from ..worlds.base import World
+from .schedule import SlotSchedule, ddim_step
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMAT_VERSION = 1  # bump when the stored layout or the sub-step grid changes
+
+
+@dataclass(frozen=True)
+class TrajectorySpec:
+    """Everything that defines a set of teacher trajectories: its hash names the cache folder."""
+
+    teacher: str  # fingerprint of the teacher's weights and text encoding (`teacher_fingerprint`)
+    prompts_sha256: str  # of the K prompts, in order
+    num: int  # K
+    seed: int  # trajectory k starts from noise seeded with seed + k
+    guidance: float  # teacher CFG scale w
+    slots: int  # N
+    substeps: int  # M
+    noise_schedule: dict[str, Any]  # the world's NoiseSchedule fields
+    latent_shape: tuple[int, ...]
+    compute_dtype: str  # the teacher UNet's dtype (round-off differs between fp32 and half precision)
+    store_dtype: str  # dtype of the stored points
+    batch: int  # trajectories per teacher batch (batching changes round-off, so it is part of the key)
+    version: int = FORMAT_VERSION
+
+    def key(self) -> str:
+        """Hex digest naming the cache folder."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Trajectories:
+    """K cached trajectories, in memory on the CPU."""
+
+    z_tilde: torch.Tensor  # (K, N+1, C, H, W): z_tilde[:, n] = z̃_n (n = N: the noise, n = 0: the sample)
+    z_delta: torch.Tensor  # (K, N, C, H, W): z_delta[:, n] = ẑΔ_{n+1}, the relative target's start for slot n
+    prompts: tuple[str, ...]
+    spec: TrajectorySpec
+    folder: Path
+
+    def __len__(self) -> int:
+        return self.z_tilde.shape[0]
+
+
+def sha256_strings(items: Sequence[str]) -> str:
+    """Hash of a list of strings (order matters)."""
+    return hashlib.sha256(json.dumps(list(items)).encode()).hexdigest()
+
+
+@torch.no_grad()
+def teacher_fingerprint(world: World, probe: str = "a red circle") -> str:
+    """A fast fingerprint of the teacher: strided samples of every UNet weight and one prompt's encoding."""
+    h = hashlib.sha256(json.dumps(world.describe(), sort_keys=True, default=str).encode())
+    for name, p in sorted(world.unet.named_parameters()):
+        if "lora_" in name:
+            continue
+        flat = p.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    for k, v in sorted(world.encode_prompts([probe]).items()):
+        h.update(k.encode())
+        h.update(v.float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def make_spec(world: World, prompts: Sequence[str], seed: int, guidance: float, slots: int, substeps: int,
+              store_dtype: str, batch: int) -> TrajectorySpec:
+    """The spec of these trajectories for this world."""
+    return TrajectorySpec(
+        teacher=teacher_fingerprint(world), prompts_sha256=sha256_strings(prompts), num=len(prompts), seed=seed,
+        guidance=float(guidance), slots=slots, substeps=substeps, noise_schedule=asdict(world.noise_schedule),
+        latent_shape=tuple(world.latent_shape), compute_dtype=str(next(world.unet.parameters()).dtype),
+        store_dtype=store_dtype, batch=batch,
+    )
+
+
+@torch.no_grad()
+def teacher_trajectories(
+    world: World, prompts: Sequence[str], seeds: Sequence[int], guidance: float, sched: SlotSchedule,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch: (z_tilde (B, N+1, ...), z_delta (B, N, ...)) by M-step DDIM per slot with CFG w."""
+    cond = world.encode_prompts(list(prompts))
+    denoise = cfg_denoiser(world, cond, guidance)
+    z, _ = seeded_noise(seeds, world.latent_shape, world.device)
+    pred = world.noise_schedule.prediction_type
+    n_slots = sched.slots
+    z_tilde: list[torch.Tensor] = [z]  # filled from n = N down to 0, reversed at the end
+    z_delta: list[torch.Tensor] = []
+    for n in reversed(range(n_slots)):
+        grid = sched.fine(n)
+        for k, (t, s) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
+            z = ddim_step(z, denoise(z, torch.tensor(t, device=z.device)), sched.alphabar(t), sched.alphabar(s), pred)
+            if k == 0:
+                z_delta.append(z)
+        z_tilde.append(z)
+    return torch.stack(z_tilde[::-1], 1), torch.stack(z_delta[::-1], 1)
+
+
+def _shard_name(start: int) -> str:
+    return f"shard_{start:07d}.safetensors"
+
+
+def load_or_build(
+    world: World, prompts: Sequence[str], spec: TrajectorySpec, root: Path, progress: bool = True,
+) -> Trajectories:
+    """The cached trajectories of `spec` under root/<key>/, computing the missing shards first."""
+    from safetensors.torch import load_file, save
+    from tqdm import tqdm
+
+    from ..generate import atomic_write_bytes
+
+    if len(prompts) != spec.num:
+        raise ValueError("one prompt per trajectory")
+    folder = Path(root) / spec.key()
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = json.dumps(asdict(spec), indent=2, sort_keys=True)
+    meta_path = folder / "spec.json"
+    if meta_path.is_file() and meta_path.read_text() != meta:
+        raise UserError(f"trajectory cache {folder} holds a different spec (hash collision?); delete the folder")
+    atomic_write_bytes(meta_path, meta.encode())
+    atomic_write_bytes(folder / "prompts.json", json.dumps(list(prompts), indent=0).encode())
+
+    sched = SlotSchedule(world.alphas_cumprod, spec.slots, spec.substeps)
+    dtype = DTYPES[spec.store_dtype]
+    starts = list(range(0, spec.num, spec.batch))
+    todo = [s for s in starts if not (folder / _shard_name(s)).is_file()]
+    with tqdm(total=spec.num, initial=spec.num - sum(min(spec.batch, spec.num - s) for s in todo),
+              desc="teacher trajectories", unit="traj", disable=not progress or not todo) as bar:
+        for start in todo:
+            stop = min(start + spec.batch, spec.num)
+            zt, zd = teacher_trajectories(world, prompts[start:stop], range(spec.seed + start, spec.seed + stop),
+                                          spec.guidance, sched)
+            tensors = {"z_tilde": zt.to(dtype).cpu().contiguous(), "z_delta": zd.to(dtype).cpu().contiguous()}
+            atomic_write_bytes(folder / _shard_name(start), save(tensors))
+            bar.update(stop - start)
+    shards = [load_file(str(folder / _shard_name(s))) for s in starts]
+    return Trajectories(
+        z_tilde=torch.cat([s["z_tilde"] for s in shards]), z_delta=torch.cat([s["z_delta"] for s in shards]),
+        prompts=tuple(prompts), spec=spec, folder=folder,
+    )
+
+
+def training_prompts(preset: str, num: int, prompts_file: str | None, offset: int = 0) -> list[str]:
+    """K distillation prompts: the shapes *train* split (tiny) or a caption file (txt or COCO json)."""
+    if prompts_file is None:
+        if preset != "tiny":
+            raise UserError(f"preset {preset!r} needs --prompts FILE (COCO-2014 train captions)")
+        from ..worlds.shapes import captions, split_indices
+
+        return captions(split_indices("train", num, offset))
+    path = Path(prompts_file)
+    if path.suffix == ".json":
+        items = coco_captions(path)
+    else:
+        from ..generate import read_prompts
+
+        items = read_prompts(path)
+    items = items[offset:]
+    if len(items) < num:
+        raise UserError(f"--num-trajectories {num} needs {num} captions; {path} has {len(items)} after the offset")
+    return items[:num]
+
+
+def coco_captions(path: Path, seed: int = 0) -> list[str]:
+    """One caption per image of a COCO captions_*.json (the first by annotation id), images shuffled with `seed`."""
+    import random
+
+    try:
+        data = json.loads(Path(path).read_text())
+        anns = sorted(data["annotations"], key=lambda a: a["id"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a COCO captions file ({type(e).__name__}: {e})") from None
+    first: dict[int, str] = {}
+    for a in anns:
+        first.setdefault(a["image_id"], " ".join(a["caption"].split()))
+    images = sorted(first)
+    random.Random(seed).shuffle(images)
+    return [first[i] for i in images]
