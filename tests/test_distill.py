@@ -241,6 +241,18 @@ def test_chunked_rollout_equals_batched(tiny_world):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
 
 
+def test_regression_only_needs_no_discriminator(tiny_world):
+    """λ_abs = λ_rel = 0: the pseudo-Huber regression alone, no backbone or heads needed."""
+    from rapm_bench.distill.rapm import LossWeights, RAPMLoss, pseudo_huber
+
+    sched = SlotSchedule(tiny_world.alphas_cumprod, 4, 2)
+    loss = RAPMLoss(tiny_world.predict, sched, "v_prediction", LossWeights(lambda_abs=0.0, lambda_rel=0.0))
+    z_tilde, z_delta = fake_trajectory()
+    (t,) = loss(z_tilde, z_delta, tiny_world.encode_prompts(["a red circle"]), torch.Generator(), chunk=4)
+    assert t.d_loss is None
+    torch.testing.assert_close(t.g_loss, pseudo_huber(t.fake, z_tilde[[3, 2, 1, 0]], 0.03).mean())
+
+
 def test_l2_distance_and_weights(tiny_world):
     """distance='l2' is λ_abs·MSE(z^φ, z̃) + λ_rel·MSE(z^φ, ẑ) with no discriminator loss."""
     loss, _, _ = objective(tiny_world, distance="l2", lambda_rel=0.0, lambda_reg=0.0)

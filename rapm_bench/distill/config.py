@@ -42,11 +42,11 @@ class DistillConfig:
     slot_chunk: int = 4  # slots per student forward: N batches the roll-out (CPU speed), 1 saves memory (SDXL)
 
     # --- 3. objective (DESIGN.md §4.2-4.4) ---------------------------------------------------------
-    lambda_abs: float = 1.0  # weight of matching the absolute position z̃_n (teacher point)
-    lambda_rel: float = 1.0  # weight of matching the relative position ẑ_n (student jump from ẑΔ_{n+1})
-    lambda_reg: float = 1.0  # weight of the pseudo-Huber regression to z̃_n (0 = off)
+    lambda_abs: float = 0.1  # adversarial weight, absolute position z̃_n (teacher point); tiny: 1.0 hurt in a first ablation (issue 5)
+    lambda_rel: float = 0.1  # adversarial weight, relative position ẑ_n (student jump from ẑΔ_{n+1})
+    lambda_reg: float = 1.0  # pseudo-Huber regression to z̃_n (0 = off); tiny: without it the GAN alone diverges
     distance: str = "gan"  # "gan": two hinge discriminators; "l2": plain MSE to the same targets (ablation)
-    huber_c: float = 0.03  # pseudo-Huber c per element scale: sqrt(|d|²/D + c²) − c (iCT uses 0.00054·√D)
+    huber_c: float = 0.03  # pseudo-Huber on the per-element RMS d: sqrt(d² + c²) − c; L2-like below c, L1 above
     disc_hidden: int = 64  # discriminator head width (conv3×3 → GroupNorm → SiLU → conv1×1 per feature level)
 
     # --- 4. optimisation --------------------------------------------------------------------------

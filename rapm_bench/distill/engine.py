@@ -96,6 +96,8 @@ def save_samples(world: Any, prompts: list[str], steps: int, path: Path) -> None
     from ..sampling import DDIM_TRAILING
 
     images = generate_batch(world, prompts, list(range(len(prompts))), DDIM_TRAILING, steps, 1.0)
+    if images.shape[-1] < 128:  # tiny world: 32 px, upscaled (nearest) to be seen
+        images = images.repeat_interleave(128 // images.shape[-1], -1).repeat_interleave(128 // images.shape[-2], -2)
     save_grid(images, path, nrow=len(prompts))
 
 

@@ -33,7 +33,7 @@ class LossWeights:
     lambda_rel: float = 1.0
     lambda_reg: float = 1.0
     distance: str = "gan"  # "gan" | "l2"
-    huber_c: float = 0.001
+    huber_c: float = 0.03
 
 
 @dataclass
@@ -71,7 +71,8 @@ class RAPMLoss:
         self, student: Student, sched: SlotSchedule, prediction_type: str, weights: LossWeights,
         features: EncoderFeatures | None = None, heads_abs: Heads | None = None, heads_rel: Heads | None = None,
     ) -> None:
-        if weights.distance == "gan" and (features is None or heads_abs is None or heads_rel is None):
+        adversarial = weights.distance == "gan" and (weights.lambda_abs > 0 or weights.lambda_rel > 0)
+        if adversarial and (features is None or heads_abs is None or heads_rel is None):
             raise ValueError("distance 'gan' needs the backbone features and both head sets")
         self.student, self.sched, self.pred, self.w = student, sched, prediction_type, weights
         self.features, self.heads_abs, self.heads_rel = features, heads_abs, heads_rel
