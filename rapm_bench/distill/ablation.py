@@ -5,7 +5,7 @@
 Every variant is the default `rapm-bench distill` with a few fields changed, evaluated
 with `rapm-bench eval --model lora:PATH --steps 4` on the first `num_images` pairs of the
 `tiny` protocol (same captions and seeds for every row). The default also runs as a
-budget series (100, 200, 400, 800 iterations: one run resumed, which equals separate runs
+budget series (50 … 800 iterations: one run resumed, which equals separate runs
 because the LR is constant after warm-up and every iteration is seeded by (seed, step)).
 Finished variants are skipped, so the command resumes.
 """
@@ -21,29 +21,34 @@ from typing import Any
 from .config import DistillConfig, resolve_distill
 
 VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    # the default: both positions, both discriminators at λ = 0.1, regression 1, rank 1, M 4, w 3, lr 1e-3
+    # the default: both positions, both discriminators at λ = 0.1, regression 1, rank 1, M 4, w 2, lr 1e-3, 200 it
     ("default", "λ_abs = λ_rel = 0.1 (discriminators), λ_reg = 1", {}),
-    # which loss terms (discriminator weights at the design's 1.0, then without each part)
+    ("seed-1", "the default, seed 1 (run-to-run noise)", {"seed": 1}),
+    ("seed-2", "the default, seed 2 (run-to-run noise)", {"seed": 2}),
+    # which positions: one discriminator at a time, then neither
+    ("abs-only", "absolute position only (λ_rel = 0)", {"lambda_rel": 0.0}),
+    ("rel-only", "relative position only (λ_abs = 0)", {"lambda_abs": 0.0}),
+    ("reg-only", "no discriminators (λ_abs = λ_rel = 0): regression only", {"lambda_abs": 0.0, "lambda_rel": 0.0}),
+    # the regression term and the adversarial weight
+    ("no-reg", "no regression (λ_reg = 0)", {"lambda_reg": 0.0}),
     ("lambda-1", "discriminators at λ_abs = λ_rel = 1", {"lambda_abs": 1.0, "lambda_rel": 1.0}),
-    ("abs-only", "absolute position only (λ_abs = 1, λ_rel = 0)", {"lambda_abs": 1.0, "lambda_rel": 0.0}),
-    ("rel-only", "relative position only (λ_abs = 0, λ_rel = 1)", {"lambda_abs": 0.0, "lambda_rel": 1.0}),
-    ("no-reg", "both discriminators at 1, no regression", {"lambda_abs": 1.0, "lambda_rel": 1.0, "lambda_reg": 0.0}),
-    ("reg-only", "regression only (no discriminators)", {"lambda_abs": 0.0, "lambda_rel": 0.0}),
+    ("gan-only-1", "discriminators at 1, no regression", {"lambda_abs": 1.0, "lambda_rel": 1.0, "lambda_reg": 0.0}),
     # a discriminator vs a plain L2 on the same targets
-    ("l2", "plain L2 on both targets (λ = 1, 1) + regression", {"distance": "l2", "lambda_abs": 1.0,
-                                                               "lambda_rel": 1.0}),
-    ("l2-no-reg", "plain L2 on both targets (λ = 1, 1), no regression",
+    ("l2", "plain L2 instead of the discriminators (same targets, same λ)", {"distance": "l2"}),
+    ("l2-only-1", "plain L2 on both targets at 1, no regression (vs gan-only-1)",
      {"distance": "l2", "lambda_abs": 1.0, "lambda_rel": 1.0, "lambda_reg": 0.0}),
-    # the rest of the defaults, one at a time around the default
+    # the rest of the defaults, one at a time
     ("rank-4", "LoRA rank 4", {"rank": 4}),
+    ("M-1", "M = 1 teacher sub-step per slot (4-step teacher)", {"substeps": 1}),
     ("M-2", "M = 2 teacher sub-steps per slot (8-step teacher)", {"substeps": 2}),
     ("M-8", "M = 8 teacher sub-steps per slot (32-step teacher)", {"substeps": 8}),
-    ("w-2", "teacher CFG w = 2", {"guidance": 2.0}),
+    ("w-1.5", "teacher CFG w = 1.5", {"guidance": 1.5}),
+    ("w-3", "teacher CFG w = 3 (the teacher's own sampling default)", {"guidance": 3.0}),
     ("w-5", "teacher CFG w = 5", {"guidance": 5.0}),
     ("lr-3e-4", "LoRA learning rate 3e-4", {"lr": 3e-4}),
-    ("seed-1", "the default with another seed (run-to-run noise)", {"seed": 1}),
+    ("lr-3e-3", "LoRA learning rate 3e-3", {"lr": 3e-3}),
 )
-BUDGETS = (100, 200, 400, 800)
+BUDGETS = (50, 100, 200, 400, 800)
 
 
 def evaluate_lora(lora: Path, out: Path, num_images: int, device: str) -> dict[str, Any]:
@@ -60,8 +65,8 @@ def evaluate_lora(lora: Path, out: Path, num_images: int, device: str) -> dict[s
     return result
 
 
-def evaluate_teacher(steps: int, out: Path, num_images: int, device: str) -> dict[str, Any]:
-    """`rapm-bench eval --model teacher --steps S --num-images N` (the world's CFG), cached in `out`."""
+def evaluate_teacher(steps: int, guidance: float, out: Path, num_images: int, device: str) -> dict[str, Any]:
+    """`rapm-bench eval --model teacher --steps S --guidance W --num-images N`, cached in `out`."""
     from ..config import EvalConfig, WorldConfig
     from ..eval.engine import evaluate
 
@@ -69,7 +74,7 @@ def evaluate_teacher(steps: int, out: Path, num_images: int, device: str) -> dic
     if done.is_file() and json.loads(done.read_text())["num_images"] == num_images:
         return json.loads(done.read_text())
     result = evaluate(EvalConfig(world=WorldConfig(preset="tiny", device=device), model="teacher", steps=steps,
-                                 num_images=num_images, out=str(out)))
+                                 guidance=guidance, num_images=num_images, out=str(out)))
     assert result is not None
     return result
 
@@ -89,53 +94,128 @@ def run_variant(cfg: DistillConfig, evals: Path, num_images: int, device: str) -
     return {"summary": summary, "eval": evaluate_lora(out / "lora.safetensors", evals, num_images, device)}
 
 
+TEACHER_ROWS = ((4, 3.0), (50, 3.0), (4, 2.0), (50, 2.0), (4, 1.0), (50, 1.0))  # (steps, CFG): the world's w 3, the
+# trajectories' w 2, and none
+
+
+def budget_job(runs: str, num_images: int, device: str, done: dict[str, Any]) -> dict[str, Any]:
+    """The default run extended through BUDGETS (one run, resumed), evaluated at each budget not in `done`."""
+    base = resolve_distill("tiny", device=device)
+    rows: dict[str, Any] = {}
+    for budget in BUDGETS:
+        if str(budget) in done:
+            continue
+        before = max((v["train_seconds"] for k, v in (done | rows).items() if int(k) < budget), default=0.0)
+        cfg = replace(base, out=str(Path(runs) / "budget"), iters=budget)
+        r = run_variant(cfg, Path(runs) / "budget" / f"eval-{budget}", num_images, device)
+        rows[str(budget)] = _brief(r["eval"]) | {"train_seconds": round(before + r["summary"]["train_seconds"], 2),
+                                                 "machine": r["summary"]["machine"]}
+    return rows
+
+
+def variant_job(runs: str, name: str, num_images: int, device: str) -> dict[str, Any]:
+    """Distil and evaluate one variant of the default."""
+    what, overrides = next((w, o) for n, w, o in VARIANTS if n == name)
+    cfg = replace(resolve_distill("tiny", device=device), out=str(Path(runs) / name), **overrides)
+    r = run_variant(cfg, Path(runs) / name / "eval", num_images, device)
+    return {"what": what, "overrides": overrides, **_brief(r["eval"]),
+            "train_seconds": r["summary"]["train_seconds"],
+            "trajectory_seconds": r["summary"]["trajectories"]["seconds"], "machine": r["summary"]["machine"]}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every variant, the budget series and the teacher baselines; write JSON, table and curves."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("results/tiny"), help="folder for rapm_ablation.{json,md,png}")
     p.add_argument("--runs", type=Path, default=Path("runs/ablation"), help="folder for the run folders")
-    p.add_argument("--num-images", type=int, default=1024, help="eval pairs per row (> 128, the feature size)")
+    p.add_argument("--num-images", type=int, default=2000, help="eval pairs per row (> 128, the feature size)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, one process each (a GPU: the tiny UNet is launch-bound, so ~8 fit one card)")
+    p.add_argument("--grid", type=Path, default=None, metavar="LORA",
+                   help="only write OUT/rapm_grid.png: teacher vs this student LoRA on the first 10 eval captions")
     args = p.parse_args(argv)
+    if args.grid is not None:
+        comparison_grid(args.grid, args.out / "rapm_grid.png", device=args.device)
+        return
     only = set(args.only.split(",")) if args.only else None
 
     rows: dict[str, Any] = {"num_images": args.num_images, "variants": {}, "budget": {}, "teacher": {}}
     out_json = args.out / "rapm_ablation.json"
     if out_json.is_file():
-        rows = json.loads(out_json.read_text()) | {"num_images": args.num_images}
+        rows = json.loads(out_json.read_text())
+        if rows["num_images"] != args.num_images:
+            raise SystemExit(f"{out_json} holds rows for {rows['num_images']} images; pass --num-images accordingly")
 
     def save() -> None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(rows, indent=2) + "\n")
+        from ..generate import atomic_write_bytes
 
-    base = resolve_distill("tiny", device=args.device)
-    for budget in BUDGETS:
-        if str(budget) in rows["budget"]:
-            continue
-        cfg = replace(base, out=str(args.runs / "budget"), iters=budget)
-        r = run_variant(cfg, args.runs / "budget" / f"eval-{budget}", args.num_images, args.device)
-        rows["budget"][str(budget)] = _brief(r["eval"]) | {"train_seconds": r["summary"]["train_seconds"]}
+        atomic_write_bytes(out_json, (json.dumps(rows, indent=2) + "\n").encode())
+
+    # One teacher row first, in this process: it builds the cached reference statistics every job reads.
+    teacher_todo = [(st, w) for st, w in TEACHER_ROWS if f"{st}@w{w:g}" not in rows["teacher"]]
+    if teacher_todo and not _stats_cached(args.num_images):
+        st, w = teacher_todo.pop(0)
+        rows["teacher"][f"{st}@w{w:g}"] = _brief(evaluate_teacher(st, w, args.runs / "teacher" / f"w{w:g}",
+                                                                  args.num_images, args.device))
         save()
-    for name, what, overrides in VARIANTS:
-        if (only is not None and name not in only) or name in rows["variants"]:
-            continue
-        cfg = replace(base, out=str(args.runs / name), **overrides)
-        r = run_variant(cfg, args.runs / name / "eval", args.num_images, args.device)
-        rows["variants"][name] = {"what": what, "overrides": overrides, **_brief(r["eval"]),
-                                  "train_seconds": r["summary"]["train_seconds"],
-                                  "trajectory_seconds": r["summary"]["trajectories"]["seconds"]}
-        save()
-    for steps in (4, 50):
-        rows["teacher"][str(steps)] = _brief(evaluate_teacher(steps, args.runs / "teacher", args.num_images,
-                                                              args.device))
-        save()
+    todo = [n for n, _, _ in VARIANTS if (only is None or n in only) and n not in rows["variants"]]
+    need_budget = only is None and any(str(b) not in rows["budget"] for b in BUDGETS)
+    with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) if args.jobs > 1 else _Inline() as pool:
+        futures = {pool.submit(budget_job, str(args.runs), args.num_images, args.device, rows["budget"]): "budget"
+                   } if need_budget else {}  # the longest job first
+        futures |= {pool.submit(variant_job, str(args.runs), n, args.num_images, args.device): n for n in todo}
+        futures |= {pool.submit(evaluate_teacher, st, w, args.runs / "teacher" / f"w{w:g}", args.num_images,
+                                args.device): f"teacher {st}@w{w:g}" for st, w in teacher_todo}
+        for fut in cf.as_completed(futures):
+            name = futures[fut]
+            if name == "budget":
+                rows["budget"] |= fut.result()
+            elif name.startswith("teacher "):
+                rows["teacher"][name.split()[1]] = _brief(fut.result())
+            else:
+                rows["variants"][name] = fut.result()
+            save()
+            print(f"ablation: {name} done ({len(rows['variants'])}/{len(VARIANTS)} variants)", flush=True)
+    rows["teacher"] = {f"{st}@w{w:g}": rows["teacher"][f"{st}@w{w:g}"] for st, w in TEACHER_ROWS}  # table order
+    rows["variants"] = {n: rows["variants"][n] for n, _, _ in VARIANTS if n in rows["variants"]}  # table order
+    save()
     write_table(rows, args.out / "rapm_ablation.md")
-    plot_curves(args.runs, [n for n, _, _ in VARIANTS if (only is None or n in only)], rows, args.out / "rapm_curves.png")
+    plot_curves(args.runs, [n for n in ("default", "no-reg", "reg-only", "l2", "lambda-1", "gan-only-1")
+                            if n in rows["variants"]], rows, args.out / "rapm_curves.png")
+
+
+def _stats_cached(num_images: int) -> bool:
+    """Whether the tiny protocol's reference statistics are already in the cache (built once, read by all jobs)."""
+    from ..eval.engine import default_cache_dir
+    from ..eval.protocols import get_protocol
+
+    return any(default_cache_dir().glob(f"tiny-{get_protocol('tiny').hash()}-*.fid.npz"))
+
+
+class _Inline:
+    """A stand-in executor that runs each job when submitted (--jobs 1: one process, easy to debug)."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn: Any, *args: Any) -> Any:
+        import concurrent.futures as cf
+
+        fut: cf.Future[Any] = cf.Future()
+        fut.set_result(fn(*args))
+        return fut
 
 
 def comparison_grid(lora: Path, path: Path, n: int = 10, device: str = "cpu") -> None:
-    """Eval captions 0..n-1, seeds 0..n-1: teacher 50-step and 4-step (CFG), RAPM 4-step (guidance 1)."""
+    """Eval captions 0..n-1, seeds 0..n-1: the teacher at 50 and 4 steps (CFG 3, no CFG) and the student."""
     from ..generate import generate_batch
     from ..sampling import DDIM_TRAILING
     from ..worlds.shapes import eval_captions
@@ -144,11 +224,10 @@ def comparison_grid(lora: Path, path: Path, n: int = 10, device: str = "cpu") ->
 
     world = load_tiny_world(device)
     prompts, seeds = eval_captions(n), list(range(n))
-    w = world.default_guidance
-    rows = [(f"teacher 50 w{w:g}", generate_batch(world, prompts, seeds, DDIM_TRAILING, 50, w)),
-            (f"teacher 4 w{w:g}", generate_batch(world, prompts, seeds, DDIM_TRAILING, 4, w))]
+    rows = [(f"teacher {s} {'CFG ' + format(w, 'g') if w > 1 else 'no CFG'}",
+             generate_batch(world, prompts, seeds, DDIM_TRAILING, s, w)) for s, w in ((50, 3.0), (4, 3.0), (4, 1.0))]
     world.load_lora(lora)
-    rows.append(("RAPM 4 w1", generate_batch(world, prompts, seeds, DDIM_TRAILING, 4, 1.0)))
+    rows.append(("RAPM 4, no CFG", generate_batch(world, prompts, seeds, DDIM_TRAILING, 4, 1.0)))
     save_grid_png(rows, path)
 
 
@@ -160,11 +239,12 @@ def _brief(result: dict[str, Any]) -> dict[str, Any]:
 def write_table(rows: dict[str, Any], path: Path) -> None:
     """The ablation as a Markdown table."""
     lines = [f"Eval: `tiny` protocol, first {rows['num_images']} pairs, 4 steps DDIM trailing, guidance 1 "
-             "(teacher rows: the world's CFG).", "",
-             "| variant | what changes | FID ↓ | CLIP ↑ | retrieval ↑ | train s |", "|---|---|---|---|---|---|"]
-    for steps, t in sorted(rows["teacher"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| teacher {steps}-step | CFG {3.0:g} | {t['fid']:.2f} | {t['clip_score']:.2f} | "
-                     f"{t['retrieval_accuracy']:.3f} | – |")
+             "(teacher rows: DDIM trailing with or without CFG, as labelled).", "",
+             "| variant | what changes | FID ↓ | CLIP ↑ | retrieval ↑ | train s * |", "|---|---|---|---|---|---|"]
+    for key, t in rows["teacher"].items():
+        steps, w = key.split("@w")
+        lines.append(f"| teacher {steps}-step | {'CFG ' + w if float(w) > 1 else 'no CFG'} | {t['fid']:.2f} | "
+                     f"{t['clip_score']:.2f} | {t['retrieval_accuracy']:.3f} | – |")
     for name, v in rows["variants"].items():
         lines.append(f"| {name} | {v['what']} | {v['fid']:.2f} | {v['clip_score']:.2f} | "
                      f"{v['retrieval_accuracy']:.3f} | {v['train_seconds']:.0f} |")
@@ -173,6 +253,9 @@ def write_table(rows: dict[str, Any], path: Path) -> None:
     for it, b in sorted(rows["budget"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {it} | {b['fid']:.2f} | {b['clip_score']:.2f} | {b['retrieval_accuracy']:.3f} | "
                      f"{b['train_seconds']:.0f} |")
+    machines = sorted({v["machine"] for v in [*rows["variants"].values(), *rows["budget"].values()]})
+    lines += ["", f"\\* wall seconds of each run's training loop on {', '.join(machines)}; the runs shared the "
+              "device (`--jobs`), so compare them only within this table."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -202,8 +285,11 @@ def plot_curves(runs: Path, names: list[str], rows: dict[str, Any], path: Path) 
     budget = sorted((int(k), v["fid"]) for k, v in rows["budget"].items())
     if budget:
         axes[2].plot(*zip(*budget, strict=True), "o-", label="RAPM 4-step (default)")
-    for steps, t in rows["teacher"].items():
-        axes[2].axhline(t["fid"], ls="--", color="gray" if steps == "4" else "black", label=f"teacher {steps}-step")
+    for key, t in rows["teacher"].items():
+        steps, w = key.split("@w")
+        axes[2].axhline(t["fid"], ls="--" if steps == "4" else ":", lw=1.2,
+                        color={"3": "black", "2": "tab:green", "1": "tab:orange"}.get(w, "gray"),
+                        label=f"teacher {steps}-step, {'CFG ' + w if float(w) > 1 else 'no CFG'}")
     axes[2].set(title=f"FID ({rows['num_images']} pairs) vs iterations", xlabel="iterations", xscale="log")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
