@@ -7,12 +7,13 @@ atomic PNG writes, a manifest, an optional contact sheet.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,19 @@ def generate_batch(
     steps: int,
     guidance: float,
 ) -> torch.Tensor:
-    """Images (B, 3, H, W) uint8 for `prompts`; image i depends only on (prompts[i], seeds[i])."""
-    return world.decode(sample_latents(world, prompts, seeds, recipe, steps, guidance))
+    """Images (B, 3, H, W) uint8 for `prompts`; image i depends only on (prompts[i], seeds[i]).
+
+    Non-finite latents (a broken LoRA, a half-precision overflow) raise a UserError instead of
+    silently becoming black images that would be scored.
+    """
+    latents = sample_latents(world, prompts, seeds, recipe, steps, guidance)
+    finite = torch.isfinite(latents.flatten(1)).all(1)
+    if not bool(finite.all()):
+        bad = [int(s) for s, ok in zip(seeds, finite.tolist(), strict=True) if not ok]
+        raise UserError(f"the model produced NaN/Inf latents for {len(bad)} of {len(seeds)} images (seeds "
+                        f"{', '.join(map(str, bad[:4]))}{', ...' if len(bad) > 4 else ''}): a LoRA with non-finite "
+                        "weights or a half-precision overflow; check the LoRA, or pass --precision fp32")
+    return world.decode(latents)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -80,17 +92,58 @@ def default_prompts(preset: str, n: int) -> list[str]:
     return eval_captions(n)
 
 
+TMP_SUFFIX = ".tmp"
+"""Temporary files of `atomic_write_bytes` are `.<name>.<random>.tmp` beside their target."""
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that it is either complete or absent."""
+    """Write a file so that it is either complete or absent, even if the process is killed.
+
+    The bytes go to a temporary file in the same folder, which is then renamed over `path`
+    (atomic on POSIX). A SIGKILL can leave the temporary file behind, never a truncated
+    `path`; `remove_stale_tmp` clears such leftovers when a job resumes.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def is_stale_tmp(path: Path) -> bool:
+    """Whether `path` is a leftover temporary file of `atomic_write_bytes` (a killed writer)."""
+    return path.name.startswith(".") and path.name.endswith(TMP_SUFFIX) and path.is_file()
+
+
+def remove_stale_tmp(folder: Path) -> int:
+    """Delete the leftover temporary files directly in `folder`; returns how many."""
+    stale = [p for p in Path(folder).iterdir() if is_stale_tmp(p)] if Path(folder).is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
+def batch_hint(batch_size: int, more: str = "") -> str:
+    """The advice for an out-of-memory error in a batched stage."""
+    if batch_size > 1:
+        return f"pass a smaller --batch-size (now {batch_size}, try {max(1, batch_size // 2)}){more}"
+    return f"--batch-size is already 1{more or '; free GPU memory or use a larger GPU'}"
+
+
+@contextlib.contextmanager
+def oom_hint(what: str, hint: str) -> Iterator[None]:
+    """Turn a GPU out-of-memory error into a one-line UserError that names what reduces memory."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"out of GPU memory while {what}: {hint}") from None
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
@@ -132,14 +185,36 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None
     atomic_write_bytes(Path(path), png_bytes(grid))
 
 
-def check_out(out: Path, config_json: str) -> None:
-    """Accept an output folder only if it is new, empty, or holds this very run (resume)."""
+def check_out(out: Path, config_json: str, option: str = "--out") -> None:
+    """Accept an output folder only if it is new, empty, or holds this very run (resume).
+
+    Leftover temporary files of a killed run do not count; its config.json must equal this one.
+    """
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
+        raise UserError(f"{option} {out} is a file, not a folder")
     cfg_path = out / "config.json"
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(not is_stale_tmp(p) for p in out.iterdir()):
         if not cfg_path.is_file() or cfg_path.read_text() != config_json:
-            raise UserError(f"output folder {out} holds another run's files; choose another --out or empty it")
+            raise UserError(f"output folder {out} holds another run's files (its config.json is not this "
+                            f"command's); choose another {option} or empty it")
+
+
+def _manifest_hashes(path: Path) -> dict[str, str]:
+    """{file: sha256} of the images a previous run's manifest.json recorded (empty if none)."""
+    try:
+        return {r["file"]: r["sha256"] for r in json.loads(path.read_text())["images"] if "sha256" in r}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _image_done(path: Path, sha256: str | None) -> bool:
+    """Whether a resumed run may keep this PNG: it decodes and matches its recorded hash, if any."""
+    return png_ok(path) and (sha256 is None or sha256_file(path) == sha256)
+
+
+def _memory_hint(preset: str) -> str:
+    """What else reduces GPU memory in a world (after --batch-size)."""
+    return "; on SDXL also --precision fp16 or a smaller --resolution" if preset == "sdxl" else ""
 
 
 def generate(cfg: GenerateConfig) -> dict[str, Any]:
@@ -160,27 +235,38 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     prompts = prompts[:n]
     out = Path(cfg.out)
     check_out(out, cfg.to_json())
+    if cfg.grid and Path(cfg.grid).is_dir():
+        raise UserError(f"--grid {cfg.grid} is a folder; give a file name, e.g. {Path(cfg.grid) / 'grid.png'}")
 
-    world = load_world(cfg.world)
     lora = resolve_lora_path(Path(cfg.lora)) if cfg.lora else spec.lora_path(cfg.world.preset, cfg.steps)
+    world = load_world(cfg.world)
     if lora is not None:
         world.load_lora(lora)
         if cfg.fuse:
             world.fuse_lora()
     guidance = world.default_guidance if cfg.guidance is None else cfg.guidance
 
+    if out.is_dir():
+        remove_stale_tmp(out)  # leftovers of a killed run: never read, only cleared
     atomic_write_bytes(out / "config.json", cfg.to_json().encode())  # the resolved config, before any work
     records = [{"file": f"{i:06d}.png", "prompt": p, "seed": cfg.seed + i} for i, p in enumerate(prompts)]
-    todo = [r for r in records if not png_ok(out / r["file"])]
+    # Resume: batches stay those of an uninterrupted run (batch k = images k*bs ... k*bs+bs-1), so a
+    # regenerated image is computed in the same batch, bit for bit; a batch is redone whole when any of
+    # its images is missing, does not decode, or differs from the sha256 a previous manifest recorded.
     bs = cfg.batch_size or preset.batch_size
-    with tqdm(total=len(records), initial=len(records) - len(todo), desc=f"generate {cfg.model}", unit="img") as bar:
-        for start in range(0, len(todo), bs):
-            chunk = todo[start : start + bs]
-            images = generate_batch(world, [r["prompt"] for r in chunk], [r["seed"] for r in chunk],
-                                    spec.recipe, cfg.steps, guidance)
+    known = _manifest_hashes(out / "manifest.json")
+    batches = [records[i : i + bs] for i in range(0, len(records), bs)]
+    todo = [b for b in batches if not all(_image_done(out / r["file"], known.get(r["file"])) for r in b)]
+    with tqdm(total=len(records), initial=len(records) - sum(map(len, todo)), desc=f"generate {cfg.model}",
+              unit="img") as bar:
+        for chunk in todo:
+            with oom_hint(f"generating {len(chunk)} images", batch_hint(bs, _memory_hint(cfg.world.preset))):
+                images = generate_batch(world, [r["prompt"] for r in chunk], [r["seed"] for r in chunk],
+                                        spec.recipe, cfg.steps, guidance)
             for r, img in zip(chunk, images, strict=True):
                 atomic_write_bytes(out / r["file"], png_bytes(img))
             bar.update(len(chunk))
+    records = [r | {"sha256": sha256_file(out / r["file"])} for r in records]
 
     manifest = {
         "model": spec.describe(),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -15,6 +18,8 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 def resolve_lora_path(path: Path) -> Path:
     """A LoRA file, or a folder holding exactly one (diffusers' `pytorch_lora_weights.safetensors`).
 
+    A folder holding one .safetensors file beside pickles (.bin, .pt) gives the .safetensors one.
+
     Like diffusers' `load_lora_weights(DIR)`, files named *checkpoint*, *optimizer* or
     *scheduler* are not LoRA weights (a `rapm-bench distill` run folder holds one).
     """
@@ -25,6 +30,9 @@ def resolve_lora_path(path: Path) -> Path:
             return preferred
         files = sorted(p for p in path.iterdir() if p.suffix in LORA_SUFFIXES
                        and not any(s in p.name for s in ("checkpoint", "optimizer", "scheduler")))
+        safe = [p for p in files if p.suffix == ".safetensors"]
+        if len(files) > 1 and len(safe) == 1:  # the same weights as .safetensors and a pickle: no pickle
+            return safe[0]
         if len(files) != 1:
             raise UserError(f"LoRA folder {path} must hold exactly one weights file, found {len(files)}")
         return files[0]
@@ -33,6 +41,16 @@ def resolve_lora_path(path: Path) -> Path:
     if path.suffix not in LORA_SUFFIXES:
         raise UserError(f"LoRA file {path} has an unknown suffix; expected one of {', '.join(LORA_SUFFIXES)}")
     return path
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The one informative line of torch's multi-line weights-only refusal."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else "unsupported content")
+    return lines[0] if lines else type(e).__name__
 
 
 def read_lora_file(path: Path) -> dict[str, torch.Tensor]:
@@ -44,9 +62,13 @@ def read_lora_file(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols it reads anyway
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UserError(f"refused to load {path}: it is a pickle that holds more than tensors ({e})") from None
+        raise UserError(f"refused to load {path}: it is a pickle that holds more than tensors "
+                        f"({_unpickler_reason(e)}), and loading it could run code; use a .safetensors file, "
+                        "or convert this one only if you trust its source") from None
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file
         raise UserError(f"cannot read LoRA file {path}: {type(e).__name__}: {e}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -66,15 +88,83 @@ def to_diffusers_unet_lora(
     return converted, alphas
 
 
+def unet_lora_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The UNet part of a diffusers-keyed LoRA (`to_diffusers_unet_lora`), PEFT keys, `unet.` prefix removed."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    if unet and "lora_A" not in next(iter(unet)):  # old attention-processor keys: diffusers converts them so
+        unet = convert_unet_state_dict_to_peft(unet)
+    return unet
+
+
+def check_lora_fits(unet: torch.nn.Module, state: dict[str, torch.Tensor], path: Path,
+                    teacher: str = "this teacher") -> None:
+    """Refuse, in one line, a LoRA whose modules or shapes are not the UNet's (e.g. one for another base model).
+
+    `state` has diffusers keys (`to_diffusers_unet_lora`). Checked before anything is attached,
+    so a refused LoRA leaves the UNet untouched.
+    """
+    tensors = {k: v for k, v in unet_lora_tensors(state).items() if ".lora_A." in k or ".lora_B." in k}
+    if not tensors:
+        example = next(iter(state), "none")
+        raise UserError(f"{path} holds no UNet LoRA weights (expected keys like unet.<module>.lora_A.weight or "
+                        f"lora_unet_<module>.lora_down.weight, found e.g. {example!r})")
+    modules = dict(unet.named_modules())
+    missing: list[str] = []
+    wrong: list[str] = []
+    bad: set[str] = set()  # modules with a missing or misshapen tensor
+    for key, value in tensors.items():
+        name, kind = key.split(".lora_", 1)
+        module = modules.get(name)
+        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            missing.append(name)
+            bad.add(name)
+            continue
+        if kind.startswith("A."):
+            fits = value.ndim == weight.ndim and value.shape[1] == weight.shape[1] and value.shape[2:] == weight.shape[2:]
+        else:
+            fits = value.ndim == weight.ndim and value.shape[0] == weight.shape[0]
+        if not fits:
+            wrong.append(f"{key} is {list(value.shape)} for a {list(weight.shape)} weight")
+            bad.add(name)
+    if not missing and not wrong:
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of {len(tensors)} tensors are for modules it does not have (e.g. {missing[0]})")
+    if wrong:
+        parts.append(f"{len(wrong)} of {len(tensors)} tensors have other shapes (e.g. {wrong[0]})")
+    named = {k.split(".lora_", 1)[0] for k in tensors}
+    why = "it was made for another base model" if len(bad) == len(named) else "its keys or shapes do not match"
+    raise UserError(f"LoRA {path} does not fit {teacher}'s UNet: {'; '.join(parts)}; {why}: pass a LoRA trained "
+                    "for this teacher (`rapm-bench distill`), or the --preset/--teacher it was trained for")
+
+
+@contextlib.contextmanager
+def quiet_peft_loader() -> Iterator[None]:
+    """Silence diffusers' own multi-line 'Loading ... was unsuccessful' log: the UserError says it in one line."""
+    import logging
+
+    logger = logging.getLogger("diffusers.loaders.peft")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_unet_lora(unet: torch.nn.Module, path: Path, adapter_name: str = "default") -> None:
     """Attach a LoRA file to a bare diffusers UNet (worlds without a diffusers pipeline)."""
     from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 
     state, alphas = to_diffusers_unet_lora(read_lora_file(path), unet.config)
-    if not any(k.startswith("unet.") or "lora" in k for k in state):
-        raise UserError(f"{path} holds no UNet LoRA weights")
+    check_lora_fits(unet, state, path)
     try:
-        StableDiffusionXLLoraLoaderMixin.load_lora_into_unet(state, alphas, unet=unet, adapter_name=adapter_name)
+        with quiet_peft_loader():
+            StableDiffusionXLLoraLoaderMixin.load_lora_into_unet(state, alphas, unet=unet, adapter_name=adapter_name)
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"LoRA {path} does not fit this teacher's UNet: {str(e).splitlines()[0]}") from None
 

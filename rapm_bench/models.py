@@ -28,12 +28,31 @@ class HubFile:
         from huggingface_hub import hf_hub_download
 
         try:
-            return Path(hf_hub_download(self.repo, self.filename, subfolder=self.subfolder, revision=self.revision))
+            path = Path(hf_hub_download(self.repo, self.filename, subfolder=self.subfolder, revision=self.revision))
         except Exception as e:  # noqa: BLE001 - offline, missing, or refused: all need the same advice
             raise UserError(
                 f"cannot get {self.repo}/{self.filename} ({type(e).__name__}): download it with "
                 f"`huggingface-cli download {self.repo} {self.filename}` or pass --lora PATH"
             ) from None
+        self.verify(path)
+        return path
+
+    def verify(self, path: Path) -> None:
+        """Check a fetched file against the pinned sha256 (when one is pinned)."""
+        if self.sha256 is None:
+            return
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != self.sha256.lower():
+            raise UserError(
+                f"{self.repo}/{self.filename} at {path} hashes to {h.hexdigest()[:12]}…, not the pinned "
+                f"{self.sha256[:12]}…: the file is corrupt or was replaced upstream; delete it and download it "
+                f"again (`huggingface-cli download {self.repo} {self.filename}`), or pass --lora PATH"
+            )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from scipy import linalg
 
+from ..errors import UserError
+
 
 class FeatureStats:
     """Running count, sum and sum of outer products of feature vectors, in float64."""
@@ -77,10 +79,16 @@ class FeatureStats:
         return cov.cpu().numpy()
 
     def save(self, path: Path) -> None:
-        """Write the raw sums to an .npz file (exact: merging after loading is still exact)."""
+        """Write the raw sums to an .npz file, atomically (exact: merging after loading is still exact)."""
+        import io
+
+        from ..generate import atomic_write_bytes
+
         if self.sum is None or self.sum_sq is None:
             raise ValueError("no features accumulated")
-        np.savez(path, count=np.int64(self.count), sum=self.sum.cpu().numpy(), sum_sq=self.sum_sq.cpu().numpy())
+        buf = io.BytesIO()
+        np.savez(buf, count=np.int64(self.count), sum=self.sum.cpu().numpy(), sum_sq=self.sum_sq.cpu().numpy())
+        atomic_write_bytes(Path(path), buf.getvalue())
 
     @classmethod
     def load(cls, path: Path, device: torch.device | str = "cpu") -> FeatureStats:
@@ -134,8 +142,31 @@ class UnreliableFIDWarning(UserWarning):
     """FID from fewer samples than feature dimensions: the covariance is rank-deficient."""
 
 
-def checked_fid(a: FeatureStats, b: FeatureStats) -> float:
-    """`fid_from_stats`, warning when either set has fewer samples than feature dimensions."""
+class FIDError(UserError, ValueError):
+    """FID cannot be computed (non-finite features, a covariance no square root exists for): explained, never NaN."""
+
+
+def _check_finite(stats: FeatureStats, name: str) -> None:
+    """Refuse statistics whose sums hold NaN or Inf, saying which set and what to check."""
+    if stats.sum is None or stats.sum_sq is None:
+        raise FIDError(f"no {name} features: nothing was accumulated")
+    bad = int((~torch.isfinite(stats.sum)).sum())
+    if bad or not bool(torch.isfinite(stats.sum_sq).all()):
+        raise FIDError(
+            f"the {name} FID features hold NaN or Inf ({bad} of {stats.dim} dimensions non-finite over "
+            f"{stats.count} images): the feature network's weights are broken or do not fit it (check the "
+            f"Inception/evaluator file and its sha256), or the images are; nothing was scored"
+        )
+
+
+def checked_fid(a: FeatureStats, b: FeatureStats, names: tuple[str, str] = ("first", "second")) -> float:
+    """`fid_from_stats`, warning when either set has fewer samples than feature dimensions.
+
+    Never returns NaN: non-finite features or a covariance whose square root stays non-finite
+    (even with clean-fid's eps regularisation) raise `FIDError` (a UserError) that says which.
+    """
+    for stats, name in zip((a, b), names, strict=True):
+        _check_finite(stats, name)
     dim = int(a.dim or 0)
     if min(a.count, b.count) < dim:
         warnings.warn(
@@ -146,5 +177,9 @@ def checked_fid(a: FeatureStats, b: FeatureStats) -> float:
         )
     value = fid_from_stats(a, b)
     if not np.isfinite(value):
-        raise ValueError(f"FID is not finite ({value}): the features hold NaN or Inf")
+        raise FIDError(
+            f"FID is not finite ({value}): the square root of the product of the {names[0]} and {names[1]} "
+            f"covariances ({min(a.count, b.count)} images, {dim}-d features) is singular even with eps "
+            f"regularisation; use more images (at least {dim}) or check that the features vary"
+        )
     return value

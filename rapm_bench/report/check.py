@@ -49,10 +49,12 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], fid_tol: float, c
     if current["protocol_hash"] != baseline["protocol_hash"]:
         raise UserError(f"{current.get('path', 'result')} was made with protocol {current['protocol']} "
                         f"({current['protocol_hash'][:8]}), the baseline with {baseline['protocol']} "
-                        f"({baseline['protocol_hash'][:8]}): not comparable")
+                        f"({baseline['protocol_hash'][:8]}): not comparable; evaluate both under the same "
+                        "protocol definition (its hash changes with any protocol setting)")
     for key in ("model", "steps", "num_images"):
         if current[key] != baseline[key]:
-            raise UserError(f"result and baseline differ in {key}: {current[key]} vs {baseline[key]}")
+            raise UserError(f"result and baseline differ in {key}: {current[key]} vs {baseline[key]}; compare "
+                            f"results of the same model, steps and --num-images")
     name = f"{baseline['model']} {baseline['steps']}-step"
     out = [Drift(name, "fid", baseline["fid"], current["fid"], fid_tol),
            Drift(name, "clip_score", baseline["clip_score"], current["clip_score"], clip_tol)]
@@ -76,7 +78,14 @@ def check(baselines: list[Path], results: list[Path] | None, fid_tol: float, cli
         for b in base:
             key = (b["model"], b["steps"], b["protocol"])
             if key not in current:
-                raise UserError(f"no result for {b['model']} {b['steps']}-step on {b['protocol']} among the results")
+                others = sorted({r[2] for r in current if r[:2] == key[:2]} - {key[2]})
+                if others:
+                    raise UserError(f"the results for {b['model']} {b['steps']}-step were made with protocol "
+                                    f"{', '.join(others)}, the baseline with {b['protocol']}: not comparable; "
+                                    f"rerun `rapm-bench eval --protocol {b['protocol']}` or pass that protocol's "
+                                    "baseline")
+                raise UserError(f"no result for {b['model']} {b['steps']}-step on {b['protocol']} among the results: "
+                                "evaluate it, or leave --results out to rerun the baseline's evaluation")
             drifts += compare(b, current[key], fid_tol, clip_tol)
     else:
         with tempfile.TemporaryDirectory(prefix="rapm-check-") as tmp:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import WorldConfig, get_preset
-from .base import Cond, NoiseSchedule, World, pick_device
+from .base import Cond, NoiseSchedule, World, pick_device, pick_dtype
 
 __all__ = ["Cond", "NoiseSchedule", "World", "load_world"]
 
@@ -20,4 +20,6 @@ def load_world(cfg: WorldConfig) -> World:
 
     from .tiny import load_tiny_world
 
-    return load_tiny_world(device=pick_device(cfg.device), assets=Path(cfg.teacher) if cfg.teacher else None)
+    device = pick_device(cfg.device)
+    pick_dtype(cfg.precision, device)  # an unknown --precision is an error here too (the tiny world is fp32)
+    return load_tiny_world(device=device, assets=Path(cfg.teacher) if cfg.teacher else None)

@@ -116,7 +116,19 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     """The requested device, or CUDA when present, else the CPU."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) visible "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type not in ("cpu", "mps"):
+        raise UserError(f"--device {device}: rapm-bench runs on cpu or cuda")
+    return dev
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..lora import read_lora_file
+from ..lora import check_lora_fits, quiet_peft_loader, read_lora_file, to_diffusers_unet_lora
 from .base import Cond, NoiseSchedule, World, pick_device, pick_dtype
 
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -161,8 +161,11 @@ class SDXLWorld(World):
     # --- LoRA -----------------------------------------------------------------------------
     def load_lora(self, path: Path, adapter_name: str = "default", scale: float = 1.0) -> None:
         state = read_lora_file(path)
+        converted, _ = to_diffusers_unet_lora(state, self.pipe.unet.config)
+        check_lora_fits(self.pipe.unet, converted, path, "this SDXL teacher")
         try:
-            self.pipe.load_lora_weights(state, adapter_name=adapter_name)
+            with quiet_peft_loader():
+                self.pipe.load_lora_weights(state, adapter_name=adapter_name)
         except (ValueError, RuntimeError, KeyError) as e:
             raise UserError(f"LoRA {path} does not fit this SDXL teacher: {str(e).splitlines()[0]}") from None
         if scale != 1.0:
