@@ -1,0 +1,1382 @@
+"""`rapm-bench bench` (issue #7): time each pipeline stage against its compute floor.
+
+Stages, run on the SDXL architecture with random weights (no download; `--scale small`
+keeps the architecture with tiny widths for CPU tests) or on the embedded tiny world:
+
+- `matmul`: a bf16 n³ matrix product, the measured ceiling beside the table's peak.
+- `unet-forward`: plain UNet passes, batch 1 and the CFG pair (batch 2 vs two calls).
+- `rapm-iteration`: one RAPM iteration (batch 1), the engine's own `RAPMLoss`, with the
+  engine's PEFT LoRA, with `FastLoRA` (below), and with no LoRA at all (the same passes,
+  gradients to the input), with and without gradient checkpointing.
+- `trajectories`: one batch of teacher trajectories (`teacher_trajectories`, CFG DDIM).
+- `generate`: 4 steps, guidance 1, VAE decode (`generate_batch`), LoRA merged or not.
+- `eval-features`: Inception-v3 and ViT-g-14 CLIP (image and text towers) features.
+
+Every measurement has its FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` on
+one call, the median of `repeats` timed calls after warm-up (CUDA synchronised), its floor
+at the GPU's peak (table below, or `--peak-tflops`), the ratio floor/time, and the peak
+memory. The result JSON (results/bench/<preset>-<device>.json) also holds the GPU, the
+versions, the command line and the git commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+from .worlds.base import Cond, NoiseSchedule, World, pick_device
+
+STAGES: tuple[str, ...] = ("matmul", "unet-forward", "rapm-iteration", "trajectories", "generate", "eval-features")
+PRESETS: tuple[str, ...] = ("tiny", "sdxl")
+SCALES: tuple[str, ...] = ("full", "small")
+LORA_IMPLS: tuple[str, ...] = ("plain", "fast", "peft")
+EVAL_PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
+GIB = 2**30
+
+# --- architectures (diffusers / open_clip configs as dicts: nothing is downloaded) ---------------------
+SDXL_UNET: dict[str, Any] = {
+    # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (2.567 B parameters)
+    "in_channels": 4, "out_channels": 4, "sample_size": 128, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280), "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),  # diffusers' name for the number of heads: 64 channels each
+    "cross_attention_dim": 2048,  # CLIP-L (768) + OpenCLIP bigG (1280) penultimate states
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # pooled bigG (1280) + 6 time ids × 256
+    "use_linear_projection": True, "norm_num_groups": 32,
+}
+SDXL_UNET_SMALL: dict[str, Any] = SDXL_UNET | {
+    # the same modules (blocks, depths, shortcuts) with tiny widths: ~0.1 s a pass on one CPU thread
+    "sample_size": 16, "block_out_channels": (32, 64, 128), "attention_head_dim": (1, 2, 4),
+    "cross_attention_dim": 64, "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8,
+}
+SDXL_VAE: dict[str, Any] = {
+    # stabilityai/sdxl-vae config.json (83.7 M parameters; the decoder 49.5 M)
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4, "norm_num_groups": 32, "sample_size": 1024,
+    "scaling_factor": 0.13025,
+}
+SDXL_VAE_SMALL: dict[str, Any] = SDXL_VAE | {"block_out_channels": (32, 32, 32, 32), "sample_size": 128}
+CLIP_SMALL: dict[str, Any] = {
+    # ViT-g-14's shape (patch 14 at 224 px, mlp ratio 4.3637, 77-token text) with tiny widths
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "mlp_ratio": 4.3637,
+                   "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+CLIP_MODEL = "ViT-g-14"  # the DMD2 protocol's CLIP (open_clip ships its config; weights stay random)
+
+# --- peaks: dense bf16 TFLOP/s by GPU name (first substring match wins) ------------------------------
+PEAK_TFLOPS: tuple[tuple[str, float, str], ...] = (
+    ("H200", 790.0, "bf16 8192³ matmul measured on an H200 (REFERENCE.md)"),
+    ("H100 PCIe", 756.0, "spec sheet, dense bf16"),
+    ("H100 NVL", 835.0, "spec sheet, dense bf16"),
+    ("H100", 790.0, "issue #7: H100 SXM bf16 matmul ceiling (spec sheet 989)"),
+    ("A100", 312.0, "spec sheet, dense bf16"),
+    ("A6000", 154.8, "spec sheet (RTX A6000), dense bf16"),
+    ("L40S", 362.0, "spec sheet, dense bf16"),
+    ("RTX 4090", 165.2, "spec sheet, dense bf16, fp32 accumulate"),
+)
+
+
+# --- configuration -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Optimisations:
+    """Speed-ups that leave results equal within a stated tolerance (tests/test_bench.py)."""
+
+    merge_lora: bool = True  # no-grad passes use W + s·BA merged (generation: fused; RAPM: cached per step)
+    cfg_batch: bool = True  # both CFG branches in one UNet call of batch 2B, not two calls of B
+    channels_last: bool = False  # NHWC activations and conv weights; off: NCHW was 8 % faster on an H100 (bf16, bs 8)
+    sdpa: bool = True  # torch scaled_dot_product_attention (flash / memory-efficient), not the classic processor
+    compile: bool = False  # torch.compile the UNet for no-grad passes (unet-forward, trajectories, generate)
+    lora: str = "fast"  # LoRA of the RAPM headline: "fast" (FastLoRA here) or "peft" (the engine's attach_lora)
+
+
+@dataclass(frozen=True)
+class ForwardStage:
+    """`unet-forward`: plain passes."""
+
+    batches: tuple[int, ...] = (1, 2)  # batch 2 is the CFG pair; it is also timed as two calls of 1
+
+
+@dataclass(frozen=True)
+class RapmStage:
+    """`rapm-iteration`: one iteration of the distill preset's objective (N, M, chunk, λ, rank)."""
+
+    variants: tuple[str, ...] = ("plain", "fast", "peft")  # <lora>[/ckpt][/unmerged][/chunkK], lora in LORA_IMPLS
+    iterations: int = 20_000  # for the distillation estimate (the paper's 20K)
+    trajectories: int = 1000  # likewise (the paper's 1000)
+
+
+@dataclass(frozen=True)
+class TrajectoryStage:
+    """`trajectories`: one teacher batch of N×M CFG DDIM sub-steps (the distill preset's w, N, M)."""
+
+    batch: int = 8  # trajectories per teacher batch: UNet calls of batch 2·batch
+
+
+@dataclass(frozen=True)
+class GenerateStage:
+    """`generate`: the student recipe, DDIM trailing, guidance 1, then the VAE."""
+
+    batch: int = 4  # images per call
+    steps: int = 4
+    images: int = 30_000  # for the estimate (coco30k)
+
+
+@dataclass(frozen=True)
+class EvalStage:
+    """`eval-features`: FID (Inception) and CLIP (image + text towers) features, inputs already resized."""
+
+    batch: int = 100  # images (and captions) per network call
+    precisions: tuple[str, ...] = ("fp32", "tf32", "bf16")  # fp32 = the protocol's (TF32 off); CPU runs fp32 only
+    images: int = 30_000  # for the estimate
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a bench run does; written into its result JSON."""
+
+    preset: str = "tiny"  # "tiny" (the embedded world) or "sdxl" (the SDXL architecture, random weights)
+    scale: str = "full"  # sdxl only: "small" = the same architecture with tiny widths (CPU tests)
+    stages: tuple[str, ...] = STAGES
+    out: str = "results/bench"  # folder of <preset>[-small]-<device>.json
+    repeats: int = 3  # timed calls per measurement (the median is reported)
+    warmup: int = 1  # untimed calls after the FLOP-counting call (which also warms up)
+    resolution: int | None = None  # image side in pixels; None = 1024 (sdxl), 128 (small), 32 (tiny)
+    device: str = "auto"
+    dtype: str = "auto"  # UNet compute dtype; auto = bf16 on CUDA, fp32 on the CPU (tiny world: always fp32)
+    peak_tflops: float | None = None  # None = the table's entry for this GPU (CPU: none, ratios null)
+    matmul_size: int = 8192  # n of the n³ ceiling product (CPU: at most 1024)
+    threads: int | None = None  # CPU threads (torch.set_num_threads); None = torch's default. A shared CPU: 1
+    seed: int = 0
+    opts: Optimisations = field(default_factory=Optimisations)
+    forward: ForwardStage = field(default_factory=ForwardStage)
+    rapm: RapmStage = field(default_factory=RapmStage)
+    traj: TrajectoryStage = field(default_factory=TrajectoryStage)
+    gen: GenerateStage = field(default_factory=GenerateStage)
+    eval: EvalStage = field(default_factory=EvalStage)
+
+    def to_json(self) -> str:
+        """Stable JSON of the resolved config."""
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @property
+    def name(self) -> str:
+        """`tiny`, `sdxl` or `sdxl-small`: the result file's prefix."""
+        return self.preset if self.scale == "full" else f"{self.preset}-{self.scale}"
+
+
+_SDXL_RAPM = RapmStage(variants=("plain", "fast", "plain/ckpt", "fast/ckpt", "peft/ckpt",  # the engine's chunk 1
+                                 "plain/ckpt/chunk4", "fast/ckpt/chunk4", "peft/ckpt/chunk4"))  # slots batched
+BENCH_PRESETS: dict[str, BenchConfig] = {
+    "tiny": BenchConfig(traj=TrajectoryStage(batch=4), gen=GenerateStage(batch=4), eval=EvalStage(batch=64),
+                        rapm=RapmStage(iterations=200, trajectories=256)),
+    "sdxl": BenchConfig(preset="sdxl", rapm=_SDXL_RAPM, forward=ForwardStage(batches=(1, 2, 8))),
+    "sdxl-small": BenchConfig(preset="sdxl", scale="small", repeats=1, matmul_size=512, rapm=_SDXL_RAPM,
+                              traj=TrajectoryStage(batch=2), gen=GenerateStage(batch=2),
+                              eval=EvalStage(batch=2)),
+}
+
+
+def _csv(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """A comma-separated option as a tuple (None stays None)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(s.strip() for s in items if s.strip())
+
+
+def resolve_bench(preset: str = "tiny", scale: str = "full", **overrides: Any) -> BenchConfig:
+    """The preset's config with overrides (None = keep the preset's), validated.
+
+    Flat keys `merge_lora`, `cfg_batch`, `channels_last`, `sdpa`, `compile`, `lora` go to
+    `opts`; `rapm_variants`, `traj_batch`, `gen_batch`, `eval_batch` to their stages.
+    """
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    if scale not in SCALES:
+        raise UserError(f"unknown --scale {scale!r}; use one of {', '.join(SCALES)}")
+    if preset == "tiny" and scale != "full":
+        raise UserError("--scale small is for --preset sdxl (the tiny world is already small)")
+    cfg = BENCH_PRESETS[preset if scale == "full" else f"{preset}-{scale}"]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    opts = replace(cfg.opts, **{k: given.pop(k) for k in list(given) if k in Optimisations.__dataclass_fields__})
+    stage_keys = {"rapm_variants": ("rapm", "variants"), "traj_batch": ("traj", "batch"),
+                  "gen_batch": ("gen", "batch"), "eval_batch": ("eval", "batch")}
+    for key, (stage, name) in stage_keys.items():
+        if key in given:
+            value = _csv(given.pop(key)) if name == "variants" else given.pop(key)
+            cfg = replace(cfg, **{stage: replace(getattr(cfg, stage), **{name: value})})
+    if "stages" in given:
+        given["stages"] = _csv(given["stages"])
+    unknown = set(given) - set(BenchConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown bench config fields: {sorted(unknown)}")
+    cfg = replace(cfg, opts=opts, **given)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: BenchConfig) -> None:
+    """Reject what the bench cannot run, naming the option."""
+    bad = [s for s in cfg.stages if s not in STAGES]
+    if bad or not cfg.stages:
+        raise UserError(f"unknown stage {bad[0]!r}; use any of {', '.join(STAGES)}" if bad else "--stages is empty")
+    for name, value in (("--repeats", cfg.repeats), ("--traj-batch", cfg.traj.batch), ("--gen-batch", cfg.gen.batch),
+                        ("--eval-batch", cfg.eval.batch), ("--matmul-size", cfg.matmul_size)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if cfg.warmup < 0:
+        raise UserError(f"--warmup must be at least 0, got {cfg.warmup}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {cfg.threads}")
+    if cfg.dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {cfg.dtype!r}")
+    if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
+        raise UserError(f"--peak-tflops must be positive, got {cfg.peak_tflops}")
+    if cfg.opts.lora not in ("fast", "peft"):
+        raise UserError(f"--lora must be fast or peft, got {cfg.opts.lora!r}")
+    for v in cfg.rapm.variants:
+        parse_variant(v)
+    for p in cfg.eval.precisions:
+        if p not in EVAL_PRECISIONS:
+            raise UserError(f"unknown eval precision {p!r}; use any of {', '.join(EVAL_PRECISIONS)}")
+    if cfg.resolution is not None:
+        if cfg.preset == "tiny" and cfg.resolution != 32:
+            raise UserError(f"the tiny world is 32 px; --resolution {cfg.resolution} is not possible")
+        if cfg.preset == "sdxl" and (cfg.resolution < 64 or cfg.resolution % 64):
+            raise UserError(f"--resolution must be a positive multiple of 64 for sdxl, got {cfg.resolution}")
+    device = cfg.device
+    if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here")
+
+
+@dataclass(frozen=True)
+class RapmVariant:
+    """One way of running the RAPM iteration."""
+
+    lora: str  # "plain" (no LoRA: gradients to the input), "fast" or "peft"
+    ckpt: bool  # gradient checkpointing
+    merged: bool  # FastLoRA: no-grad passes through merged weights
+    chunk: int | None = None  # slots per student forward (`slot_chunk`); None = the distill preset's
+
+    @property
+    def name(self) -> str:
+        """The variant's spelling, e.g. `fast/ckpt/chunk4`."""
+        return (self.lora + ("/ckpt" if self.ckpt else "") + ("" if self.merged or self.lora != "fast" else "/unmerged")
+                + ("" if self.chunk is None else f"/chunk{self.chunk}"))
+
+
+def parse_variant(text: str, merge_default: bool = True) -> RapmVariant:
+    """`<lora>[/ckpt][/unmerged][/chunkK]` -> RapmVariant."""
+    lora, *flags = text.split("/")
+    chunks = [int(f[5:]) for f in flags if re.fullmatch(r"chunk[1-9]\d*", f)]
+    if lora not in LORA_IMPLS or any(f not in ("ckpt", "unmerged", "merged") and not re.fullmatch(
+            r"chunk[1-9]\d*", f) for f in flags) or len(chunks) > 1:
+        raise UserError(f"bad RAPM variant {text!r}: use <lora>[/ckpt][/unmerged][/chunkK] with lora one of "
+                        f"{', '.join(LORA_IMPLS)}")
+    merged = False if "unmerged" in flags else (True if "merged" in flags else merge_default)
+    return RapmVariant(lora, "ckpt" in flags, merged, chunks[0] if chunks else None)
+
+
+# --- measuring -------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cpu_attention_flops() -> dict[Any, Callable[..., int]]:
+    """FLOP formulas for the CPU attention kernels FlopCounterMode does not know (same maths as on CUDA)."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    table: dict[Any, Callable[..., int]] = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        def fwd(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+            return sdpa_flop_count(q, k, v)
+
+        def bwd(g: Any, q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+            return sdpa_backward_flop_count(g, q, k, v)
+
+        table[aten._scaled_dot_product_flash_attention_for_cpu] = fwd
+        table[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
+    return table
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call, counted by FlopCounterMode (matmuls, convolutions, attention; not elementwise).
+
+    nn.MultiheadAttention's fused inference path is switched off while counting (its
+    projections would go uncounted); the arithmetic is the same.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
+            fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return int(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Timed calls of one variant of a stage."""
+
+    name: str
+    unit: str  # what a call produces: "image", "iteration", "trajectory", ...
+    units: int  # how many per call
+    seconds: tuple[float, ...]  # each timed call
+    flops: int | None  # counted FLOPs of one call
+    peak_memory_gib: float | None  # torch.cuda.max_memory_allocated during the timed calls
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        """Median seconds per call."""
+        return statistics.median(self.seconds)
+
+    def row(self, peak_tflops: float | None) -> dict[str, Any]:
+        """JSON row: time, throughput, counted FLOPs, achieved TFLOP/s, floor at the peak, ratio, memory."""
+        t = self.median
+        floor = None if peak_tflops is None or self.flops is None else self.flops / (peak_tflops * 1e12)
+        return {
+            "name": self.name, "unit": self.unit, "units_per_call": self.units,
+            "seconds": t, "seconds_all": list(self.seconds),
+            "seconds_per_unit": t / self.units, "throughput_per_s": self.units / t,
+            "flops_per_call": self.flops, "flops_per_unit": None if self.flops is None else self.flops / self.units,
+            "tflops_achieved": None if self.flops is None else self.flops / t / 1e12,
+            "floor_seconds": floor, "ratio": None if floor is None else floor / t,
+            "peak_memory_gib": self.peak_memory_gib, **self.extra,
+        }
+
+
+def measure(
+    name: str, fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int, unit: str, units: int,
+    count: bool = True, **extra: Any,
+) -> Measurement:
+    """Count one call's FLOPs (that call warms up too; `count=False` skips it), run `warmup` more, time `repeats`."""
+    flops = count_flops(fn) if count else None
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    return Measurement(name, unit, units, tuple(times), flops, None if peak is None else round(peak, 3), dict(extra))
+
+
+def free_memory(device: torch.device) -> None:
+    """Return cached blocks so the next measurement's peak starts clean."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- FastLoRA: the engine's LoRA maths, without PEFT's fp32 detour and per-layer overhead -----------------
+class LoRAWrap(nn.Module):
+    """A frozen Linear/Conv2d plus s·B·A (PEFT's parameterisation: A (r, in[, k, k]), B (out, r)).
+
+    Weights are fp32 masters (STYLE.md rule 6); the update runs in the activations' dtype
+    (PEFT casts the activations to fp32 instead). Without grad and with `merge_nograd`, the
+    layer runs W + s·B·A merged in one kernel; the merged weight is cached until the
+    optimiser changes A or B (their version counters).
+    """
+
+    def __init__(self, base: nn.Module, rank: int, scale: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.base = base
+        self.scale = scale
+        self.enabled = True
+        self.merge_nograd = False
+        w = base.weight
+        fan_in = w[0].numel()
+        a = (torch.rand((rank, *w.shape[1:]), generator=generator) * 2 - 1) / math.sqrt(fan_in)  # kaiming_uniform(√5)
+        if w.ndim == 4 and w.is_contiguous(memory_format=torch.channels_last):
+            a = a.contiguous(memory_format=torch.channels_last)
+        self.lora_A = nn.Parameter(a.to(w.device))
+        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device))
+        self._merged: torch.Tensor | None = None
+        self._merged_key: tuple[int, ...] | None = None
+
+    def _key(self) -> tuple[int, ...]:
+        a, b = self.lora_A, self.lora_B
+        return (a._version, b._version, a.data_ptr(), b.data_ptr(), self.base.weight.data_ptr())
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + s·B·A in the base weight's dtype and layout (computed in fp32, cached)."""
+        key = self._key()
+        if self._merged is None or self._merged_key != key:
+            w = self.base.weight
+            delta = (self.lora_B.detach() @ self.lora_A.detach().flatten(1)).view(w.shape) * self.scale
+            self._merged = torch.empty_like(w).copy_(w.detach().float() + delta)  # never in place: w may be fp32
+            self._merged_key = key
+        return self._merged
+
+    def drop_cache(self) -> None:
+        """Forget the merged weight (frees its memory)."""
+        self._merged = self._merged_key = None
+
+    def _base_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        if isinstance(base, nn.Conv2d):
+            return base._conv_forward(x, weight, base.bias)
+        return F.linear(x, weight, base.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
+        if self.merge_nograd and not torch.is_grad_enabled():
+            return self._base_with(x, self.merged_weight())
+        y = self.base(x)
+        a, b = self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
+        if isinstance(self.base, nn.Conv2d):
+            c = self.base
+            u = F.conv2d(x.to(y.dtype), a, None, c.stride, c.padding, c.dilation, c.groups)  # (N, r, H, W)
+            if b.shape[1] == 1:
+                return torch.addcmul(y, u, b.view(1, -1, 1, 1), value=self.scale)
+            return y + self.scale * F.conv2d(u, b[:, :, None, None])
+        u = F.linear(x.to(y.dtype), a)  # (..., r)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t(), alpha=self.scale)
+        return out.view(y.shape)
+
+
+class FastLoRA:
+    """A trainable rank-r LoRA on a frozen diffusers UNet, on the targets and init rules of `lora.attach_lora`.
+
+    The engine's `teacher_mode` sees it as a PEFT adapter: `disable_adapters` /
+    `enable_adapters` toggle it (bound on the UNet instance until `remove`).
+    """
+
+    def __init__(self, unet: nn.Module, rank: int = 1, targets: Sequence[str] | None = None, seed: int = 0,
+                 merge_nograd: bool = True) -> None:
+        from .lora import LORA_TARGETS
+
+        targets = tuple(targets or LORA_TARGETS)
+        self.unet, self.rank = unet, rank
+        gen = torch.Generator().manual_seed(seed)
+        self.layers: dict[str, LoRAWrap] = {}
+        unet.requires_grad_(False)
+        for name, module in list(unet.named_modules()):
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and any(name == t or name.endswith("." + t) for t in targets):
+                parent_name, _, child = name.rpartition(".")
+                parent = unet.get_submodule(parent_name) if parent_name else unet
+                wrap = LoRAWrap(module, rank, 1.0, gen)  # alpha = rank: scale 1, as attach_lora
+                wrap.merge_nograd = merge_nograd
+                setattr(parent, child, wrap)
+                self.layers[name] = wrap
+        if not self.layers:
+            raise UserError(f"none of the LoRA targets {list(targets)} is a Linear/Conv2d of this UNet")
+        self._saved = {k: unet.__dict__.get(k) for k in ("_hf_peft_config_loaded", "disable_adapters",
+                                                        "enable_adapters")}
+        unet.__dict__["_hf_peft_config_loaded"] = True
+        unet.__dict__["disable_adapters"] = lambda: self.set_enabled(False)
+        unet.__dict__["enable_adapters"] = lambda: self.set_enabled(True)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The trainable fp32 LoRA weights."""
+        return [p for w in self.layers.values() for p in (w.lora_A, w.lora_B)]
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Student (True) or teacher (False)."""
+        for w in self.layers.values():
+            w.enabled = enabled
+
+    def set_merge_nograd(self, merge: bool) -> None:
+        """Run no-grad passes through merged weights (True) or through the low-rank branch."""
+        for w in self.layers.values():
+            w.merge_nograd = merge
+            if not merge:
+                w.drop_cache()
+
+    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy PEFT-keyed weights (`lora.lora_state_dict`: `<module>.lora_A.weight`) into this LoRA."""
+        for name, w in self.layers.items():
+            for kind, param in (("A", w.lora_A), ("B", w.lora_B)):
+                value = state[f"{name}.lora_{kind}.weight"]
+                param.data.copy_(value.reshape(param.shape).to(param.device, param.dtype))
+
+    def remove(self) -> None:
+        """Put the base layers back and unbind the adapter switches."""
+        for name, w in self.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
+            setattr(parent, child, w.base)
+        for k, v in self._saved.items():
+            self.unet.__dict__.pop(k, None)
+            if v is not None:
+                self.unet.__dict__[k] = v
+        self.layers = {}
+
+
+# --- worlds ------------------------------------------------------------------------------------------------
+def _sdxl_pooled_dim(unet_cfg: dict[str, Any]) -> int:
+    """Width of the pooled text embedding a text_time UNet expects."""
+    return unet_cfg["projection_class_embeddings_input_dim"] - 6 * unet_cfg["addition_time_embed_dim"]
+
+
+def build_sdxl_unet(small: bool, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """A random-weight SDXL-architecture UNet, initialised on `device` (fast on a GPU)."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+
+    diffusers.utils.logging.set_verbosity_error()  # no "modules kept in float32: []" notice on .to(dtype)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**(SDXL_UNET_SMALL if small else SDXL_UNET))
+    return unet.to(dtype).eval().requires_grad_(False)
+
+
+def build_sdxl_vae(small: bool, device: torch.device, seed: int = 0) -> nn.Module:
+    """A random-weight SDXL-architecture VAE, fp32 (the SDXL VAE's precision policy)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed + 1)
+    with torch.device(device):
+        vae = AutoencoderKL(**(SDXL_VAE_SMALL if small else SDXL_VAE))
+    return vae.float().eval().requires_grad_(False)
+
+
+class RandomSDXLWorld(World):
+    """The SDXL world's UNet call, schedule and VAE decode on random weights; random text conditioning.
+
+    The text encoders are not run: per prompt they cost ~0.2 % of one RAPM iteration.
+    """
+
+    name = "sdxl"
+    default_guidance = 5.0
+    noise_schedule = NoiseSchedule()  # SDXL: scaled_linear 0.00085-0.012, eps
+
+    def __init__(self, small: bool, device: torch.device, dtype: torch.dtype, resolution: int | None = None,
+                 seed: int = 0) -> None:
+        self.small, self.device, self.dtype = small, device, dtype
+        self.unet_config = SDXL_UNET_SMALL if small else SDXL_UNET
+        self.unet = build_sdxl_unet(small, device, dtype, seed)
+        self.vae = build_sdxl_vae(small, device, seed)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._resolution = resolution or self.unet_config["sample_size"] * self.vae_scale
+        self._fused = False
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self._resolution // self.vae_scale
+        return (self.unet_config["in_channels"], side, side)
+
+    @property
+    def image_size(self) -> int:
+        return self._resolution
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Seeded random embeddings of SDXL's shapes (77 tokens × cross_attention_dim, pooled, time ids)."""
+        width, pooled = self.unet_config["cross_attention_dim"], _sdxl_pooled_dim(self.unet_config)
+        gens = [torch.Generator().manual_seed(zlib.crc32(p.encode())) for p in prompts]
+        embeds = torch.stack([torch.randn(77, width, generator=g) for g in gens])
+        text = torch.stack([torch.randn(pooled, generator=g) for g in gens])
+        side = self._resolution
+        ids = torch.tensor([[side, side, 0, 0, side, side]] * len(prompts))
+        return {k: v.to(self.device, self.dtype) for k, v in
+                (("prompt_embeds", embeds), ("text_embeds", text), ("time_ids", ids))}
+
+    @torch.no_grad()
+    def negative_cond(self, cond: Cond) -> Cond:
+        """SDXL base's zeroed embeddings for the empty prompt (force_zeros_for_empty_prompt)."""
+        return {"prompt_embeds": torch.zeros_like(cond["prompt_embeds"]),
+                "text_embeds": torch.zeros_like(cond["text_embeds"]), "time_ids": cond["time_ids"]}
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The SDXL world's UNet call: half precision inside, fp32 out."""
+        out = self.unet(x.to(self.dtype), t, encoder_hidden_states=cond["prompt_embeds"],
+                        added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]},
+                        return_dict=False)[0]
+        return out.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> uint8 images on the CPU, as SDXLWorld.decode (VAE in its own dtype)."""
+        vae = self.vae
+        image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0].float()
+        return (image / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+    def load_lora(self, path: Path, adapter_name: str = "default", scale: float = 1.0) -> None:
+        from .lora import load_unet_lora
+
+        load_unet_lora(self.unet, Path(path), adapter_name)
+
+    def fuse_lora(self) -> None:
+        self.unet.fuse_lora()
+        self._fused = True
+
+    def unload_lora(self) -> None:
+        if self._fused:
+            self.unet.unfuse_lora()
+            self._fused = False
+        if getattr(self.unet, "peft_config", None):
+            self.unet.unload_lora()
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {"teacher": "random weights, SDXL architecture" + (" (small)" if self.small else ""),
+                                     "resolution": self._resolution, "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+class TunedWorld(World):
+    """Any world with the bench's switches: channels_last inputs, CFG pairs split into two calls."""
+
+    def __init__(self, inner: World, opts: Optimisations) -> None:
+        self.inner, self.opts = inner, opts
+        self.name, self.noise_schedule, self.device = inner.name, inner.noise_schedule, inner.device
+        self.default_guidance = inner.default_guidance
+        self.calls_per_batch = 1  # 2 = a CFG pair as two UNet calls (the trajectories stage sets it)
+
+    @property
+    def unet(self) -> nn.Module:  # type: ignore[override]
+        return self.inner.unet
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.inner.latent_shape
+
+    @property
+    def image_size(self) -> int:
+        return self.inner.image_size
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.inner.alphas_cumprod
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        return self.inner.encode_prompts(prompts)
+
+    def negative_cond(self, cond: Cond) -> Cond:
+        return self.inner.negative_cond(cond)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if self.opts.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        n = self.calls_per_batch
+        if n == 1 or x.shape[0] % n:
+            return self.inner.predict(x, t, cond)
+        t = torch.as_tensor(t, device=x.device)
+        ts = t.chunk(n) if t.ndim else [t] * n
+        parts = zip(x.chunk(n), ts, *(v.chunk(n) for v in cond.values()), strict=True)
+        return torch.cat([self.inner.predict(p[0], p[1], dict(zip(cond, p[2:], strict=True))) for p in parts])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode(latents)
+
+    def load_lora(self, path: Path, adapter_name: str = "default", scale: float = 1.0) -> None:
+        self.inner.load_lora(path, adapter_name, scale)
+
+    def fuse_lora(self) -> None:
+        self.inner.fuse_lora()
+
+    def unload_lora(self) -> None:
+        self.inner.unload_lora()
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe() | {"bench_opts": asdict(self.opts)}
+
+
+def set_sdpa(module: nn.Module, sdpa: bool) -> None:
+    """torch SDPA attention processors (True) or diffusers' classic matmul-softmax-matmul ones."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if hasattr(module, "set_attn_processor"):
+        module.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
+
+
+def set_channels_last(module: nn.Module, on: bool) -> None:
+    """Convolution weights in NHWC (True) or NCHW."""
+    module.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+
+
+@contextlib.contextmanager
+def compiled_unet(world: TunedWorld, enabled: bool) -> Iterator[None]:
+    """`torch.compile` the world's UNet for the duration (no-grad stages only)."""
+    if not enabled:
+        yield
+        return
+    inner = world.inner
+    plain = inner.unet
+    inner.unet = torch.compile(plain)
+    try:
+        yield
+    finally:
+        inner.unet = plain
+
+
+def compute_dtype(cfg: BenchConfig, device: torch.device) -> torch.dtype:
+    """The UNet's dtype: bf16 on a GPU, fp32 on the CPU, unless --dtype says otherwise."""
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return names[cfg.dtype]
+
+
+def build_world(cfg: BenchConfig, device: torch.device) -> TunedWorld:
+    """The preset's world with the bench's optimisations applied."""
+    if cfg.preset == "tiny":
+        from .worlds.tiny import load_tiny_world
+
+        inner: World = load_tiny_world(device)
+        inner.unet.requires_grad_(False)
+    else:
+        inner = RandomSDXLWorld(cfg.scale == "small", device, compute_dtype(cfg, device), cfg.resolution, cfg.seed)
+        set_sdpa(inner.vae, cfg.opts.sdpa)  # type: ignore[attr-defined]
+    set_sdpa(inner.unet, cfg.opts.sdpa)
+    if cfg.opts.channels_last:
+        set_channels_last(inner.unet, True)
+    return TunedWorld(inner, cfg.opts)
+
+
+# --- the run context ---------------------------------------------------------------------------------------
+@dataclass
+class Bench:
+    """What every stage needs: the config, device, peak and (lazily) the world."""
+
+    cfg: BenchConfig
+    device: torch.device
+    peak_tflops: float | None
+    _world: TunedWorld | None = None
+
+    @property
+    def world(self) -> TunedWorld:
+        """The preset's world, built on first use."""
+        if self._world is None:
+            self._world = build_world(self.cfg, self.device)
+        return self._world
+
+    def measure(self, name: str, fn: Callable[[], Any], unit: str, units: int, warmup: int | None = None,
+                min_repeats: int = 1, **extra: Any) -> Measurement:
+        """`measure` with this run's device, repeats (at least `min_repeats`) and warm-up."""
+        free_memory(self.device)
+        warm = self.cfg.warmup if warmup is None else warmup
+        return measure(name, fn, self.device, max(self.cfg.repeats, min_repeats), warm, unit, units, **extra)
+
+    def distill_config(self) -> Any:
+        """The distill preset whose iteration is benchmarked."""
+        from .distill.config import distill_preset
+
+        return distill_preset(self.cfg.preset)
+
+    def stage(self, ms: list[Measurement], headline: str | None, **extra: Any) -> dict[str, Any]:
+        """A stage's JSON: its measurements' rows and which one is the headline."""
+        return {"variants": [m.row(self.peak_tflops) for m in ms], "headline": headline, **extra}
+
+
+def headline_row(stage: dict[str, Any]) -> dict[str, Any] | None:
+    """The stage's headline measurement row."""
+    return next((r for r in stage["variants"] if r["name"] == stage["headline"]), None)
+
+
+# --- stages ------------------------------------------------------------------------------------------------
+def stage_matmul(b: Bench) -> dict[str, Any]:
+    """bf16 n³ matrix product (fp32 on the CPU): the measured ceiling beside the table's peak."""
+    n = b.cfg.matmul_size if b.device.type == "cuda" else min(b.cfg.matmul_size, 1024)
+    dtype = torch.bfloat16 if b.device.type == "cuda" else torch.float32
+    gen = torch.Generator(b.device).manual_seed(b.cfg.seed)
+    x = torch.randn(n, n, device=b.device, dtype=dtype, generator=gen)
+    y = torch.randn(n, n, device=b.device, dtype=dtype, generator=gen)
+    m = b.measure(f"{n}^3 {str(dtype).removeprefix('torch.')}", lambda: x @ y, "product", 1, min_repeats=10)
+    return b.stage([m], m.name)
+
+
+def _unet_inputs(world: TunedWorld, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, Cond]:
+    """Latents, timesteps and conditioning for one UNet call."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, *world.latent_shape), generator=gen).to(world.device)
+    t = torch.full((batch,), 499, device=world.device)
+    return x, t, world.encode_prompts([f"bench prompt {i}" for i in range(batch)])
+
+
+def stage_unet_forward(b: Bench) -> dict[str, Any]:
+    """Plain no-grad UNet passes: each batch size, the CFG pair as two calls, and the optimisations undone."""
+    w, opts = b.world, b.cfg.opts
+    ms: list[Measurement] = []
+
+    def run(x: torch.Tensor, t: torch.Tensor, cond: Cond) -> Callable[[], Any]:
+        return torch.no_grad()(lambda: w.predict(x, t, cond))
+
+    def timed(name: str, fn: Callable[[], Any], batch: int) -> Measurement:
+        return b.measure(name, fn, "image", batch, min_repeats=10)  # cheap calls: 10 timed calls at least
+
+    with compiled_unet(w, opts.compile):
+        for batch in b.cfg.forward.batches:
+            ms.append(timed(f"batch {batch}", run(*_unet_inputs(w, batch, b.cfg.seed)), batch))
+    x, t, cond = _unet_inputs(w, 2, b.cfg.seed)
+    w.calls_per_batch = 2
+    ms.append(timed("batch 2 as two calls (no CFG batching)", run(x, t, cond), 2))
+    w.calls_per_batch = 1
+    big = max(b.cfg.forward.batches)  # the other switches where the GPU, not the launch queue, is the limit
+    x, t, cond = _unet_inputs(w, big, b.cfg.seed)
+    unet = w.unet
+    set_sdpa(unet, not opts.sdpa)
+    ms.append(timed(f"batch {big}, sdpa {'off' if opts.sdpa else 'on'}", run(x, t, cond), big))
+    set_sdpa(unet, opts.sdpa)
+    set_channels_last(unet, not opts.channels_last)
+    w.opts = replace(opts, channels_last=not opts.channels_last)
+    ms.append(timed(f"batch {big}, channels_last {'off' if opts.channels_last else 'on'}", run(x, t, cond), big))
+    set_channels_last(unet, opts.channels_last)
+    w.opts = opts
+    return b.stage(ms, f"batch {b.cfg.forward.batches[0]}")
+
+
+@dataclass
+class RapmSetup:
+    """One RAPM iteration's moving parts (engine.distill phases 2 and 4)."""
+
+    loss_fn: Any
+    params: list[nn.Parameter]
+    head_params: list[nn.Parameter]
+    optimizers: list[torch.optim.Optimizer]
+    z_tilde: torch.Tensor
+    z_delta: torch.Tensor
+    prompt: str
+    chunk: int
+    grad_clip: float
+    seed: int
+    cleanup: Callable[[], None]
+
+
+def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) -> RapmSetup:
+    """Student (LoRA or none), discriminator heads, loss and optimisers as `engine.distill` builds them."""
+    from .distill.discriminator import EncoderFeatures, build_heads, feature_channels
+    from .distill.engine import ADAPTER
+    from .distill.rapm import LossWeights, RAPMLoss
+    from .distill.schedule import SlotSchedule
+    from .lora import attach_lora
+
+    unet, device = world.unet, world.device
+    if variant.ckpt:
+        unet.enable_gradient_checkpointing()
+    cleanups: list[Callable[[], None]] = [unet.disable_gradient_checkpointing] if variant.ckpt else []
+    student: Callable[..., torch.Tensor] = world.predict
+    if variant.lora == "peft":
+        params = attach_lora(unet, dcfg.rank, dcfg.lora_targets, ADAPTER, dcfg.seed)
+        cleanups.append(unet.unload_lora)
+    elif variant.lora == "fast":
+        lora = FastLoRA(unet, dcfg.rank, dcfg.lora_targets, dcfg.seed, merge_nograd=variant.merged)
+        params = lora.parameters()
+        cleanups.append(lora.remove)
+    else:  # no LoRA: the same passes with the gradient going to the student's input (a scalar gain)
+        gain = torch.ones((), device=device, requires_grad=True)
+        params = [gain]
+
+        def student(x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+            return world.predict(x * gain, t, cond)
+
+    sched = SlotSchedule(world.alphas_cumprod, dcfg.slots, dcfg.substeps)
+    weights = LossWeights(dcfg.lambda_abs, dcfg.lambda_rel, dcfg.lambda_reg, dcfg.distance, dcfg.huber_c)
+    use_gan = dcfg.distance == "gan" and (dcfg.lambda_abs > 0 or dcfg.lambda_rel > 0)
+    features = EncoderFeatures(world) if use_gan else None
+    heads_abs = heads_rel = None
+    head_params: list[nn.Parameter] = []
+    if features is not None:
+        channels = feature_channels(features, world.encode_prompts(["bench prompt"]))
+        heads_abs, heads_rel = build_heads(channels, dcfg.disc_hidden, dcfg.seed, device)
+        head_params = [*heads_abs.parameters(), *heads_rel.parameters()]
+    loss_fn = RAPMLoss(student, sched, world.noise_schedule.prediction_type, weights, features, heads_abs, heads_rel)
+    optimizers = [torch.optim.AdamW(params, lr=dcfg.lr, betas=dcfg.betas, weight_decay=dcfg.weight_decay)]
+    if head_params:
+        optimizers.append(torch.optim.AdamW(head_params, lr=dcfg.disc_lr, betas=dcfg.betas, weight_decay=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    shape = world.latent_shape
+    z_tilde = torch.randn((dcfg.slots + 1, *shape), generator=gen).to(device)
+    z_delta = torch.randn((dcfg.slots, *shape), generator=gen).to(device)
+
+    def cleanup() -> None:
+        for fn in reversed(cleanups):
+            fn()
+
+    return RapmSetup(loss_fn, params, head_params, optimizers, z_tilde, z_delta, "bench prompt",
+                     variant.chunk or dcfg.slot_chunk, dcfg.grad_clip, dcfg.seed, cleanup)
+
+
+def rapm_iteration(world: TunedWorld, s: RapmSetup, step: int) -> None:
+    """One iteration as `engine.distill` step 4 runs it: roll-out, chunked backward, clip, update."""
+    from .distill.engine import derived_seed
+
+    gen = torch.Generator(world.device).manual_seed(derived_seed(s.seed, "step", step))
+    cond = world.encode_prompts([s.prompt])
+    for opt in s.optimizers:
+        opt.zero_grad(set_to_none=True)
+    for terms in s.loss_fn.chunks(s.z_tilde, s.z_delta, cond, gen, s.chunk):
+        if terms.g_loss is not None:
+            terms.g_loss.backward(inputs=s.params)
+        if terms.d_loss is not None:
+            terms.d_loss.backward(inputs=s.head_params)
+    torch.nn.utils.clip_grad_norm_(s.params, s.grad_clip if s.grad_clip > 0 else math.inf)
+    for opt in s.optimizers:
+        opt.step()
+
+
+def stage_rapm_iteration(b: Bench) -> dict[str, Any]:
+    """One RAPM iteration per variant; each LoRA variant's time over the plain one with the same checkpointing."""
+    dcfg, opts = b.distill_config(), b.cfg.opts
+    variants = [parse_variant(v, opts.merge_lora) for v in b.cfg.rapm.variants]
+    ms: list[Measurement] = []
+    for v in variants:
+        s = rapm_setup(b.world, dcfg, v, b.cfg.seed)
+        try:
+            steps = iter(range(10**9))
+            ms.append(b.measure(v.name, lambda s=s, it=steps: rapm_iteration(b.world, s, next(it)), "iteration", 1,
+                                warmup=min(b.cfg.warmup, 0 if b.cfg.preset == "sdxl" else 1),  # counted one warms
+                                lora=v.lora, grad_checkpointing=v.ckpt, merged_nograd=v.merged and v.lora == "fast",
+                                slot_chunk=s.chunk,
+                                lora_params=sum(p.numel() for p in s.params) if v.lora != "plain" else 0))
+        finally:
+            s.cleanup()
+            del s
+    plain = {(m.extra["grad_checkpointing"], m.extra["slot_chunk"]): m.median for m in ms if m.extra["lora"] == "plain"}
+    for m in ms:  # over the plain variant with the same checkpointing and chunking
+        base = plain.get((m.extra["grad_checkpointing"], m.extra["slot_chunk"]))
+        m.extra["vs_plain"] = None if base is None else m.median / base
+    want = RapmVariant(opts.lora, bool(dcfg.grad_checkpointing), opts.merge_lora)
+    names = [m.name for m in ms]
+    headline = want.name if want.name in names else next((n for n in names if not n.startswith("plain")), names[0])
+    return b.stage(ms, headline, objective={k: getattr(dcfg, k) for k in (
+        "slots", "substeps", "slot_chunk", "rank", "distance", "lambda_abs", "lambda_rel", "lambda_reg",
+        "disc_hidden", "grad_checkpointing")})
+
+
+def stage_trajectories(b: Bench) -> dict[str, Any]:
+    """One batch of teacher trajectories (`teacher_trajectories`): N·M CFG DDIM sub-steps."""
+    from .distill.schedule import SlotSchedule
+    from .distill.trajectories import teacher_trajectories
+    from .sampling import cfg_denoiser
+
+    dcfg, w, batch = b.distill_config(), b.world, b.cfg.traj.batch
+    guidance = w.default_guidance if dcfg.guidance is None else dcfg.guidance
+    sched = SlotSchedule(w.alphas_cumprod, dcfg.slots, dcfg.substeps)
+    prompts = [f"bench prompt {i}" for i in range(batch)]
+    seeds = range(b.cfg.seed, b.cfg.seed + batch)
+    calls = dcfg.slots * dcfg.substeps  # CFG UNet calls per trajectory batch
+    x, t, cond = _unet_inputs(w, batch, b.cfg.seed)
+    step = cfg_denoiser(w, cond, guidance)
+    ms = []
+    w.calls_per_batch = 1 if b.cfg.opts.cfg_batch else 2
+    try:
+        with compiled_unet(w, b.cfg.opts.compile), torch.no_grad():
+            step_flops = count_flops(lambda: step(x, t[0]))
+            m = b.measure("cfg batched" if b.cfg.opts.cfg_batch else "cfg two calls",
+                          lambda: teacher_trajectories(w, prompts, seeds, guidance, sched), "trajectory", batch,
+                          warmup=0, count=False)  # the counted CFG step warmed the UNet up
+    finally:
+        w.calls_per_batch = 1
+    ms.append(replace(m, flops=step_flops * calls))
+    return b.stage(ms, ms[0].name, guidance=guidance, slots=dcfg.slots, substeps=dcfg.substeps,
+                   unet_calls_per_batch=calls * (1 if b.cfg.opts.cfg_batch else 2), unet_batch=2 * batch)
+
+
+def _random_lora_b(unet: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Give a freshly attached LoRA non-zero B weights (attach_lora starts at B = 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def stage_generate(b: Bench) -> dict[str, Any]:
+    """The student recipe (`generate_batch`: DDIM trailing, 4 steps, guidance 1, decode), LoRA merged or not."""
+    from .distill.engine import ADAPTER
+    from .generate import generate_batch
+    from .lora import attach_lora
+    from .sampling import DDIM_TRAILING
+
+    cfg, w, dcfg = b.cfg, b.world, b.distill_config()
+    prompts = [f"bench prompt {i}" for i in range(cfg.gen.batch)]
+    seeds = list(range(cfg.seed, cfg.seed + cfg.gen.batch))
+
+    def run() -> torch.Tensor:
+        return generate_batch(w, prompts, seeds, DDIM_TRAILING, cfg.gen.steps, 1.0)
+
+    ms = []
+    with compiled_unet(w, cfg.opts.compile):
+        ms.append(b.measure("teacher weights, no LoRA", run, "image", cfg.gen.batch))
+    attach_lora(w.unet, dcfg.rank, dcfg.lora_targets, ADAPTER, dcfg.seed)
+    _random_lora_b(w.unet, cfg.seed)
+    try:
+        ms.append(b.measure("LoRA unmerged (peft)", run, "image", cfg.gen.batch))
+        w.unet.fuse_lora()
+        with compiled_unet(w, cfg.opts.compile):
+            ms.append(b.measure("LoRA merged", run, "image", cfg.gen.batch))
+            vae = getattr(w.inner, "vae", None)
+            if vae is not None and b.device.type == "cuda":
+                w.inner.vae = copy.deepcopy(vae).to(torch.bfloat16)  # type: ignore[attr-defined]
+                try:
+                    ms.append(b.measure("LoRA merged, VAE bf16", run, "image", cfg.gen.batch))
+                finally:
+                    w.inner.vae = vae  # type: ignore[attr-defined]
+        w.unet.unfuse_lora()
+    finally:
+        w.unet.unload_lora()
+    return b.stage(ms, "LoRA merged" if cfg.opts.merge_lora else "LoRA unmerged (peft)", steps=cfg.gen.steps,
+                   guidance=1.0, resolution=w.image_size)
+
+
+@contextlib.contextmanager
+def eval_precision(precision: str) -> Iterator[None]:
+    """fp32 with TF32 off (the protocol's metric maths), TF32 on, or bf16 autocast."""
+    from .eval.features import no_tf32
+
+    if precision == "fp32":
+        with no_tf32():
+            yield
+    elif precision == "tf32":
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    else:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+
+
+def build_inception(device: torch.device) -> nn.Module:
+    """torchvision's Inception-v3 (clean-fid's architecture), random weights, pool3 features (2048)."""
+    from torchvision.models import inception_v3
+
+    with torch.device(device):
+        net = inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=False)
+    net.fc = nn.Identity()
+    return net.eval().requires_grad_(False)
+
+
+def build_clip(small: bool, device: torch.device) -> nn.Module:
+    """open_clip ViT-g-14 from the config open_clip ships (or its small-width twin), random weights."""
+    import open_clip
+
+    cfg = CLIP_SMALL if small else open_clip.get_model_config(CLIP_MODEL)
+    with torch.device(device):
+        model = open_clip.CLIP(**cfg)
+    return model.eval().requires_grad_(False)
+
+
+def stage_eval_features(b: Bench) -> dict[str, Any]:
+    """Feature extraction of one batch per network and precision; inputs already at the network's size."""
+    cfg, device = b.cfg, b.device
+    n = cfg.eval.batch
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.preset == "tiny":
+        from .eval.tiny_evaluator import load_tiny_evaluator
+        from .worlds.shapes import eval_captions
+
+        ev = load_tiny_evaluator(device)
+        images = torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
+        captions = eval_captions(n)
+        ms = [b.measure("fid features", lambda: ev.image_features(images), "image", n),
+              b.measure("clip text", lambda: ev.text_embeddings(captions), "caption", n)]
+        return b.stage(ms, None, network="tiny evaluator (FID features = its image tower)")
+    small = cfg.scale == "small"
+    nets = {"inception": build_inception(device), "clip": build_clip(small, device)}
+    size = nets["clip"].visual.image_size
+    size = size[0] if isinstance(size, tuple) else size
+    x_inc = (torch.rand((n, 3, 299, 299), generator=gen) * 255).to(device)
+    x_clip = torch.randn((n, 3, size, size), generator=gen).to(device)
+    tokens = torch.randint(0, 49408, (n, 77), generator=gen).to(device)
+    precisions = [p for p in cfg.eval.precisions if device.type == "cuda" or p == "fp32"]
+    calls: dict[str, Callable[[], Any]] = {
+        "inception": lambda: nets["inception"]((x_inc - 128) / 128),  # InceptionV3W's input scaling
+        "clip-image": lambda: nets["clip"].encode_image(x_clip),
+        "clip-text": lambda: nets["clip"].encode_text(tokens),
+    }
+    ms = []
+    try:
+        for p in precisions:
+            for net_name, fn in calls.items():
+                def call(fn: Callable[[], Any] = fn, p: str = p) -> Any:
+                    with torch.no_grad(), eval_precision(p):
+                        return fn()
+
+                ms.append(b.measure(f"{net_name}/{p}", call, "image" if net_name != "clip-text" else "caption", n,
+                                    network=net_name, precision=p))
+    finally:
+        nets.clear()
+        free_memory(device)
+    return b.stage(ms, None, clip_model=("small " if small else "") + CLIP_MODEL,
+                   inputs="random tensors at 299 px (Inception) and 224 px (CLIP): resizing not timed")
+
+
+STAGE_FUNCS: dict[str, Callable[[Bench], dict[str, Any]]] = {
+    "matmul": stage_matmul, "unet-forward": stage_unet_forward, "rapm-iteration": stage_rapm_iteration,
+    "trajectories": stage_trajectories, "generate": stage_generate, "eval-features": stage_eval_features,
+}
+
+
+# --- estimates and goals -------------------------------------------------------------------------------------
+def estimates(cfg: BenchConfig, stages: dict[str, Any]) -> dict[str, Any]:
+    """Whole-job times from the stages that ran: distillation, 30K generations, 30K evaluations."""
+    out: dict[str, Any] = {}
+    traj, rapm = stages.get("trajectories"), stages.get("rapm-iteration")
+    if traj and rapm:
+        t_traj = cfg.rapm.trajectories * headline_row(traj)["seconds_per_unit"]
+        t_iter = cfg.rapm.iterations * headline_row(rapm)["seconds"]
+        out["distillation"] = {"trajectories": cfg.rapm.trajectories, "iterations": cfg.rapm.iterations,
+                               "variant": rapm["headline"], "trajectory_hours": t_traj / 3600,
+                               "training_hours": t_iter / 3600, "hours": (t_traj + t_iter) / 3600,
+                               "hours_by_variant": {r["name"]: (t_traj + cfg.rapm.iterations * r["seconds"]) / 3600
+                                                    for r in rapm["variants"]},
+                               "paper_hours_a6000": 31.5}
+    if traj:
+        row = headline_row(traj)
+        out["trajectories"] = {"num": cfg.rapm.trajectories, "seconds": cfg.rapm.trajectories * row["seconds_per_unit"],
+                               "floor_seconds": None if row["floor_seconds"] is None
+                               else cfg.rapm.trajectories * row["floor_seconds"] / row["units_per_call"]}
+    if gen := stages.get("generate"):
+        row = headline_row(gen)
+        out["generate"] = {"images": cfg.gen.images, "seconds": cfg.gen.images * row["seconds_per_unit"],
+                           "floor_seconds": None if row["floor_seconds"] is None
+                           else cfg.gen.images * row["floor_seconds"] / row["units_per_call"]}
+    if ev := stages.get("eval-features"):
+        per_precision: dict[str, float] = {}
+        for row in ev["variants"]:
+            p = row.get("precision", "fp32")
+            per_precision[p] = per_precision.get(p, 0.0) + row["seconds_per_unit"]
+        out["eval_features"] = {"images": cfg.eval.images,
+                                "seconds": {p: cfg.eval.images * s for p, s in per_precision.items()}}
+    return out
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target of issue #7 for the full SDXL architecture on one H100."""
+
+    name: str
+    what: str
+    target: float
+    higher_is_better: bool
+
+    def check(self, value: float | None, applies: bool) -> dict[str, Any]:
+        """JSON row: the value, the target and whether it is met (None where unmeasured)."""
+        met = None if value is None else (value >= self.target if self.higher_is_better else value <= self.target)
+        return {"goal": self.name, "what": self.what, "value": value,
+                "target": (">= " if self.higher_is_better else "<= ") + f"{self.target:g}",
+                "met": met, "applies": applies}
+
+
+GOALS: tuple[Goal, ...] = (
+    Goal("rapm_lora_overhead", "RAPM iteration (batch 1) over the same passes without LoRA", 1.25, False),
+    Goal("rapm_peak_memory_gib", "peak memory of the RAPM iteration with gradient checkpointing", 24.0, False),
+    Goal("distillation_hours", "1000 trajectories + 20K iterations (paper: 31.5 h on one A6000)", 8.0, False),
+    Goal("trajectories_ratio", "1000 trajectories: floor / time", 0.5, True),
+    Goal("generate_ratio", "generation, 4 steps, guidance 1, VAE decode: floor / time", 0.6, True),
+    Goal("eval_30k_seconds", "features of 30K images (Inception + ViT-g-14 CLIP), fp32", 120.0, False),
+)
+
+
+def goal_values(stages: dict[str, Any], est: dict[str, Any]) -> dict[str, float | None]:
+    """Each goal's measured value (None where its stage did not run)."""
+    values: dict[str, float | None] = {g.name: None for g in GOALS}
+    if rapm := stages.get("rapm-iteration"):
+        row = headline_row(rapm)
+        values["rapm_lora_overhead"] = row.get("vs_plain")
+        ckpt = [r["peak_memory_gib"] for r in rapm["variants"] if r["grad_checkpointing"] and r["lora"] != "plain"
+                and r["peak_memory_gib"] is not None]
+        values["rapm_peak_memory_gib"] = min(ckpt) if ckpt else None
+    if "distillation" in est:
+        values["distillation_hours"] = est["distillation"]["hours"]
+    for stage, name in (("trajectories", "trajectories_ratio"), ("generate", "generate_ratio")):
+        if stages.get(stage):
+            values[name] = headline_row(stages[stage])["ratio"]
+    if "eval_features" in est:
+        values["eval_30k_seconds"] = est["eval_features"]["seconds"].get("fp32")
+    return values
+
+
+# --- provenance ------------------------------------------------------------------------------------------------
+def peak_for(device: torch.device, override: float | None) -> tuple[float | None, str]:
+    """Dense bf16 peak TFLOP/s of this device and where the number comes from."""
+    if override is not None:
+        return override, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "CPU: no peak; ratios are null, achieved TFLOP/s only"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops, source in PEAK_TFLOPS:
+        if key in name:
+            return tflops, source
+    return None, f"{name} is not in the peak table: pass --peak-tflops"
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    """Name, slug and memory of the device."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name = props.name
+        extra = {"memory_gib": round(props.total_memory / GIB, 2), "capability": f"{props.major}.{props.minor}",
+                 "multiprocessors": props.multi_processor_count}
+    else:
+        import os
+
+        name = f"CPU {platform.processor() or platform.machine()}"
+        extra = {"cores": os.cpu_count(), "threads": torch.get_num_threads()}
+    slug = "cpu" if device.type != "cuda" else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return {"type": device.type, "name": name, "slug": slug, **extra}
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python and the libraries whose speed is measured."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
+                                  "cuda": torch.version.cuda,
+                                  "cudnn": str(torch.backends.cudnn.version()) if torch.cuda.is_available() else None}
+    for pkg in ("diffusers", "peft", "open_clip_torch", "torchvision", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_commit() -> dict[str, Any]:
+    """This checkout's commit and whether it has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def result_path(cfg: BenchConfig, slug: str) -> Path:
+    """results/bench/<preset>[-small]-<device>.json."""
+    return Path(cfg.out) / f"{cfg.name}-{slug}.json"
+
+
+# --- the command ---------------------------------------------------------------------------------------------------
+def run_bench(cfg: BenchConfig, argv: Sequence[str] | None = None, progress: Callable[[str], None] | None = None,
+              ) -> dict[str, Any]:
+    """`rapm-bench bench`: run the stages, write the result JSON atomically, return it."""
+    validate(cfg)
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_stages(cfg, argv, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_stages(cfg: BenchConfig, argv: Sequence[str] | None, progress: Callable[[str], None] | None,
+                ) -> dict[str, Any]:
+    """The body of `run_bench`, with the thread count set."""
+    from .generate import atomic_write_bytes
+
+    device = pick_device(cfg.device)
+    peak, peak_source = peak_for(device, cfg.peak_tflops)
+    info = device_info(device)
+    b = Bench(cfg, device, peak)
+    t0 = time.perf_counter()
+    stages: dict[str, Any] = {}
+    for name in [s for s in STAGES if s in cfg.stages]:
+        if progress:
+            progress(f"{name} ...")
+        t_stage = time.perf_counter()
+        stages[name] = STAGE_FUNCS[name](b) | {"stage_seconds": round(time.perf_counter() - t_stage, 2)}
+        if progress:
+            progress("\n".join(stage_lines(name, stages[name])))
+    est = estimates(cfg, stages)
+    applies = cfg.preset == "sdxl" and cfg.scale == "full" and device.type == "cuda"
+    values = goal_values(stages, est)
+    result = {
+        "schema": 1, "preset": cfg.name, "device": info | {"peak_tflops": peak, "peak_source": peak_source},
+        "world": b.world.describe() if b._world is not None else None,
+        "stages": stages, "estimates": est, "goals": [g.check(values[g.name], applies) for g in GOALS],
+        "versions": versions(), "git": git_commit(),
+        "command": shlex.join(argv) if argv is not None else shlex.join(sys.argv),
+        "seconds_total": round(time.perf_counter() - t0, 2), "config": asdict(cfg),
+    }
+    path = result_path(cfg, info["slug"])
+    atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
+    result["path"] = str(path)
+    return result
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+_HEAD = f"  {'variant':42} {'s/call':>9} {'units/s':>10} {'TFLOP/call':>11} {'TFLOP/s':>8} {'ratio':>6} {'GiB':>7}"
+
+
+def stage_lines(name: str, stage: dict[str, Any]) -> list[str]:
+    """A stage's measurements as table lines (the headline starred)."""
+    lines = [f"{name} ({stage['stage_seconds']:.1f} s)", _HEAD]
+    for r in stage["variants"]:
+        mark = "*" if r["name"] == stage["headline"] else " "
+        extra = f"  x{r['vs_plain']:.2f} vs plain" if r.get("vs_plain") is not None and r["lora"] != "plain" else ""
+        lines.append(f" {mark}{r['name'][:42]:42} {r['seconds']:9.4f} {r['throughput_per_s']:10.2f} "
+                     f"{_fmt(None if r['flops_per_call'] is None else r['flops_per_call'] / 1e12, '11.4f')} "
+                     f"{_fmt(r['tflops_achieved'], '8.2f')} {_fmt(r['ratio'], '6.3f')} "
+                     f"{_fmt(r['peak_memory_gib'], '7.2f')}{extra}")
+    return lines
+
+
+def summary(result: dict[str, Any]) -> str:
+    """A plain-text table of every measurement, the estimates and the goals."""
+    dev = result["device"]
+    lines = [f"rapm-bench bench {result['preset']} on {dev['name']} (peak {_fmt(dev['peak_tflops'], 'g')} TFLOP/s); "
+             f"{result['seconds_total']:.1f} s"]
+    for name, stage in result["stages"].items():
+        lines += stage_lines(name, stage)
+    est = result["estimates"]
+    if "distillation" in est:
+        d = est["distillation"]
+        lines.append(f"distillation estimate: {d['hours']:.2f} h ({d['trajectories']} trajectories "
+                     f"{d['trajectory_hours']:.2f} h + {d['iterations']} iterations {d['training_hours']:.2f} h)")
+        lines.append("  by RAPM variant: " + ", ".join(f"{k} {h:.3g} h" for k, h in d["hours_by_variant"].items()))
+    if "generate" in est:
+        lines.append(f"{est['generate']['images']} images: {est['generate']['seconds'] / 60:.1f} min")
+    if "eval_features" in est:
+        per = ", ".join(f"{p} {s:.0f} s" for p, s in est["eval_features"]["seconds"].items())
+        lines.append(f"features of {est['eval_features']['images']} images: {per}")
+    for g in result["goals"]:
+        if g["value"] is not None:
+            state = {True: "met", False: "NOT met", None: "-"}[g["met"]] if g["applies"] else "n/a here"
+            lines.append(f"goal {g['goal']}: {g['value']:.3g} (target {g['target']}): {state}")
+    lines.append(f"wrote {result.get('path')}")
+    return "\n".join(lines)
