@@ -1,7 +1,9 @@
-"""The model registry: one module per model, each a declarative `SPEC`."""
+"""The model registry: one module per model, each a declarative `SPEC` (REFERENCE.md's published models)."""
 
 from rapm_bench.models import ModelSpec
 
-from . import dmd2, pcm, rapm, teacher
+from . import dmd2, hyper_sd, lcm_lora, lightning, pcm, pcm_normalcfg, rapm, tcd, teacher
 
-MODELS: dict[str, ModelSpec] = {m.SPEC.name: m.SPEC for m in (teacher, rapm, pcm, dmd2)}
+MODELS: dict[str, ModelSpec] = {
+    m.SPEC.name: m.SPEC for m in (teacher, rapm, pcm, pcm_normalcfg, dmd2, lcm_lora, lightning, hyper_sd, tcd)
+}

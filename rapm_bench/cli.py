@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import NotBuiltError, UserError
+from .errors import UserError
 
 app = typer.Typer(
     name="rapm-bench",
@@ -37,10 +37,6 @@ def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except KeyboardInterrupt:
         typer.echo("rapm-bench: interrupted; rerun the same command to resume", err=True)
         raise typer.Exit(130) from None
-
-
-def _not_built(command: str, needs: str) -> None:
-    raise NotBuiltError(f"`rapm-bench {command}` is not built yet: it needs {needs}")
 
 
 @app.command()
@@ -96,6 +92,9 @@ def evaluate(
     steps: Annotated[int | None, typer.Option(help="Sampling steps; default: the model's.")] = None,
     guidance: Annotated[float | None, typer.Option(help="CFG scale; default: the model's (teacher: the world's).")]
     = None,
+    lora: Annotated[str | None, typer.Option(help="Evaluate these LoRA weights under --model's name, sampler and "
+                                                  "steps (e.g. your own `rapm-bench distill` output as `rapm`).")]
+    = None,
     protocol: Annotated[str | None, typer.Option(help="Evaluation protocol (`tiny`, `coco30k`, `dmd2-coco10k`); "
                                                       "default: the preset's.")] = None,
     num_images: Annotated[int | None, typer.Option(help="Evaluate the first K caption pairs; default: all of the "
@@ -128,7 +127,8 @@ def evaluate(
 
     cfg = EvalConfig(
         world=WorldConfig(preset=preset, teacher=teacher, device=device, precision=precision),
-        model=model, steps=steps, guidance=guidance, protocol=protocol, num_images=num_images, out=out, seed=seed,
+        model=model, lora=lora, steps=steps, guidance=guidance, protocol=protocol, num_images=num_images, out=out,
+        seed=seed,
         batch_size=batch_size, data_dir=data_dir, inception=inception, clip_checkpoint=clip_checkpoint,
         images_out=save_images,
     )
@@ -208,15 +208,107 @@ def check(
 
 
 @app.command()
-def reproduce(preset: Preset = "tiny") -> None:
-    """Distil, evaluate every model at its step counts and write the paper's table, in one resumable command."""
-    _run(_not_built, "reproduce", "the distillation, evaluation and baselines engines (issues #4, #5, #6)")
+def reproduce(
+    preset: Preset = "tiny",
+    quick: Annotated[bool, typer.Option(help="A smaller budget: tiny 50 iterations, 256 images, teacher at 4 and 8 "
+                                             "steps (~3 min on 2 CPU cores); sdxl 2000 iterations, 5000 images.")]
+    = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan with time and disk estimates, then exit.")] = False,
+    out: Annotated[str | None, typer.Option(help="Results folder (JSON per model, table.md/csv/tex, plots); "
+                                                 "default: results/<preset>.")] = None,
+    runs: Annotated[str | None, typer.Option(help="Distillation run folders; default: runs/reproduce/<preset>.")]
+    = None,
+    num_images: Annotated[int | None, typer.Option(help="Images per evaluation; default: the plan's (tiny 512, "
+                                                        "sdxl the protocol's 30K).")] = None,
+    device: Annotated[str, typer.Option(help="`auto`, `cpu`, `cuda`, ...")] = "auto",
+    teacher: Annotated[str | None, typer.Option(help="sdxl: teacher hub id or local diffusers folder.")] = None,
+    prompts: Annotated[str | None, typer.Option(help="sdxl: COCO-2014 train captions (captions_train2014.json) for "
+                                                     "the trajectories.")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="sdxl: prepared protocol data (`rapm-bench data coco`).")]
+    = None,
+    inception: Annotated[str | None, typer.Option(help="sdxl: local clean-fid Inception weights.")] = None,
+    clip_checkpoint: Annotated[str | None, typer.Option(help="sdxl: local open_clip ViT-g-14 checkpoint.")] = None,
+) -> None:
+    """Distil, evaluate every model at its step counts and write the table and plots, in one resumable command.
+
+    tiny: RAPM, PCM and DMD2 distilled here at the same budget, the teacher at 2-16 steps.
+    sdxl: RAPM distilled here, the published RAPM, PCM and DMD2 LoRAs, the teacher; coco30k.
+    Finished steps (run folders, result JSONs of the same model, steps, images and weights) are reused.
+    """
+    from .reproduce import ReproduceConfig
+    from .reproduce import reproduce as run_reproduce
+
+    cfg = ReproduceConfig(preset=preset, quick=quick, out=out, runs=runs, device=device, teacher=teacher,
+                          prompts=prompts, data_dir=data_dir, inception=inception, clip_checkpoint=clip_checkpoint,
+                          num_images=num_images, dry_run=dry_run)
+    _run(run_reproduce, cfg, typer.echo)
 
 
 @app.command()
-def bench(preset: Preset = "tiny") -> None:
-    """Time distillation, generation and evaluation on the GPU against their compute floors."""
-    _run(_not_built, "bench", "the GPU benchmarks (issue #7)")
+def bench(
+    ctx: typer.Context,
+    preset: Preset = "tiny",
+    scale: Annotated[str, typer.Option(help="`full`, or `small`: the SDXL architecture with tiny widths "
+                                            "(CPU smoke runs).")] = "full",
+    stages: Annotated[str | None, typer.Option(help="Comma-separated stages: matmul, unet-forward, rapm-iteration, "
+                                                    "trajectories, generate, eval-features; default: all.")] = None,
+    out: Annotated[str, typer.Option(help="Folder of the result JSON (<preset>-<device>.json).")] = "results/bench",
+    repeats: Annotated[int | None, typer.Option(help="Timed calls per measurement (median reported); "
+                                                     "default: the preset's.")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Untimed calls after the FLOP-counting one.")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Image side in pixels (sdxl: default 1024).")] = None,
+    device: Annotated[str, typer.Option(help="`auto`, `cpu`, `cuda`, `cuda:1`, ...")] = "auto",
+    dtype: Annotated[str | None, typer.Option(help="UNet dtype: `auto` (bf16 on GPU, fp32 on CPU), `bf16`, "
+                                                   "`fp16`, `fp32`.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads; default: torch's. On a shared CPU, 1 avoids "
+                                                     "OpenMP stalls.")] = None,
+    peak_tflops: Annotated[float | None, typer.Option(help="Dense bf16 peak for the floors; default: the "
+                                                           "table's entry for this GPU.")] = None,
+    lora: Annotated[str | None, typer.Option(help="LoRA of the RAPM headline: `fast` (bench.FastLoRA) or "
+                                                  "`peft` (the engine's).")] = None,
+    rapm_variants: Annotated[str | None, typer.Option(help="Comma-separated RAPM variants: plain, fast or "
+                                                           "peft, each optionally with /ckpt and /unmerged "
+                                                           "(e.g. fast/ckpt).")] = None,
+    traj_batch: Annotated[int | None, typer.Option(help="Trajectories per teacher batch.")] = None,
+    gen_batch: Annotated[int | None, typer.Option(help="Images per generation call.")] = None,
+    eval_batch: Annotated[int | None, typer.Option(help="Images per feature-network call.")] = None,
+    merge_lora: Annotated[bool | None, typer.Option("--merge-lora/--no-merge-lora", help="No-grad passes through "
+                                                    "merged LoRA weights; default: on.")] = None,
+    cfg_batch: Annotated[bool | None, typer.Option("--cfg-batch/--no-cfg-batch", help="Both CFG branches in one "
+                                                   "UNet call; default: on.")] = None,
+    channels_last: Annotated[bool | None, typer.Option("--channels-last/--no-channels-last", help="NHWC activations "
+                                                       "and convolution weights; default: off.")] = None,
+    sdpa: Annotated[bool | None, typer.Option("--sdpa/--no-sdpa", help="torch SDPA attention (else diffusers' "
+                                              "classic processor); default: on.")] = None,
+    compile_unet: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the UNet for "
+                                                      "no-grad passes (slow start); default: off.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result JSON on stdout.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved config and exit.")] = False,
+) -> None:
+    """Time distillation, generation and evaluation against their compute floors (random weights, no download)."""
+    import json
+
+    from .bench import resolve_bench, run_bench, summary
+
+    cfg = _run(resolve_bench, preset, scale, stages=stages, out=out, repeats=repeats, warmup=warmup,
+               resolution=resolution, device=device, dtype=dtype, threads=threads, peak_tflops=peak_tflops, lora=lora,
+               rapm_variants=rapm_variants, traj_batch=traj_batch, gen_batch=gen_batch, eval_batch=eval_batch,
+               merge_lora=merge_lora, cfg_batch=cfg_batch, channels_last=channels_last, sdpa=sdpa,
+               compile=compile_unet)
+    if dry_run:
+        typer.echo(cfg.to_json())
+        return
+    argv = ["rapm-bench", "bench"]  # the command line, rebuilt from the parsed options (defaults left out)
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value == param.default or value is None:
+            continue
+        if isinstance(value, bool):
+            argv.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            argv += [param.opts[0], str(value)]
+    result = _run(run_bench, cfg, argv, None if json_out else (lambda msg: typer.echo(msg, err=True)))
+    typer.echo(json.dumps(result, indent=2) if json_out else summary(result))
 
 
 def _mount_subapps() -> None:

@@ -16,10 +16,14 @@ def distill(
     preset: Annotated[str, typer.Option(help="World: `tiny` (embedded shapes world, CPU, offline) or `sdxl`.")]
     = "tiny",
     out: Annotated[str | None, typer.Option(help="Run folder (config.json, checkpoint, train_log.jsonl, samples/, "
-                                                 "lora.safetensors); default: runs/distill/<preset>. Rerunning the "
+                                                 "lora.safetensors); default: runs/distill/<preset>[-<objective>]. Rerunning the "
                                                  "same command resumes an interrupted run.")] = None,
-    iters: Annotated[int | None, typer.Option(help="Training iterations, one trajectory each (batch 1); default: the "
-                                                   "preset's (tiny 400, sdxl 20000).")] = None,
+    objective: Annotated[str | None, typer.Option(help="`rapm` (ours), or a re-trained baseline on the same engine, "
+                                                       "trajectories and LoRA: `pcm` (phased consistency) or `dmd2` "
+                                                       "(distribution matching + GAN).")] = None,
+    iters: Annotated[int | None, typer.Option(help="Training iterations, one trajectory each (batch 1; dmd2: critic "
+                                                   "steps, the generator updates every --dmd2-fake-steps); default: "
+                                                   "the preset's (tiny 200, sdxl 20000).")] = None,
     lr: Annotated[float | None, typer.Option(help="Student LoRA learning rate (AdamW, constant after warm-up); "
                                                   "default: the preset's.")] = None,
     warmup: Annotated[int | None, typer.Option(help="Linear learning-rate warm-up iterations; default: the "
@@ -31,14 +35,28 @@ def distill(
                                                                     "trajectories (M); default: the preset's.")] = None,
     slots: Annotated[int | None, typer.Option(help="Coarse slots N = the student's sampling steps (default 4).")]
     = None,
-    cfg: Annotated[float | None, typer.Option("--cfg", help="Teacher CFG scale w for the trajectories; default: the "
-                                                            "world's (tiny 3.0, sdxl 5.0).")] = None,
+    cfg: Annotated[float | None, typer.Option("--cfg", help="Teacher CFG scale w for the trajectories (and DMD2's real "
+                                                            "score); default: the preset's (tiny 2.0, sdxl the "
+                                                            "world's 5.0).")] = None,
     lambda_abs: Annotated[float | None, typer.Option(help="Weight of absolute-position matching (z̃_n).")] = None,
     lambda_rel: Annotated[float | None, typer.Option(help="Weight of relative-position matching (ẑ_n).")] = None,
     lambda_reg: Annotated[float | None, typer.Option(help="Weight of the pseudo-Huber regression to z̃_n (0: off).")]
     = None,
     distance: Annotated[str | None, typer.Option(help="`gan` (two hinge discriminators) or `l2` (plain MSE to the "
                                                       "same targets).")] = None,
+    pcm_huber_c: Annotated[float | None, typer.Option(help="pcm: pseudo-Huber constant c, per element (0.001).")]
+    = None,
+    pcm_ema: Annotated[float | None, typer.Option(help="pcm: EMA decay of the target LoRA; 0 = the student itself, "
+                                                       "stop-grad (PCM's LoRA scripts; default).")] = None,
+    pcm_adv_weight: Annotated[float | None, typer.Option(help="pcm: adversarial consistency weight (0 = off, "
+                                                              "default).")] = None,
+    dmd2_fake_rank: Annotated[int | None, typer.Option(help="dmd2: rank of the fake-score LoRA (default 8).")] = None,
+    dmd2_fake_lr: Annotated[float | None, typer.Option(help="dmd2: fake-score learning rate; default: --lr.")]
+    = None,
+    dmd2_fake_steps: Annotated[int | None, typer.Option(help="dmd2: critic updates per generator update (two "
+                                                               "time-scale rule; DMD2: 5).")] = None,
+    dmd2_gan_weight: Annotated[float | None, typer.Option(help="dmd2: generator GAN weight (DMD2 SDXL: 5e-3; 0 = "
+                                                               "off).")] = None,
     num_trajectories: Annotated[int | None, typer.Option(help="Teacher trajectories K (prompts × seeded noise); "
                                                               "default: the preset's (tiny 256, sdxl 1000).")] = None,
     prompts: Annotated[str | None, typer.Option(help="Caption file for the trajectories: text (one a line) or COCO "
@@ -70,17 +88,20 @@ def distill(
                                                         "memory.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and exit.")] = False,
 ) -> None:
-    """Distil the teacher into a few-step student with RAPM (rank-1 LoRA, batch 1, no real images)."""
+    """Distil the teacher into a few-step student with RAPM (rank-1 LoRA, batch 1, no real images), or re-train
+    the PCM or DMD2 baseline the same way (--objective)."""
     from .cli import _run
     from .distill.config import resolve_distill
 
     config = _run(
-        resolve_distill, preset, out=out, iters=iters, lr=lr, warmup=warmup, disc_lr=disc_lr,
+        resolve_distill, preset, out=out, objective=objective, iters=iters, lr=lr, warmup=warmup, disc_lr=disc_lr,
         rank=rank, substeps=substeps, slots=slots, guidance=cfg, lambda_abs=lambda_abs, lambda_rel=lambda_rel,
         lambda_reg=lambda_reg, distance=distance, num_trajectories=num_trajectories, prompts=prompts, format=format,
         grad_checkpointing=grad_checkpointing, lora_targets=_targets(targets), teacher=teacher, device=device,
         precision=precision, seed=seed, cache_dir=cache_dir, checkpoint_every=checkpoint_every,
-        sample_every=sample_every, slot_chunk=slot_chunk,
+        sample_every=sample_every, slot_chunk=slot_chunk, pcm_huber_c=pcm_huber_c, pcm_ema=pcm_ema,
+        pcm_adv_weight=pcm_adv_weight, dmd2_fake_rank=dmd2_fake_rank, dmd2_fake_lr=dmd2_fake_lr,
+        dmd2_fake_steps=dmd2_fake_steps, dmd2_gan_weight=dmd2_gan_weight,
     )
     if dry_run:
         typer.echo(config.to_json())

@@ -97,6 +97,7 @@ class EvalConfig:
 
     world: WorldConfig
     model: str = "rapm"  # a registry name, `teacher`, or `lora:PATH`
+    lora: str | None = None  # replaces the model's LoRA weights (its sampler, steps and name stay): a fresh run
     steps: int | None = None  # None = the model's default
     guidance: float | None = None  # None = the model's (the teacher: the world's)
     protocol: str | None = None  # None = the preset's default protocol

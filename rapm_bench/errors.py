@@ -4,6 +4,3 @@
 class UserError(Exception):
     """Bad input or a missing asset: the message says what is wrong and how to fix it."""
 
-
-class NotBuiltError(UserError):
-    """A command whose engine does not exist yet; never a fake result."""

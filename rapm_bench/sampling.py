@@ -43,6 +43,8 @@ class SamplerRecipe:
 DDIM_TRAILING = SamplerRecipe("ddim", "trailing", options=(("clip_sample", False), ("set_alpha_to_one", False)))
 # DMD2: LCMScheduler with the timesteps it was trained on.
 LCM_DMD2 = SamplerRecipe("lcm", "trailing", timesteps=(999, 749, 499, 249), options=(("set_alpha_to_one", False),))
+# LCM-LoRA: LCMScheduler as shipped (leading spacing from 50 original steps: [999, 759, 499, 259] at 4).
+LCM = SamplerRecipe("lcm", "leading")
 # SDXL-Lightning: Euler, trailing.
 EULER_TRAILING = SamplerRecipe("euler", "trailing")
 # TCD: gamma (eta) 0.3.

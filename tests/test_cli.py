@@ -28,14 +28,6 @@ def test_each_command_has_help(name):
     assert "--preset" in result.output
 
 
-@pytest.mark.parametrize("name", ["reproduce", "bench"])
-def test_unbuilt_commands_exit_2_with_one_line(name):
-    result = CliRunner().invoke(app, [name])
-    assert result.exit_code == 2
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "not built yet" in lines[0]
-
-
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The installed entry point in a subprocess: what a user sees, traceback or not."""
     return subprocess.run([sys.executable, "-m", "rapm_bench.cli", *args], cwd=cwd, capture_output=True,

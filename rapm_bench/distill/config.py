@@ -15,6 +15,8 @@ from ..config import WorldConfig, get_preset
 from ..errors import UserError
 from ..lora import LORA_FORMATS, LORA_TARGETS
 
+OBJECTIVES = ("rapm", "pcm", "dmd2")  # --objective: RAPM (ours), PCM (Wang et al. 2024), DMD2 (Yin et al. 2024)
+
 
 @dataclass(frozen=True)
 class DistillConfig:
@@ -48,6 +50,18 @@ class DistillConfig:
     distance: str = "gan"  # "gan": two hinge discriminators; "l2": plain MSE to the same targets (ablation)
     huber_c: float = 0.03  # pseudo-Huber on the per-element RMS d: sqrt(d² + c²) − c; L2-like below c, L1 above
     disc_hidden: int = 64  # discriminator head width (conv3×3 → GroupNorm → SiLU → conv1×1 per feature level)
+
+    # --- 3b. which objective; the re-trained baselines' own fields (baselines/pcm.py, dmd2.py) -----
+    objective: str = "rapm"  # "rapm" (ours), "pcm" (phased consistency), "dmd2" (distribution matching + GAN)
+    pcm_huber_c: float = 0.001  # PCM: pseudo-Huber per element, sqrt(d² + c²) − c (PCM's and LCM's scripts: 0.001)
+    pcm_ema: float = 0.0  # PCM target: 0 = the student itself, stop-grad (PCM's LoRA scripts); else EMA decay
+    pcm_adv_weight: float = 0.0  # PCM's optional adversarial term (heads as RAPM's, real = the target); 0 = off
+    dmd2_fake_rank: int = 8  # DMD2 fake score = the UNet + a second LoRA of this rank (DMD2: a full UNet copy)
+    dmd2_fake_lr: float | None = None  # fake-score LoRA learning rate; None = --lr (DMD2 uses one LR for both)
+    dmd2_fake_steps: int = 5  # two time-scale update rule: critic updates per generator update (DMD2: 5)
+    dmd2_gan_weight: float = 5e-3  # generator GAN weight (DMD2 SDXL: 5e-3; real = the teacher's z̃_0); 0 = off
+    dmd2_t_min: float = 0.02  # DMD gradient at t ~ U[t_min·T, t_max·T] (DMD/DMD2: 0.02 to 0.98)
+    dmd2_t_max: float = 0.98
 
     # --- 4. optimisation --------------------------------------------------------------------------
     iters: int = 200  # iterations, one trajectory each (batch 1); tiny: FID is flat from ~50 (rapm.md)
@@ -118,10 +132,13 @@ def distill_preset(name: str) -> DistillConfig:
 def resolve_distill(preset: str = "tiny", **overrides: Any) -> DistillConfig:
     """The preset's config with the given overrides (None = keep the preset's), validated.
 
-    World fields (`teacher`, `device`, `precision`, `resolution`, `vae`) may be given flat.
+    World fields (`teacher`, `device`, `precision`, `resolution`, `vae`) may be given flat. Without `out`,
+    another objective than the preset's runs in `<preset out>-<objective>`.
     """
     base = distill_preset(preset)
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "out" not in overrides and overrides.get("objective", base.objective) != base.objective:
+        overrides["out"] = f"{base.out}-{overrides['objective']}"  # runs/distill/tiny-pcm: runs of objectives apart
     world_keys = {f.name for f in fields(WorldConfig)} - {"preset"}
     world = replace(base.world, **{k: overrides.pop(k) for k in list(overrides) if k in world_keys})
     unknown = set(overrides) - {f.name for f in fields(DistillConfig)}
@@ -151,8 +168,25 @@ def validate(cfg: DistillConfig) -> None:
     for name in ("lambda_abs", "lambda_rel", "lambda_reg"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(cfg, name)}")
-    if cfg.lambda_abs == cfg.lambda_rel == cfg.lambda_reg == 0:
+    if cfg.objective not in OBJECTIVES:
+        raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.objective == "rapm" and cfg.lambda_abs == cfg.lambda_rel == cfg.lambda_reg == 0:
         raise UserError("all loss weights are 0: set --lambda-abs, --lambda-rel or --lambda-reg")
+    if cfg.pcm_huber_c <= 0:
+        raise UserError(f"--pcm-huber-c must be positive, got {cfg.pcm_huber_c}")
+    if not 0.0 <= cfg.pcm_ema < 1.0:
+        raise UserError(f"--pcm-ema must be in [0, 1) (0 = stop-grad target), got {cfg.pcm_ema}")
+    for name in ("pcm_adv_weight", "dmd2_gan_weight"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(cfg, name)}")
+    if cfg.dmd2_fake_rank < 1 or cfg.dmd2_fake_steps < 1:
+        raise UserError(f"--dmd2-fake-rank and --dmd2-fake-steps must be at least 1, got {cfg.dmd2_fake_rank} "
+                        f"and {cfg.dmd2_fake_steps}")
+    if cfg.dmd2_fake_lr is not None and cfg.dmd2_fake_lr <= 0:
+        raise UserError(f"--dmd2-fake-lr must be positive, got {cfg.dmd2_fake_lr}")
+    if not 0.0 <= cfg.dmd2_t_min < cfg.dmd2_t_max <= 1.0:
+        raise UserError(f"dmd2_t_min and dmd2_t_max need 0 <= t_min < t_max <= 1, got {cfg.dmd2_t_min}, "
+                        f"{cfg.dmd2_t_max}")
     if cfg.distance not in ("gan", "l2"):
         raise UserError(f"--distance must be `gan` or `l2`, got {cfg.distance!r}")
     if cfg.format not in LORA_FORMATS:

@@ -1,7 +1,10 @@
-"""The RAPM training loop: one readable function with commented phases (EDM2 `training_loop` style).
+"""The distillation loop: one readable function with commented phases (EDM2 `training_loop` style).
+
+One loop for every objective (`cfg.objective`: RAPM, or the re-trained PCM and DMD2
+baselines, objectives.py): same trajectories, same LoRA student, same run folder.
 
 Run folder (`cfg.out`): config.json (first), train_log.jsonl, samples/step_*.png,
-checkpoint.safetensors (LoRA, discriminator heads, optimisers, RNG, step: atomic),
+checkpoint.safetensors (LoRA, the objective's critic modules, optimisers, RNG, step: atomic),
 lora.safetensors (the student, diffusers or kohya keys), summary.json.
 
 Every iteration re-seeds from (seed, step) (STYLE.md rule 7), so a run interrupted and
@@ -23,10 +26,10 @@ import torch
 
 from ..errors import UserError
 from .config import DistillConfig, validate
+from .objectives import STUDENT as ADAPTER  # the student's PEFT adapter name
 
 LOG = "train_log.jsonl"
 LORA_FILE = "lora.safetensors"
-ADAPTER = "rapm"
 
 
 class DivergedError(UserError):
@@ -90,24 +93,26 @@ def sample_prompts(cfg: DistillConfig, train_prompts: tuple[str, ...]) -> list[s
     return list(train_prompts[: cfg.sample_count])
 
 
-def save_samples(world: Any, prompts: list[str], steps: int, path: Path) -> None:
-    """A grid of student samples: the RAPM recipe (DDIM trailing, `steps` steps, guidance 1), seeds 0..n-1."""
+def save_samples(world: Any, prompts: list[str], steps: int, path: Path, recipe: Any = None,
+                 guidance: float = 1.0) -> None:
+    """A grid of student samples with its sampler (default: RAPM's DDIM trailing, guidance 1), seeds 0..n-1."""
     from ..generate import generate_batch, save_grid
     from ..sampling import DDIM_TRAILING
 
-    images = generate_batch(world, prompts, list(range(len(prompts))), DDIM_TRAILING, steps, 1.0)
+    images = generate_batch(world, prompts, list(range(len(prompts))), recipe or DDIM_TRAILING, steps, guidance)
     if images.shape[-1] < 128:  # tiny world: 32 px, upscaled (nearest) to be seen
         images = images.repeat_interleave(128 // images.shape[-1], -1).repeat_interleave(128 // images.shape[-2], -2)
     save_grid(images, path, nrow=len(prompts))
 
 
 class JsonlLog:
-    """Interval means of the losses, one JSON row every `every` iterations."""
+    """Interval means of the losses, one JSON row every `every` iterations (each key over the iterations that
+    logged it: DMD2 updates its generator on every 5th only)."""
 
     def __init__(self, path: Path, every: int, start: int) -> None:
         self.path, self.every = path, every
         self.sums: dict[str, float] = {}
-        self.n = 0
+        self.counts: dict[str, int] = {}
         rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
         keep = [r for r in rows if r["step"] <= start]  # a resumed run rewrites what came after its checkpoint
         path.write_text("".join(json.dumps(r) + "\n" for r in keep))
@@ -116,13 +121,13 @@ class JsonlLog:
         """Accumulate one iteration; return the row when one is written."""
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
-        self.n += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
         if (step + 1) % self.every:
             return None
-        row = {"step": step + 1, **extra, **{k: v / self.n for k, v in self.sums.items()}}
+        row = {"step": step + 1, **extra, **{k: v / self.counts[k] for k, v in self.sums.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        self.sums, self.n = {}, 0
+        self.sums, self.counts = {}, {}
         return row
 
 
@@ -138,15 +143,15 @@ def machine(device: torch.device) -> str:
 
 # --- the loop ----------------------------------------------------------------------------------------
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """`rapm-bench distill`: teacher trajectories, then RAPM training of a LoRA student; returns the summary."""
+    """`rapm-bench distill`: teacher trajectories, then training of a LoRA student with `cfg.objective`;
+    returns the summary."""
     from tqdm import tqdm
 
     from ..generate import atomic_write_bytes, sha256_file
     from ..lora import attach_lora, load_lora_state, lora_state_dict, save_lora
     from ..worlds import load_world
     from .checkpoint import CHECKPOINT, load_checkpoint, module_state, save_checkpoint, unflatten_optimizer
-    from .discriminator import EncoderFeatures, build_heads, feature_channels
-    from .rapm import LossWeights, RAPMLoss
+    from .objectives import Example, build_objective, use_adapter
     from .schedule import SlotSchedule
     from .trajectories import DTYPES, load_or_build, make_spec, training_prompts
 
@@ -156,46 +161,45 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     open_run(out, cfg, resume)
     t_start = time.perf_counter()
 
-    # 1. Teacher and its trajectories (DESIGN.md §4.1), computed before any LoRA exists.
+    # 1. Teacher and its trajectories (DESIGN.md §4.1), computed before any LoRA exists. PCM also keeps every
+    #    teacher point inside the slots (its consistency pairs): another cache key.
     world = load_world(cfg.world)
     device = world.device
     guidance = world.default_guidance if cfg.guidance is None else cfg.guidance
     prompts = training_prompts(cfg.world.preset, cfg.num_trajectories, cfg.prompts, cfg.prompt_offset)
     spec = make_spec(world, prompts, cfg.trajectory_seed, guidance, cfg.slots, cfg.substeps, cfg.store_dtype,
-                     cfg.trajectory_batch)
+                     cfg.trajectory_batch, interior=cfg.objective == "pcm")
     trajs = load_or_build(world, prompts, spec, cache_root(cfg), progress)
     t_traj = time.perf_counter() - t_start
     sched = SlotSchedule(world.alphas_cumprod, cfg.slots, cfg.substeps)
 
-    # 2. Student = teacher + LoRA (fp32 weights); teacher = the same UNet, adapters disabled (§4.5).
+    # 2. Student = teacher + LoRA (fp32 weights); teacher = the same UNet, adapters disabled (§4.5). The objective
+    #    adds its own trainable parts: discriminator heads, DMD2's fake-score adapter, an EMA target.
     if cfg.grad_checkpointing:
         world.unet.enable_gradient_checkpointing()
     lora_params = attach_lora(world.unet, cfg.rank, cfg.lora_targets, ADAPTER, cfg.seed)
-    weights = LossWeights(cfg.lambda_abs, cfg.lambda_rel, cfg.lambda_reg, cfg.distance, cfg.huber_c)
-    use_gan = cfg.distance == "gan" and (cfg.lambda_abs > 0 or cfg.lambda_rel > 0)
-    features = EncoderFeatures(world) if use_gan else None
-    heads_abs = heads_rel = None
-    head_params: list[torch.nn.Parameter] = []
-    if features is not None:
-        channels = feature_channels(features, world.encode_prompts([prompts[0]]))
-        heads_abs, heads_rel = build_heads(channels, cfg.disc_hidden, cfg.seed, device)
-        head_params = [*heads_abs.parameters(), *heads_rel.parameters()]
-    loss_fn = RAPMLoss(world.predict, sched, world.noise_schedule.prediction_type, weights,
-                       features, heads_abs, heads_rel)
+    objective = build_objective(cfg, world, sched, guidance, lora_params, world.encode_prompts([prompts[0]]))
+    critic = objective.critic_groups()
+    critic_params = [p for params, _ in critic for p in params]
     opt_g = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     optimizers: dict[str, torch.optim.Optimizer] = {"g": opt_g}
-    if head_params:
-        optimizers["d"] = torch.optim.AdamW(head_params, lr=cfg.disc_lr, betas=cfg.betas, weight_decay=0.0)
+    base_lrs: dict[str, list[float]] = {"g": [cfg.lr]}
+    if critic:
+        optimizers["d"] = torch.optim.AdamW([{"params": params, "lr": lr} for params, lr in critic], lr=critic[0][1],
+                                            betas=cfg.betas, weight_decay=0.0)
+        base_lrs["d"] = [lr for _, lr in critic]
 
     def state_modules() -> dict[str, dict[str, torch.Tensor]]:
-        mods = {"lora": lora_state_dict(world.unet, ADAPTER)}
-        if heads_abs is not None and heads_rel is not None:
-            mods |= {"heads_abs": heads_abs.state_dict(), "heads_rel": heads_rel.state_dict()}
-        return mods
+        return {"lora": lora_state_dict(world.unet, ADAPTER), **objective.state()}
 
     def export() -> Path:
         return save_lora(out / LORA_FILE, lora_state_dict(world.unet, ADAPTER), cfg.rank, cfg.format,
                          DTYPES[cfg.save_dtype])
+
+    def samples(step: int) -> None:
+        with use_adapter(world.unet, ADAPTER):  # the student alone (DMD2's fake score stays off)
+            save_samples(world, grid_prompts, cfg.slots, out / "samples" / f"step_{step:06d}.png", objective.recipe,
+                         objective.sample_guidance)
 
     # 3. Resume from the last checkpoint, if any.
     start = last_good = 0
@@ -204,9 +208,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
         start, tensors, meta = load_checkpoint(ckpt_path)
         last_good = start
         load_lora_state(world.unet, {k: v.to(device) for k, v in module_state(tensors, "lora").items()}, ADAPTER)
-        if heads_abs is not None and heads_rel is not None:
-            heads_abs.load_state_dict(module_state(tensors, "heads_abs"))
-            heads_rel.load_state_dict(module_state(tensors, "heads_rel"))
+        objective.load_state({name: {k: v.to(device) for k, v in module_state(tensors, name).items()}
+                              for name in objective.state()})
         for name, opt in optimizers.items():
             opt.load_state_dict(unflatten_optimizer(tensors, meta[f"groups.{name}"], name))
         torch.set_rng_state(tensors["rng.torch"])
@@ -215,54 +218,60 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     log = JsonlLog(out / LOG, cfg.log_every, start)
     grid_prompts = sample_prompts(cfg, trajs.prompts)
     if start == 0 and cfg.iters > 0:
-        save_samples(world, grid_prompts, cfg.slots, out / "samples" / "step_000000.png")
+        samples(0)
 
     # 4. Training: one trajectory per iteration (batch 1), no real images.
     t_loop = time.perf_counter()
     step = start
-    bar = tqdm(total=cfg.iters, initial=start, desc="rapm distill", unit="it", disable=not progress)
+    bar = tqdm(total=cfg.iters, initial=start, desc=f"{cfg.objective} distill", unit="it", disable=not progress)
     for step in range(start, cfg.iters):
         # 4a. This iteration's randomness and data: functions of (seed, step) only.
         gen = torch.Generator(device).manual_seed(derived_seed(cfg.seed, "step", step))
         torch.manual_seed(derived_seed(cfg.seed, "global", step))  # any hidden global-RNG user follows (seed, step)
         k = trajectory_index(cfg.seed, step, len(trajs))
-        z_tilde = trajs.z_tilde[k].to(device, torch.float32)
-        z_delta = trajs.z_delta[k].to(device, torch.float32)
+        ex = Example(trajs.z_tilde[k].to(device, torch.float32), trajs.z_delta[k].to(device, torch.float32),
+                     None if trajs.z_fine is None else trajs.z_fine[k].to(device, torch.float32), step)
         cond = world.encode_prompts([trajs.prompts[k]])
-        for opt, base in ((opt_g, cfg.lr), (optimizers.get("d"), cfg.disc_lr)):
-            if opt is not None:
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, base, cfg.warmup)
+        for name, opt in optimizers.items():
+            for group, base in zip(opt.param_groups, base_lrs[name], strict=True):
+                group["lr"] = lr_at(step, base, cfg.warmup)
 
-        # 4b. Roll out the N slots (detach between slots); backward chunk by chunk into the LoRA / the heads.
+        # 4b. The objective's chunks (RAPM: roll out the N slots, detach between slots); backward chunk by chunk
+        #     into the student LoRA (g_loss) and the critic (d_loss: heads, DMD2's fake score). Only parameters
+        #     that require grad now are inputs: PEFT freezes the adapter that is not active.
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
-        for terms in loss_fn.chunks(z_tilde, z_delta, cond, gen, cfg.slot_chunk):
-            terms.g_loss.backward(inputs=lora_params)
+        for terms in objective.chunks(ex, cond, gen, cfg.slot_chunk):
+            parts: dict[str, torch.Tensor] = {}
+            if terms.g_loss is not None:
+                terms.g_loss.backward(inputs=lora_params)
+                parts["g_loss"] = terms.g_loss.detach()
+            parts |= terms.logs
             if terms.d_loss is not None:
-                terms.d_loss.backward(inputs=head_params)
-            parts = {"g_loss": terms.g_loss.detach(), **terms.logs}
-            if terms.d_loss is not None:
+                terms.d_loss.backward(inputs=[p for p in critic_params if p.requires_grad])
                 parts["d_loss"] = terms.d_loss.detach()
             for key, value in parts.items():
                 sums[key] = sums[key] + value if key in sums else value
 
         # 4c. NaN/inf guard: stop before the update, keep the last good checkpoint.
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        values = {k: float(v) for k, v in sums.items()} | {"grad_norm": float(grad_norm)}
+        values = {k: float(v) for k, v in sums.items()}
+        if any(p.grad is not None for p in lora_params):
+            grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            values["grad_norm"] = float(grad_norm)
         bad = sorted(k for k, v in values.items() if not math.isfinite(v))
-        bad += ["heads grad"] if head_params and not all(
-            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in head_params) else []
+        bad += ["critic grad"] if not all(
+            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in critic_params) else []
         if bad:
             bar.close()
             kept = f"its last good checkpoint (iteration {last_good})" if last_good else "no checkpoint yet"
             raise DivergedError(f"non-finite {', '.join(bad)} at iteration {step + 1}: stopped; {out} keeps {kept}; "
                                 "lower --lr, then rerun with --resume")
 
-        # 4d. Update the student and the discriminators.
+        # 4d. Update the student and the critic; the objective's own bookkeeping (an EMA target).
         for opt in optimizers.values():
             opt.step()
+        objective.after_step()
 
         # 4e. Log, sample, checkpoint.
         row = log.add(step, values, {"lr": lr_at(step, cfg.lr, cfg.warmup),
@@ -271,7 +280,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
         if row is not None:
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("g_loss", "d_loss", "acc_abs", "mse_abs") if k in row})
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-            save_samples(world, grid_prompts, cfg.slots, out / "samples" / f"step_{step + 1:06d}.png")
+            samples(step + 1)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.iters:
             save_checkpoint(ckpt_path, step + 1, state_modules(), optimizers, {"config": asdict(cfg)})
             last_good = step + 1
@@ -281,8 +290,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     # 5. The student as a LoRA file, a last sample grid and the summary.
     lora_path = export()
     if cfg.iters > 0 and (not cfg.sample_every or cfg.iters % cfg.sample_every):
-        save_samples(world, grid_prompts, cfg.slots, out / "samples" / f"step_{cfg.iters:06d}.png")
+        samples(cfg.iters)
     summary = {
+        "objective": cfg.objective,
         "iters": cfg.iters,
         "resumed_from": start,
         "trajectories": {"key": spec.key(), "folder": str(trajs.folder), "num": len(trajs),
@@ -292,8 +302,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
         "machine": machine(device),
         "lora": {"path": str(lora_path), "format": cfg.format, "sha256": sha256_file(lora_path),
                  "params": sum(p.numel() for p in lora_params)},
+        "sampler": {**objective.recipe.describe(), "steps": cfg.slots, "guidance": objective.sample_guidance},
         "last_log": json.loads((out / LOG).read_text().splitlines()[-1]) if (out / LOG).read_text() else None,
-        "eval": f"rapm-bench eval --model lora:{lora_path} --steps {cfg.slots}"
+        "eval": objective.eval_command(str(lora_path), cfg.slots)
                 + ("" if cfg.world.preset == "tiny" else f" --preset {cfg.world.preset}"),
     }
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())

@@ -42,8 +42,8 @@ class SlotTerms:
 
     slots: list[int]
     fake: torch.Tensor  # z^φ_n for the chunk's slots, with grad (B = len(slots))
-    g_loss: torch.Tensor  # into the LoRA
-    d_loss: torch.Tensor | None  # into the heads (None without discriminators)
+    g_loss: torch.Tensor | None  # into the student LoRA (None: no generator update from this chunk)
+    d_loss: torch.Tensor | None  # into the critic: discriminator heads (DMD2: and the fake score); None without one
     logs: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars, already / N
 
 
@@ -56,6 +56,16 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
     """Per-sample sqrt(mean((x−y)²) + c²) − c (Song & Dhariwal 2023, per-element scale)."""
     d2 = (x - y).pow(2).flatten(1).mean(1)
     return (d2 + c * c).sqrt() - c
+
+
+def ddim_jump(
+    student: Student, sched: SlotSchedule, prediction_type: str, z: torch.Tensor, t_from: list[int], t_to: list[int],
+    cond: Cond,
+) -> torch.Tensor:
+    """DDIM(z_b, t_from_b → t_to_b; ε_φ) for a batch of (point, slot) pairs: the student's jump."""
+    t = torch.tensor(t_from, device=z.device)
+    out = student(z, t, repeat_cond(cond, len(t_from)))
+    return ddim_step(z, out, sched.alphabar(torch.tensor(t_from)), sched.alphabar(torch.tensor(t_to)), prediction_type)
 
 
 def slot_chunks(slots: int, chunk: int) -> list[list[int]]:
@@ -80,11 +90,7 @@ class RAPMLoss:
     # --- the student's DDIM jumps ----------------------------------------------------------------
     def jump(self, z: torch.Tensor, t_from: list[int], t_to: list[int], cond: Cond) -> torch.Tensor:
         """DDIM(z_b, t_from_b → t_to_b; ε_φ) for a batch of (point, slot) pairs."""
-        t = torch.tensor(t_from, device=z.device)
-        out = self.student(z, t, repeat_cond(cond, len(t_from)))
-        ab_t = self.sched.alphabar(torch.tensor(t_from))
-        ab_s = self.sched.alphabar(torch.tensor(t_to))
-        return ddim_step(z, out, ab_t, ab_s, self.pred)
+        return ddim_jump(self.student, self.sched, self.pred, z, t_from, t_to, cond)
 
     def step(self, z_in: torch.Tensor, slots: list[int], cond: Cond) -> torch.Tensor:
         """z^φ_n = DDIM(z_{n+1}, t_{n+1} → t_n; ε_φ) for each slot n (gradients flow where enabled)."""

@@ -2,7 +2,8 @@
 
 For K prompts and seeded noise z̃_N the teacher (CFG scale w) runs M DDIM sub-steps per
 slot. Stored per trajectory: every boundary point z̃_n (n = 0..N) and ẑΔ_{n+1}, the point
-after the first sub-step below each boundary t_{n+1} (n = 0..N−1).
+after the first sub-step below each boundary t_{n+1} (n = 0..N−1); with `interior` (PCM's
+consistency pairs) also every teacher point strictly inside each slot.
 
 The cache folder is named by a hash of everything that defines the trajectories (teacher
 weights fingerprint, prompts, seeds, w, N, M, schedule, dtypes); it fills shard by shard
@@ -47,10 +48,18 @@ class TrajectorySpec:
     store_dtype: str  # dtype of the stored points
     batch: int  # trajectories per teacher batch (batching changes round-off, so it is part of the key)
     version: int = FORMAT_VERSION
+    interior: bool = False  # also store the M−1 teacher points strictly inside every slot (PCM)
+
+    def record(self) -> dict[str, Any]:
+        """The fields that define the trajectories (`interior` only when set: older caches keep their keys)."""
+        d = asdict(self)
+        if not self.interior:
+            del d["interior"]
+        return d
 
     def key(self) -> str:
         """Hex digest naming the cache folder."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+        return hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:20]
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,8 @@ class Trajectories:
     prompts: tuple[str, ...]
     spec: TrajectorySpec
     folder: Path
+    z_fine: torch.Tensor | None = None  # (K, N, M−1, C, H, W): slot n's teacher points at sched.fine(n)[1:-1]
+    # (spec.interior only; z_fine[:, n, 0] = z_delta[:, n])
 
     def __len__(self) -> int:
         return self.z_tilde.shape[0]
@@ -90,21 +101,22 @@ def teacher_fingerprint(world: World, probe: str = "a red circle") -> str:
 
 
 def make_spec(world: World, prompts: Sequence[str], seed: int, guidance: float, slots: int, substeps: int,
-              store_dtype: str, batch: int) -> TrajectorySpec:
-    """The spec of these trajectories for this world."""
+              store_dtype: str, batch: int, interior: bool = False) -> TrajectorySpec:
+    """The spec of these trajectories for this world (`interior`: keep every teacher point inside the slots)."""
     return TrajectorySpec(
         teacher=teacher_fingerprint(world), prompts_sha256=sha256_strings(prompts), num=len(prompts), seed=seed,
         guidance=float(guidance), slots=slots, substeps=substeps, noise_schedule=asdict(world.noise_schedule),
         latent_shape=tuple(world.latent_shape), compute_dtype=str(next(world.unet.parameters()).dtype),
-        store_dtype=store_dtype, batch=batch,
+        store_dtype=store_dtype, batch=batch, interior=interior,
     )
 
 
 @torch.no_grad()
-def teacher_trajectories(
+def teacher_points(
     world: World, prompts: Sequence[str], seeds: Sequence[int], guidance: float, sched: SlotSchedule,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch: (z_tilde (B, N+1, ...), z_delta (B, N, ...)) by M-step DDIM per slot with CFG w."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch by M-step DDIM per slot with CFG w: (z_tilde (B, N+1, ...), z_delta (B, N, ...),
+    z_fine (B, N, M−1, ...)), z_fine[:, n, j] at timestep sched.fine(n)[j + 1]."""
     cond = world.encode_prompts(list(prompts))
     denoise = cfg_denoiser(world, cond, guidance)
     z, _ = seeded_noise(seeds, world.latent_shape, world.device)
@@ -112,14 +124,27 @@ def teacher_trajectories(
     n_slots = sched.slots
     z_tilde: list[torch.Tensor] = [z]  # filled from n = N down to 0, reversed at the end
     z_delta: list[torch.Tensor] = []
+    z_fine: list[torch.Tensor] = []  # per slot (B, M−1, ...)
     for n in reversed(range(n_slots)):
         grid = sched.fine(n)
+        inside: list[torch.Tensor] = []
         for k, (t, s) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
             z = ddim_step(z, denoise(z, torch.tensor(t, device=z.device)), sched.alphabar(t), sched.alphabar(s), pred)
             if k == 0:
                 z_delta.append(z)
+            if k < len(grid) - 2:
+                inside.append(z)
         z_tilde.append(z)
-    return torch.stack(z_tilde[::-1], 1), torch.stack(z_delta[::-1], 1)
+        z_fine.append(torch.stack(inside, 1) if inside else z.new_zeros(z.shape[0], 0, *z.shape[1:]))
+    return torch.stack(z_tilde[::-1], 1), torch.stack(z_delta[::-1], 1), torch.stack(z_fine[::-1], 1)
+
+
+def teacher_trajectories(
+    world: World, prompts: Sequence[str], seeds: Sequence[int], guidance: float, sched: SlotSchedule,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch: (z_tilde (B, N+1, ...), z_delta (B, N, ...)) by M-step DDIM per slot with CFG w."""
+    z_tilde, z_delta, _ = teacher_points(world, prompts, seeds, guidance, sched)
+    return z_tilde, z_delta
 
 
 def _shard_name(start: int) -> str:
@@ -139,7 +164,7 @@ def load_or_build(
         raise ValueError("one prompt per trajectory")
     folder = Path(root) / spec.key()
     folder.mkdir(parents=True, exist_ok=True)
-    meta = json.dumps(asdict(spec), indent=2, sort_keys=True)
+    meta = json.dumps(spec.record(), indent=2, sort_keys=True)
     meta_path = folder / "spec.json"
     if meta_path.is_file() and meta_path.read_text() != meta:
         raise UserError(f"trajectory cache {folder} holds a different spec (hash collision?); delete the folder")
@@ -154,15 +179,21 @@ def load_or_build(
               desc="teacher trajectories", unit="traj", disable=not progress or not todo) as bar:
         for start in todo:
             stop = min(start + spec.batch, spec.num)
-            zt, zd = teacher_trajectories(world, prompts[start:stop], range(spec.seed + start, spec.seed + stop),
-                                          spec.guidance, sched)
-            tensors = {"z_tilde": zt.to(dtype).cpu().contiguous(), "z_delta": zd.to(dtype).cpu().contiguous()}
+            seeds = range(spec.seed + start, spec.seed + stop)
+            if spec.interior:
+                zt, zd, zf = teacher_points(world, prompts[start:stop], seeds, spec.guidance, sched)
+                fine = {"z_fine": zf.to(dtype).cpu().contiguous()}
+            else:
+                zt, zd = teacher_trajectories(world, prompts[start:stop], seeds, spec.guidance, sched)
+                fine = {}
+            tensors = {"z_tilde": zt.to(dtype).cpu().contiguous(), "z_delta": zd.to(dtype).cpu().contiguous(), **fine}
             atomic_write_bytes(folder / _shard_name(start), save(tensors))
             bar.update(stop - start)
     shards = [load_file(str(folder / _shard_name(s))) for s in starts]
     return Trajectories(
         z_tilde=torch.cat([s["z_tilde"] for s in shards]), z_delta=torch.cat([s["z_delta"] for s in shards]),
         prompts=tuple(prompts), spec=spec, folder=folder,
+        z_fine=torch.cat([s["z_fine"] for s in shards]) if spec.interior else None,
     )
 
 

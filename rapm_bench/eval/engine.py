@@ -15,7 +15,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 
 from ..config import EvalConfig, get_preset
 from ..errors import UserError
-from ..generate import atomic_write_bytes, generate_batch, png_bytes, sha256_file
+from ..generate import atomic_write_bytes, batch_hint, generate_batch, oom_hint, png_bytes, sha256_file
 from ..models import get_model
 from ..worlds import World, load_world
 from .fid import FeatureStats, checked_fid
@@ -135,12 +135,24 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     out_dir = Path(cfg.out) if cfg.out else Path("results") / preset.name
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file, not a folder")
+    batch = cfg.batch_size or preset.batch_size
+    if batch < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch}")
+    images_out = Path(cfg.images_out) if cfg.images_out else None
+    if images_out is not None:
+        from ..generate import check_out
+
+        check_out(images_out, _images_config(cfg, steps, protocol), "--save-images")
+
+    if cfg.lora and spec.lora is None:
+        raise UserError(f"--lora replaces a LoRA model's weights; {spec.name!r} has none: use --model lora:PATH")
+    lora_override = _lora_file(cfg.lora) if cfg.lora else None
 
     state = PartialState(cpu=cfg.world.device == "cpu")
     world_cfg = cfg.world if state.num_processes == 1 else replace(cfg.world, device=str(state.device))
     world_cfg = replace(world_cfg, resolution=world_cfg.resolution or protocol.generation_resolution)
+    lora = lora_override or spec.lora_path(preset.name, steps)  # a missing LoRA fails before the world loads
     world = load_world(replace(world_cfg, teacher=world_cfg.teacher or preset.teacher))
-    lora = spec.lora_path(preset.name, steps)
     if lora is not None:
         world.load_lora(lora)
         if cfg.fuse:
@@ -149,11 +161,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     scorer = load_scorer(protocol, world.device, cfg.inception, cfg.clip_checkpoint)
     reference = reference_stats(protocol, scorer, Path(cfg.data_dir) if cfg.data_dir else None)
 
-    batch = cfg.batch_size or preset.batch_size
     groups = [range(g, min(g + GROUP, n)) for g in range(0, n, GROUP)]
     mine = groups[state.process_index :: state.num_processes]
     acc = Accumulator(FeatureStats(scorer.feature_dim))
-    images_out = Path(cfg.images_out) if cfg.images_out else None
+    if images_out is not None:
+        atomic_write_bytes(images_out / "config.json", _images_config(cfg, steps, protocol).encode())
+    memory = "; on SDXL also --precision fp16" if preset.name == "sdxl" else ""
     t0 = time.perf_counter()
     with tqdm(total=sum(len(g) for g in mine), desc=f"eval {spec.name} {steps}-step", unit="img",
               disable=not state.is_main_process) as bar:
@@ -161,12 +174,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
             imgs = []
             for start in range(group.start, group.stop, batch):
                 idx = list(range(start, min(start + batch, group.stop)))
-                imgs.append(generate_batch(world, [captions[i] for i in idx], [cfg.seed + i for i in idx],
-                                           spec.recipe, steps, guidance))
+                with oom_hint(f"generating {len(idx)} images", batch_hint(batch, memory)):
+                    imgs.append(generate_batch(world, [captions[i] for i in idx], [cfg.seed + i for i in idx],
+                                               spec.recipe, steps, guidance))
                 bar.update(len(idx))
             images = torch.cat(imgs)
             caps = [captions[i] for i in group]
-            _score_group(acc, scorer, images, caps)
+            with oom_hint(f"scoring {len(caps)} images with the protocol's FID and CLIP networks",
+                          "free GPU memory (other processes on this GPU) or use a larger GPU; --batch-size "
+                          "sets generation batches only"):
+                _score_group(acc, scorer, images, caps)
             if images_out is not None:
                 for i, img in zip(group, images, strict=True):
                     atomic_write_bytes(images_out / f"{i:06d}.png", png_bytes(img))
@@ -181,6 +198,22 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
     result["path"] = str(path)
     return result
+
+
+def _lora_file(path: str) -> Path:
+    """An explicit `--lora` file, checked before any work."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"--lora {p} not found: pass a LoRA file (or a folder holding one)")
+    return p
+
+
+def _images_config(cfg: EvalConfig, steps: int, protocol: Protocol) -> str:
+    """What identifies the images `--save-images` writes (config.json of that folder)."""
+    return json.dumps({"command": "eval", "model": cfg.model, "lora": getattr(cfg, "lora", None), "steps": steps,
+                       "guidance": cfg.guidance,
+                       "protocol": protocol.name, "protocol_hash": protocol.hash(), "seed": cfg.seed,
+                       "world": asdict(cfg.world)}, indent=2, sort_keys=True)
 
 
 def _score_group(acc: Accumulator, scorer: Scorer, images: torch.Tensor, captions: list[str]) -> None:
@@ -208,7 +241,7 @@ def _record(cfg: EvalConfig, spec: Any, steps: int, guidance: float, protocol: P
         "protocol_hash": protocol.hash(),
         "num_images": n,
         "seed": cfg.seed,
-        "fid": checked_fid(acc.stats, reference),
+        "fid": checked_fid(acc.stats, reference, ("generated", "reference")),
         "fid_reliable": reliable,
         "clip_score": acc.clip_sum / n,
         "retrieval_accuracy": acc.hits / acc.hit_count if acc.hit_count else None,
@@ -256,8 +289,5 @@ def reference_stats(protocol: Protocol, scorer: Scorer, data_dir: Path | None) -
     idx = split_indices("eval", protocol.num_pairs)
     for start in range(0, len(idx), 4096):
         stats.update(scorer.features(render_images(idx[start : start + 4096])))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    stats.save(tmp)
-    tmp.replace(path)
+    stats.save(path)  # atomic: concurrent processes may build the same statistics
     return stats

@@ -84,12 +84,13 @@ def sample_grid(results: list[dict[str, Any]], path: Path, num_prompts: int, dev
         model = f"lora:{lora}" if r["model"].startswith("lora-") and lora else r["model"]
         spec = get_model(model)
         world = load_world(WorldConfig(preset=preset, device=device))
-        path_lora = spec.lora_path(preset, r["steps"])
+        # the weights the result was measured with (an `eval --lora` override), else the spec's
+        path_lora = Path(lora) if lora and Path(lora).is_file() else spec.lora_path(preset, r["steps"])
         if path_lora is not None:
             world.load_lora(path_lora)
             world.fuse_lora()
-        rows.append((f"{r['model']} {r['steps']}", generate_batch(world, captions, seeds, spec.recipe, r["steps"],
-                                                                   r["guidance"])))
+        label = f"{r['model']} {r['steps']}" + (f" w{r['guidance']:g}" if r["guidance"] > 1 else "")
+        rows.append((label, generate_batch(world, captions, seeds, spec.recipe, r["steps"], r["guidance"])))
     plt = _pyplot()
     fig, axes = plt.subplots(len(rows), num_prompts, figsize=(1.4 * num_prompts, 1.5 * len(rows) + 0.4),
                              squeeze=False)

@@ -1,0 +1,264 @@
+"""`rapm-bench reproduce`: distil, evaluate every model at its step counts, write the table, in one command.
+
+A plan is data (STYLE.md rule 2): the distillation runs and the evaluations of one preset,
+each with a cost estimate. Running it skips every step whose output already exists and
+matches (a finished run folder, a result JSON of the same model, steps, guidance, protocol,
+image count and weights), so a second run only rewrites the table and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+OBJECTIVES = ("rapm", "pcm", "dmd2")
+
+
+@dataclass(frozen=True)
+class DistillStep:
+    """One `rapm-bench distill` run: the student a registry model is evaluated with."""
+
+    model: str  # registry name the student is evaluated as (rapm, pcm, dmd2)
+    objective: str  # distill objective
+    overrides: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields beside the preset's
+
+
+@dataclass(frozen=True)
+class EvalStep:
+    """One `rapm-bench eval`."""
+
+    model: str
+    steps: int
+    trained: bool = False  # evaluate the LoRA of this plan's distillation of `model`, not the shipped one
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `reproduce` does for one preset."""
+
+    preset: str
+    distills: tuple[DistillStep, ...]
+    evals: tuple[EvalStep, ...]
+    num_images: int | None  # None = the protocol's
+    grid_prompts: int = 8  # captions in the side-by-side sample grid (0: none)
+    protocol: str | None = None  # None = the preset's default protocol
+
+
+TEACHER_STEPS_TINY = (2, 4, 8, 16)
+
+
+def tiny_plan(quick: bool) -> Plan:
+    """Tiny: RAPM, PCM and DMD2 trained here at one budget; the teacher at 2-16 steps (its CFG)."""
+    budget = {"iters": 50} if quick else {}
+    distills = tuple(DistillStep(m, m, budget) for m in OBJECTIVES)
+    teacher = (4, 8) if quick else TEACHER_STEPS_TINY
+    evals = (*(EvalStep("teacher", s) for s in teacher), *(EvalStep(m, 4, trained=True) for m in OBJECTIVES))
+    return Plan("tiny", distills, evals, num_images=256 if quick else 512, grid_prompts=6 if quick else 8)
+
+
+def sdxl_plan(quick: bool) -> Plan:
+    """SDXL: RAPM distilled here; the published RAPM, PCM, DMD2 LoRAs and the teacher on coco30k."""
+    from baselines.pcm import STEPS as PCM_STEPS
+
+    distills = (DistillStep("rapm", "rapm", {"iters": 2000} if quick else {}),)
+    evals = (EvalStep("rapm", 4, trained=True), EvalStep("rapm", 4), *(EvalStep("pcm", s) for s in PCM_STEPS),
+             EvalStep("dmd2", 4), EvalStep("teacher", 4), EvalStep("teacher", 25))
+    # no sample grid: it would load the teacher once per row again; `rapm-bench generate` makes one
+    return Plan("sdxl", distills, evals, num_images=5000 if quick else None, grid_prompts=0)
+
+
+def make_plan(preset: str, quick: bool = False) -> Plan:
+    """The plan of a preset."""
+    if preset == "tiny":
+        return tiny_plan(quick)
+    if preset == "sdxl":
+        return sdxl_plan(quick)
+    raise UserError(f"unknown preset {preset!r}; use tiny or sdxl")
+
+
+# --- cost estimates ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Costs:
+    """Seconds per unit of work, measured (tiny: a 2-core CPU, results/tiny/rapm.md) or derived (SDXL:
+    one H100/H200 from REFERENCE.md's timings, eager bf16)."""
+
+    trajectory_forward: float  # one teacher image-forward inside the batched trajectory precompute
+    iteration: dict[str, float]  # one training iteration per objective
+    image_forward: float  # one image-forward while generating for an evaluation (batched)
+    image_overhead: float  # per image: decode, features, CLIP
+    trajectory_mb: float  # disk per trajectory
+    lora_mb: float
+
+
+COSTS = {
+    # tiny, 2 cores: 256 trajectories × 16 sub-steps × 2 (CFG) in 88 s; 200 RAPM iterations in 79 s;
+    # 2000 RAPM 4-step images evaluated in 61 s (33 img/s) when the machine was idle.
+    "tiny": Costs(trajectory_forward=88 / (256 * 16 * 2), iteration={"rapm": 0.40, "pcm": 0.30, "dmd2": 0.60},
+                  image_forward=0.0060, image_overhead=0.0060, trajectory_mb=9 * 3 * 32 * 32 * 4 / 1e6, lora_mb=0.25),
+    # SDXL on one H100 (REFERENCE.md): UNet forward ≈ 19 ms per image at batch 8 (149 ms), LoRA train step
+    # 574 ms (862 ms with checkpointing) × ~3 passes per RAPM iteration; VAE decode ≈ 76 ms per image in bf16.
+    "sdxl": Costs(trajectory_forward=0.019, iteration={"rapm": 2.6, "pcm": 2.0, "dmd2": 4.0},
+                  image_forward=0.019, image_overhead=0.11, trajectory_mb=9 * 4 * 128 * 128 * 2 / 1e6, lora_mb=6.0),
+}
+
+
+def estimate(plan: Plan, distill_cfgs: dict[str, Any], num_images: int) -> list[tuple[str, float, float]]:
+    """(step description, seconds, MB on disk) for every step of the plan."""
+    from .models import get_model
+
+    c = COSTS[plan.preset]
+    rows: list[tuple[str, float, float]] = []
+    seen_traj: set[tuple[Any, ...]] = set()
+    for step in plan.distills:
+        cfg = distill_cfgs[step.model]
+        key = (cfg.num_trajectories, cfg.guidance, cfg.substeps, cfg.slots, cfg.prompts)
+        traj_s = 0.0 if key in seen_traj else cfg.num_trajectories * cfg.slots * cfg.substeps * 2 * c.trajectory_forward
+        traj_mb = 0.0 if key in seen_traj else cfg.num_trajectories * c.trajectory_mb
+        seen_traj.add(key)
+        rows.append((f"distill {step.model} ({step.objective}, {cfg.iters} iterations)",
+                     traj_s + cfg.iters * c.iteration[step.objective], traj_mb + c.lora_mb))
+    for ev in plan.evals:
+        spec = get_model(ev.model)
+        _, guidance = spec.resolve(ev.steps, None)
+        passes = ev.steps * (2 if (guidance is None or guidance > 1) else 1)
+        rows.append((f"eval {ev.model} {ev.steps}-step{' (trained here)' if ev.trained else ''}",
+                     num_images * (passes * c.image_forward + c.image_overhead), 0.01))
+    return rows
+
+
+# --- running -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """`rapm-bench reproduce` options."""
+
+    preset: str = "tiny"
+    quick: bool = False
+    out: str | None = None  # results folder; None = results/<preset>
+    runs: str | None = None  # run folders; None = runs/reproduce/<preset>
+    device: str = "auto"
+    teacher: str | None = None  # sdxl: hub id or local folder
+    prompts: str | None = None  # sdxl: COCO-2014 train captions for the trajectories
+    data_dir: str | None = None  # sdxl: prepared protocol data (`rapm-bench data coco`)
+    inception: str | None = None
+    clip_checkpoint: str | None = None
+    num_images: int | None = None  # None = the plan's
+    dry_run: bool = False
+
+
+def distill_configs(cfg: ReproduceConfig, plan: Plan, runs: Path) -> dict[str, Any]:
+    """The resolved DistillConfig of each distillation step."""
+    from .distill.config import resolve_distill
+
+    world = {"device": cfg.device, "teacher": cfg.teacher}
+    out = {}
+    for step in plan.distills:
+        objective = {} if step.objective == "rapm" else {"objective": step.objective}
+        out[step.model] = resolve_distill(plan.preset, out=str(runs / step.model), prompts=cfg.prompts,
+                                          **world, **objective, **step.overrides)
+    return out
+
+
+def run_distill(dcfg: Any, progress: bool = True) -> dict[str, Any]:
+    """Distil, resume an interrupted run, or reuse a finished one (same config, same iterations)."""
+    from .distill.engine import distill
+
+    out = Path(dcfg.out)
+    summary = out / "summary.json"
+    if summary.is_file() and (out / "config.json").is_file():
+        from .distill.config import DistillConfig
+
+        if DistillConfig.from_json((out / "config.json").read_text()) == dcfg and \
+                json.loads(summary.read_text())["iters"] == dcfg.iters:
+            return json.loads(summary.read_text()) | {"reused": True}
+    return distill(dcfg, resume=(out / "config.json").is_file(), progress=progress)
+
+
+def result_matches(path: Path, ev: EvalStep, num_images: int, protocol_hash: str, lora: Path | None) -> bool:
+    """Whether an existing result JSON is this evaluation (same model, steps, protocol, images and weights)."""
+    from .generate import sha256_file
+
+    try:
+        r = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if (r.get("steps"), r.get("num_images"), r.get("model"), r.get("protocol_hash")) != \
+            (ev.steps, num_images, ev.model, protocol_hash):
+        return False
+    if lora is None:
+        return True
+    return (r.get("lora") or {}).get("sha256") == sha256_file(lora)
+
+
+def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
+    """Run (or print, with `dry_run`) the preset's plan; return a summary."""
+    from .config import EvalConfig, WorldConfig
+    from .eval.engine import evaluate, result_name
+    from .eval.protocols import default_protocol, get_protocol
+    from .report.plots import write_plots
+    from .report.table import write_table
+
+    plan = make_plan(cfg.preset, cfg.quick)
+    out = Path(cfg.out) if cfg.out else Path("results") / plan.preset
+    runs = Path(cfg.runs) if cfg.runs else Path("runs") / "reproduce" / plan.preset
+    trained_out = out if plan.preset == "tiny" else out / "trained"  # SDXL: beside the published LoRAs' rows
+    protocol = get_protocol(plan.protocol) if plan.protocol else default_protocol(plan.preset)
+    num_images = cfg.num_images or plan.num_images or protocol.num_pairs
+    if num_images < 2:
+        raise UserError(f"--num-images must be at least 2, got {num_images}")
+    dcfgs = distill_configs(cfg, plan, runs)
+    est = estimate(plan, dcfgs, num_images)
+    total_s, total_mb = sum(s for _, s, _ in est), sum(m for _, _, m in est)
+    echo(f"reproduce --preset {plan.preset}{' --quick' if cfg.quick else ''}: {len(plan.distills)} distillations, "
+         f"{len(plan.evals)} evaluations of {num_images} images; results -> {out}, runs -> {runs}")
+    for what, s, mb in est:
+        echo(f"  {what:<48} ~{_duration(s):>8}  ~{mb:,.1f} MB")
+    device_note = "a 2-core CPU" if plan.preset == "tiny" else "one H100"
+    echo(f"  estimated total: ~{_duration(total_s)} on {device_note} (finished steps are skipped), "
+         f"~{total_mb:,.0f} MB on disk")
+    if cfg.dry_run:
+        return {"plan": plan, "estimate": est, "ran": []}
+
+    t0 = time.perf_counter()
+    ran: list[str] = []
+    loras: dict[str, Path] = {}
+    for step in plan.distills:
+        summary = run_distill(dcfgs[step.model])
+        loras[step.model] = Path(dcfgs[step.model].out) / "lora.safetensors"
+        if not summary.get("reused"):
+            ran.append(f"distill {step.model}")
+        echo(f"distill {step.model}: {'reused' if summary.get('reused') else 'done'} -> {loras[step.model]}")
+    world = WorldConfig(preset=plan.preset, teacher=cfg.teacher, device=cfg.device)
+    for ev in plan.evals:
+        folder = trained_out if ev.trained else out
+        lora = loras[ev.model] if ev.trained else None
+        path = folder / result_name(ev.model, ev.steps, protocol.name)
+        if path.is_file() and result_matches(path, ev, num_images, protocol.hash(), lora):
+            echo(f"eval {ev.model} {ev.steps}-step: reused {path}")
+            continue
+        result = evaluate(EvalConfig(world=world, model=ev.model, lora=str(lora) if lora else None, steps=ev.steps,
+                                     protocol=protocol.name, num_images=num_images, out=str(folder),
+                                     data_dir=cfg.data_dir,
+                                     inception=cfg.inception, clip_checkpoint=cfg.clip_checkpoint))
+        if result is not None:
+            ran.append(f"eval {ev.model} {ev.steps}")
+            echo(f"eval {ev.model} {ev.steps}-step: FID {result['fid']:.3f}  CLIP {result['clip_score']:.3f}")
+    inputs = [out] + ([trained_out] if trained_out != out else [])
+    write_table(inputs, out, plan.preset)
+    write_plots(inputs, out, plan.preset, plan.grid_prompts, cfg.device)
+    echo(f"wrote {out / 'table.md'}, fid_vs_steps.png, fid_vs_clip.png, samples.png "
+         f"({len(ran)} steps run, {time.perf_counter() - t0:.0f} s)")
+    return {"plan": plan, "estimate": est, "ran": ran, "out": str(out)}
+
+
+def _duration(seconds: float) -> str:
+    """3 s, 4.2 min, 1.5 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,72 @@
+"""The `baselines/` registry against REFERENCE.md's published-model facts, and its offline behaviour."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from baselines import MODELS
+from rapm_bench.models import HubFile
+
+# (name, repo, a file name, scheduler, spacing, explicit timesteps, guidance, step counts): REFERENCE.md
+PUBLISHED = [
+    ("rapm", "guoqiang-x/RAPM_SDXL", "RAPM_SDXL.pt", "ddim", "trailing", None, 1.0, (4,)),
+    ("pcm", "wangfuyun/PCM_Weights", "pcm_sdxl_smallcfg_4step_converted.safetensors", "ddim", "trailing", None, 1.0,
+     (2, 4, 8, 16)),
+    ("pcm-normalcfg", "wangfuyun/PCM_Weights", "pcm_sdxl_normalcfg_4step_converted.safetensors", "ddim", "trailing",
+     None, 3.0, (4, 8, 16)),
+    ("dmd2", "tianweiy/DMD2", "dmd2_sdxl_4step_lora_fp16.safetensors", "lcm", "trailing", (999, 749, 499, 249), 0.0,
+     (4,)),
+    ("lcm-lora", "latent-consistency/lcm-lora-sdxl", "pytorch_lora_weights.safetensors", "lcm", "leading", None, 1.0,
+     (2, 4, 8)),
+    ("lightning", "ByteDance/SDXL-Lightning", "sdxl_lightning_4step_lora.safetensors", "euler", "trailing", None, 0.0,
+     (2, 4, 8)),
+    ("hyper-sd", "ByteDance/Hyper-SD", "Hyper-SDXL-4steps-lora.safetensors", "ddim", "trailing", None, 0.0,
+     (1, 2, 4, 8)),
+    ("tcd", "h1t/TCD-SDXL-LoRA", "pytorch_lora_weights.safetensors", "tcd", "trailing", None, 0.0, (2, 4, 8)),
+]
+
+
+@pytest.mark.parametrize(("name", "repo", "filename", "scheduler", "spacing", "timesteps", "guidance", "steps"),
+                         PUBLISHED)
+def test_spec_matches_reference(name, repo, filename, scheduler, spacing, timesteps, guidance, steps):
+    spec = MODELS[name]
+    assert spec.recipe.scheduler == scheduler and spec.recipe.timestep_spacing == spacing
+    assert spec.recipe.timesteps == timesteps
+    assert spec.guidance == guidance and spec.steps == steps
+    source = spec.lora["sdxl"]
+    files = list(source.values()) if isinstance(source, dict) else [source]
+    assert all(isinstance(f, HubFile) and f.repo == repo for f in files)
+    assert filename in [f.filename for f in files]
+    if spec.recipe.scheduler == "ddim":  # the pitfall PCM fixed: diffusers' DDIM defaults clip and set alpha to one
+        assert dict(spec.recipe.options) == {"clip_sample": False, "set_alpha_to_one": False}
+
+
+def test_tcd_uses_gamma_03_and_reported_numbers_cite_a_source():
+    assert MODELS["tcd"].recipe.eta == 0.3
+    for spec in MODELS.values():
+        for rep in spec.reported:
+            assert rep.source and rep.protocol and rep.preset in ("sdxl", "tiny")
+
+
+@pytest.mark.parametrize(("model", "steps", "shipped"), [("pcm", 3, "2, 4, 8, 16"), ("dmd2", 8, "4"),
+                                                          ("lightning", 1, "2, 4, 8"), ("rapm", 2, "4")])
+def test_eval_rejects_unshipped_step_counts(tmp_path, model, steps, shipped):
+    result = subprocess.run([sys.executable, "-m", "rapm_bench", "eval", "--preset", "sdxl", "--model", model,
+                             "--steps", str(steps), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and f"ships {shipped}-step" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_published_file_offline_says_how_to_get_it(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hc
+
+    from rapm_bench.errors import UserError
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))  # an empty hub cache (conftest sets HF_HUB_OFFLINE)
+    with pytest.raises(UserError, match="huggingface-cli download ByteDance/SDXL-Lightning"):
+        MODELS["lightning"].lora_path("sdxl", 4)

@@ -1,0 +1,105 @@
+"""`rapm-bench reproduce`: the plan, a small tiny run end to end (twice: the second reuses everything),
+and the SDXL path rehearsed offline with a random-weight pipeline and synthetic COCO."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_clip_score import checkpoint as checkpoint  # noqa: F401 - a fixture
+from test_coco import coco as coco  # noqa: F401 - a fixture
+from test_fid_agreement import _FakeTorchscriptInception
+from test_sdxl_eval_rehearsal import rehearsal_protocol as rehearsal_protocol  # noqa: F401 - a fixture
+from typer.testing import CliRunner
+
+from rapm_bench import reproduce as rep
+from rapm_bench.cli import app
+
+SMALL = {"num_trajectories": 4, "trajectory_batch": 4, "iters": 3, "warmup": 1, "checkpoint_every": 2,
+         "log_every": 1, "sample_every": 0, "sample_count": 2}
+
+
+def small_tiny_plan(objectives: tuple[str, ...]) -> rep.Plan:
+    """The tiny plan's shape at a CPU-test size."""
+    return rep.Plan("tiny", tuple(rep.DistillStep(m, m, SMALL) for m in objectives),
+                    (rep.EvalStep("teacher", 1), *(rep.EvalStep(m, 4, trained=True) for m in objectives)),
+                    num_images=130, grid_prompts=2)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "rapm_bench", "reproduce", "--dry-run", "--out",
+                             str(tmp_path / "res"), "--runs", str(tmp_path / "runs")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for needle in ("distill rapm", "distill pcm", "distill dmd2", "eval teacher 16-step", "eval dmd2 4-step",
+                   "estimated total"):
+        assert needle in result.stdout
+    assert not (tmp_path / "res").exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_default_tiny_plan_fits_the_cpu_budget():
+    """The README promises about 10 minutes on 2 CPU cores: the plan's own estimate must agree."""
+    plan = rep.make_plan("tiny")
+    cfgs = rep.distill_configs(rep.ReproduceConfig(), plan, Path("runs"))
+    total = sum(s for _, s, _ in rep.estimate(plan, cfgs, plan.num_images or 0))
+    assert 5 * 60 < total < 13 * 60
+    assert {d.objective for d in plan.distills} == {"rapm", "pcm", "dmd2"}
+    assert len({cfgs[m].iters for m in cfgs}) == 1  # the equal-budget comparison
+
+
+def test_tiny_reproduce_runs_then_reuses_everything(tmp_path, monkeypatch):
+    monkeypatch.setattr(rep, "make_plan", lambda preset, quick=False: small_tiny_plan(("rapm",)))
+    cfg = rep.ReproduceConfig(out=str(tmp_path / "res"), runs=str(tmp_path / "runs"), device="cpu")
+    first = rep.reproduce(cfg, echo=lambda *_: None)
+    assert first["ran"] == ["distill rapm", "eval teacher 1", "eval rapm 4"]
+    res = tmp_path / "res"
+    for name in ("table.md", "table.csv", "fid_vs_steps.png", "fid_vs_clip.png", "samples.png",
+                 "rapm-4step-tiny.json", "teacher-1step-tiny.json"):
+        assert (res / name).is_file(), name
+    rec = json.loads((res / "rapm-4step-tiny.json").read_text())
+    assert rec["lora"]["path"].endswith("runs/rapm/lora.safetensors")  # the LoRA trained here, not the shipped one
+    table = (res / "table.md").read_text()
+    assert "| rapm | 4 |" in table and "| teacher | 1 |" in table
+
+    second = rep.reproduce(cfg, echo=lambda *_: None)
+    assert second["ran"] == []
+    assert json.loads((res / "rapm-4step-tiny.json").read_text())["created"] == rec["created"]
+
+
+def test_sdxl_reproduce_rehearsed_offline(tmp_path, monkeypatch, tiny_sdxl, coco, checkpoint,  # noqa: F811
+                                          rehearsal_protocol):  # noqa: F811
+    annotations, images = coco
+    torch.manual_seed(0)
+    inception = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(_FakeTorchscriptInception()).save(str(inception))
+    cache = tmp_path / "cache"
+    prep = CliRunner().invoke(app, ["data", "coco", "--protocol", rehearsal_protocol, "--annotations",
+                                    str(annotations), "--images", str(images), "--cache-dir", str(cache),
+                                    "--inception", str(inception), "--device", "cpu"])
+    assert prep.exit_code == 0, prep.output
+    prompts = tmp_path / "train_captions.txt"
+    prompts.write_text("a dog on a beach\na bowl of soup\n")
+    small = {"num_trajectories": 2, "trajectory_batch": 2, "substeps": 2, "iters": 2, "warmup": 0, "lr": 0.05,
+             "precision": "fp32", "cache_dir": str(tmp_path / "traj"), "sample_every": 0, "checkpoint_every": 1}
+    plan = rep.Plan("sdxl", (rep.DistillStep("rapm", "rapm", small),),
+                    (rep.EvalStep("rapm", 4, trained=True), rep.EvalStep("teacher", 2)),
+                    num_images=12, grid_prompts=0, protocol=rehearsal_protocol)
+    monkeypatch.setattr(rep, "make_plan", lambda preset, quick=False: plan)
+    args = ["reproduce", "--preset", "sdxl", "--teacher", str(tiny_sdxl), "--prompts", str(prompts),
+            "--data-dir", str(cache), "--inception", str(inception), "--clip-checkpoint", str(checkpoint),
+            "--device", "cpu", "--out", str(tmp_path / "res"), "--runs", str(tmp_path / "runs")]
+    with pytest.warns(UserWarning, match="unreliable"):  # 12 images, 2048-d features
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ours = json.loads((tmp_path / "res" / "trained" / f"rapm-4step-{rehearsal_protocol}.json").read_text())
+    assert ours["preset"] == "sdxl" and ours["num_images"] == 12
+    assert ours["lora"]["path"].endswith("runs/rapm/lora.safetensors")
+    assert (tmp_path / "res" / f"teacher-2step-{rehearsal_protocol}.json").is_file()
+    table = (tmp_path / "res" / "table.md").read_text()
+    assert "reported: RAPM README" in table and "| rapm | 4 |" in table
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "0 steps run" in again.output
