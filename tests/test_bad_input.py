@@ -369,15 +369,11 @@ def test_distill(tmp_path, env, args, needles):
     assert not out.exists()
 
 
-@pytest.mark.xfail(reason="distill engine (not ours to edit): open_run reads another command's config.json "
-                          "with DistillConfig.from_json and raises KeyError; see RELIABILITY.md", strict=False)
 def test_distill_out_holding_a_generate_run(tmp_path, env, inputs):
     assert_one_line_error(run_cli(["distill", "--out", str(inputs / "other-run"), "--iters", "1"], tmp_path, env),
                           "holds")
 
 
-@pytest.mark.xfail(reason="distill engine (not ours to edit): config.json is written before the prompts, the "
-                          "teacher and the device are checked; see RELIABILITY.md", strict=False)
 def test_distill_bad_prompts_leave_nothing(tmp_path, env, inputs):
     (tmp_path / "empty.txt").write_text("\n")
     out = tmp_path / "run"

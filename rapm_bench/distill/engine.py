@@ -65,15 +65,20 @@ def cache_root(cfg: DistillConfig) -> Path:
 
 def open_run(out: Path, cfg: DistillConfig, resume: bool) -> None:
     """Accept `out` if new/empty or holding this run (`--resume` may change --iters); write config.json."""
-    from ..generate import atomic_write_bytes
+    from ..generate import atomic_write_bytes, remove_stale_tmp
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     cfg_path = out / "config.json"
+    remove_stale_tmp(out)  # a writer killed mid-write leaves only a temporary file behind
     if out.exists() and any(out.iterdir()):
         if not cfg_path.is_file():
             raise UserError(f"--out {out} holds other files; choose another --out or empty it")
-        old = DistillConfig.from_json(cfg_path.read_text())
+        try:
+            old = DistillConfig.from_json(cfg_path.read_text())
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"--out {out} holds another command's files (its config.json is not a distill "
+                            "config); choose another --out or empty it") from None
         if old != cfg and not (resume and replace(old, iters=cfg.iters) == cfg):
             diff = [f.name for f in fields(DistillConfig) if getattr(old, f.name) != getattr(cfg, f.name)]
             raise UserError(f"--out {out} holds a run with another config (differs in: {', '.join(diff)}); "
@@ -113,9 +118,16 @@ class JsonlLog:
         self.path, self.every = path, every
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
-        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        from ..generate import atomic_write_bytes
+
+        rows = []
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a partial last row from a killed run: the checkpoint decides what stays
+                break
         keep = [r for r in rows if r["step"] <= start]  # a resumed run rewrites what came after its checkpoint
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
     def add(self, step: int, values: dict[str, float], extra: dict[str, float]) -> dict[str, float] | None:
         """Accumulate one iteration; return the row when one is written."""
@@ -156,17 +168,18 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     from .trajectories import DTYPES, load_or_build, make_spec, training_prompts
 
     # 0. Run folder: the resolved config goes first (STYLE.md rule 2).
+    #    Prompts, teacher and device are checked first, so that bad input leaves no run folder behind.
     validate(cfg)
     out = Path(cfg.out)
+    prompts = training_prompts(cfg.world.preset, cfg.num_trajectories, cfg.prompts, cfg.prompt_offset)
+    world = load_world(cfg.world)
     open_run(out, cfg, resume)
     t_start = time.perf_counter()
 
     # 1. Teacher and its trajectories (DESIGN.md §4.1), computed before any LoRA exists. PCM also keeps every
     #    teacher point inside the slots (its consistency pairs): another cache key.
-    world = load_world(cfg.world)
     device = world.device
     guidance = world.default_guidance if cfg.guidance is None else cfg.guidance
-    prompts = training_prompts(cfg.world.preset, cfg.num_trajectories, cfg.prompts, cfg.prompt_offset)
     spec = make_spec(world, prompts, cfg.trajectory_seed, guidance, cfg.slots, cfg.substeps, cfg.store_dtype,
                      cfg.trajectory_batch, interior=cfg.objective == "pcm")
     trajs = load_or_build(world, prompts, spec, cache_root(cfg), progress)
