@@ -169,9 +169,9 @@ class DMD2Loss(Objective):
         if self.gan:
             self.heads.load_state_dict(modules["heads"])  # type: ignore[union-attr]
 
-    def eval_command(self, lora: str, steps: int) -> str:
-        return (f"rapm-bench generate --model dmd2 --lora {lora} --steps {steps} (its LCM sampler, no CFG; "
-                "`eval --model lora:` would sample it with DDIM)")
+    def eval_command(self, lora: str, steps: int, preset: str = "") -> str:
+        """The registry's `dmd2` sampler (LCM, no CFG) with this LoRA (`--model lora:` would sample with DDIM)."""
+        return f"rapm-bench eval --model dmd2 --lora {lora} --steps {steps}{preset}"
 
     @property
     def gan(self) -> bool:

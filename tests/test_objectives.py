@@ -376,6 +376,8 @@ def test_objective_runs_resume_bit_identical_and_export(teacher_dir, tmp_path, m
     summary = engine.distill(whole, progress=False)
     run = Path(whole.out)
     assert summary["objective"] == objective and summary["iters"] == 4
+    lora_flag = {"pcm": f"--model lora:{run / 'lora.safetensors'}", "dmd2": f"--model dmd2 --lora {run / 'lora.safetensors'}"}
+    assert summary["eval"] == f"rapm-bench eval {lora_flag[objective]} --steps 4"
     assert json.loads((run / "config.json").read_text())["objective"] == objective
     assert {"config.json", "checkpoint.safetensors", "lora.safetensors", "train_log.jsonl", "summary.json",
             "samples"} <= {p.name for p in run.iterdir()}

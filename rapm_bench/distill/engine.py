@@ -317,8 +317,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
                  "params": sum(p.numel() for p in lora_params)},
         "sampler": {**objective.recipe.describe(), "steps": cfg.slots, "guidance": objective.sample_guidance},
         "last_log": json.loads((out / LOG).read_text().splitlines()[-1]) if (out / LOG).read_text() else None,
-        "eval": objective.eval_command(str(lora_path), cfg.slots)
-                + ("" if cfg.world.preset == "tiny" else f" --preset {cfg.world.preset}"),
+        "eval": objective.eval_command(str(lora_path), cfg.slots,
+                                       "" if cfg.world.preset == "tiny" else f" --preset {cfg.world.preset}"),
     }
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary

@@ -72,9 +72,9 @@ class Objective:
     def after_step(self) -> None:
         """Called after every optimiser step (an EMA target follows the student here)."""
 
-    def eval_command(self, lora: str, steps: int) -> str:
-        """The `rapm-bench` command that evaluates this student with its own sampler."""
-        return f"rapm-bench eval --model lora:{lora} --steps {steps}"
+    def eval_command(self, lora: str, steps: int, preset: str = "") -> str:
+        """The command that evaluates this student with its own sampler (`preset`: e.g. " --preset sdxl")."""
+        return f"rapm-bench eval --model lora:{lora} --steps {steps}{preset}"
 
 
 # --- two LoRA adapters on one UNet (DMD2's fake score) -----------------------------------------------
