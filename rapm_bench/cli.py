@@ -220,6 +220,9 @@ def reproduce(
     = None,
     num_images: Annotated[int | None, typer.Option(help="Images per evaluation; default: the plan's (tiny 512, "
                                                         "sdxl the protocol's 30K).")] = None,
+    seeds: Annotated[int, typer.Option(help="tiny: training seeds per method (RAPM, PCM, DMD2) for the "
+                                            "equal-budget comparison (comparison.md: mean ± sd); seed 0's runs "
+                                            "are the table's, seeds > 0 go to <out>/seeds/.")] = 1,
     device: Annotated[str, typer.Option(help="`auto`, `cpu`, `cuda`, ...")] = "auto",
     teacher: Annotated[str | None, typer.Option(help="sdxl: teacher hub id or local diffusers folder.")] = None,
     prompts: Annotated[str | None, typer.Option(help="sdxl: COCO-2014 train captions (captions_train2014.json) for "
@@ -240,7 +243,7 @@ def reproduce(
 
     cfg = ReproduceConfig(preset=preset, quick=quick, out=out, runs=runs, device=device, teacher=teacher,
                           prompts=prompts, data_dir=data_dir, inception=inception, clip_checkpoint=clip_checkpoint,
-                          num_images=num_images, dry_run=dry_run)
+                          num_images=num_images, seeds=seeds, dry_run=dry_run)
     _run(run_reproduce, cfg, typer.echo)
 
 

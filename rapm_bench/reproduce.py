@@ -26,6 +26,12 @@ class DistillStep:
     model: str  # registry name the student is evaluated as (rapm, pcm, dmd2)
     objective: str  # distill objective
     overrides: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields beside the preset's
+    seed: int = 0  # training seed (LoRA init and every iteration's draws); the trajectories are shared
+
+    @property
+    def key(self) -> str:
+        """Run-folder name: `rapm`, or `rapm-seed1` for another training seed."""
+        return run_key(self.model, self.seed)
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,12 @@ class EvalStep:
     model: str
     steps: int
     trained: bool = False  # evaluate the LoRA of this plan's distillation of `model`, not the shipped one
+    seed: int = 0  # which training seed's LoRA (trained only); seeds > 0 write under <out>/seeds/seed<S>/
+
+
+def run_key(model: str, seed: int) -> str:
+    """`rapm` for seed 0, `rapm-seed2` for seed 2."""
+    return model if seed == 0 else f"{model}-seed{seed}"
 
 
 @dataclass(frozen=True)
@@ -52,12 +64,15 @@ class Plan:
 TEACHER_STEPS_TINY = (2, 4, 8, 16)
 
 
-def tiny_plan(quick: bool) -> Plan:
-    """Tiny: RAPM, PCM and DMD2 trained here at one budget; the teacher at 2-16 steps (its CFG)."""
+def tiny_plan(quick: bool, seeds: int = 1) -> Plan:
+    """Tiny: RAPM, PCM and DMD2 trained here at one budget (`seeds` training seeds each); the teacher at
+    2-16 steps (its CFG)."""
     budget = {"iters": 50} if quick else {}
-    distills = tuple(DistillStep(m, m, budget) for m in OBJECTIVES)
+    distills = tuple(DistillStep(m, m, budget | ({"seed": s} if s else {}), s)
+                     for s in range(seeds) for m in OBJECTIVES)
     teacher = (4, 8) if quick else TEACHER_STEPS_TINY
-    evals = (*(EvalStep("teacher", s) for s in teacher), *(EvalStep(m, 4, trained=True) for m in OBJECTIVES))
+    evals = (*(EvalStep("teacher", s) for s in teacher),
+             *(EvalStep(m, 4, trained=True, seed=s) for s in range(seeds) for m in OBJECTIVES))
     return Plan("tiny", distills, evals, num_images=256 if quick else 512, grid_prompts=6 if quick else 8)
 
 
@@ -72,11 +87,15 @@ def sdxl_plan(quick: bool) -> Plan:
     return Plan("sdxl", distills, evals, num_images=5000 if quick else None, grid_prompts=0)
 
 
-def make_plan(preset: str, quick: bool = False) -> Plan:
+def make_plan(preset: str, quick: bool = False, seeds: int = 1) -> Plan:
     """The plan of a preset."""
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
     if preset == "tiny":
-        return tiny_plan(quick)
+        return tiny_plan(quick, seeds)
     if preset == "sdxl":
+        if seeds != 1:
+            raise UserError("--seeds applies to the tiny preset (one SDXL distillation takes hours)")
         return sdxl_plan(quick)
     raise UserError(f"unknown preset {preset!r}; use tiny or sdxl")
 
@@ -96,10 +115,11 @@ class Costs:
 
 
 COSTS = {
-    # tiny, 2 cores: 256 trajectories × 16 sub-steps × 2 (CFG) in 88 s; 200 RAPM iterations in 79 s;
-    # 2000 RAPM 4-step images evaluated in 61 s (33 img/s) when the machine was idle.
-    "tiny": Costs(trajectory_forward=88 / (256 * 16 * 2), iteration={"rapm": 0.40, "pcm": 0.30, "dmd2": 0.60},
-                  image_forward=0.0060, image_overhead=0.0060, trajectory_mb=9 * 3 * 32 * 32 * 4 / 1e6, lora_mb=0.25),
+    # tiny, measured by `rapm-bench reproduce` on an idle 2-core CPU (results/tiny/README.md): 256
+    # trajectories × 16 sub-steps × 2 (CFG) in 75 s; 200 iterations RAPM 79 s, PCM 39 s, DMD2 80 s;
+    # 512 images at 4 / 32 image-forwards in 18.4 / 133 s.
+    "tiny": Costs(trajectory_forward=75 / (256 * 16 * 2), iteration={"rapm": 0.40, "pcm": 0.20, "dmd2": 0.40},
+                  image_forward=0.0080, image_overhead=0.0040, trajectory_mb=9 * 3 * 32 * 32 * 4 / 1e6, lora_mb=0.25),
     # SDXL on one H100 (REFERENCE.md): UNet forward ≈ 19 ms per image at batch 8 (149 ms), LoRA train step
     # 574 ms (862 ms with checkpointing) × ~3 passes per RAPM iteration; VAE decode ≈ 76 ms per image in bf16.
     "sdxl": Costs(trajectory_forward=0.019, iteration={"rapm": 2.6, "pcm": 2.0, "dmd2": 4.0},
@@ -115,18 +135,19 @@ def estimate(plan: Plan, distill_cfgs: dict[str, Any], num_images: int) -> list[
     rows: list[tuple[str, float, float]] = []
     seen_traj: set[tuple[Any, ...]] = set()
     for step in plan.distills:
-        cfg = distill_cfgs[step.model]
-        key = (cfg.num_trajectories, cfg.guidance, cfg.substeps, cfg.slots, cfg.prompts)
+        cfg = distill_cfgs[step.key]
+        key = (cfg.num_trajectories, cfg.trajectory_seed, cfg.guidance, cfg.substeps, cfg.slots, cfg.prompts,
+               cfg.objective == "pcm")  # PCM's cache also keeps the points inside the slots
         traj_s = 0.0 if key in seen_traj else cfg.num_trajectories * cfg.slots * cfg.substeps * 2 * c.trajectory_forward
         traj_mb = 0.0 if key in seen_traj else cfg.num_trajectories * c.trajectory_mb
         seen_traj.add(key)
-        rows.append((f"distill {step.model} ({step.objective}, {cfg.iters} iterations)",
+        rows.append((f"distill {step.key} ({step.objective}, {cfg.iters} iterations)",
                      traj_s + cfg.iters * c.iteration[step.objective], traj_mb + c.lora_mb))
     for ev in plan.evals:
         spec = get_model(ev.model)
         _, guidance = spec.resolve(ev.steps, None)
         passes = ev.steps * (2 if (guidance is None or guidance > 1) else 1)
-        rows.append((f"eval {ev.model} {ev.steps}-step{' (trained here)' if ev.trained else ''}",
+        rows.append((f"eval {run_key(ev.model, ev.seed)} {ev.steps}-step{' (trained here)' if ev.trained else ''}",
                      num_images * (passes * c.image_forward + c.image_overhead), 0.01))
     return rows
 
@@ -147,6 +168,7 @@ class ReproduceConfig:
     inception: str | None = None
     clip_checkpoint: str | None = None
     num_images: int | None = None  # None = the plan's
+    seeds: int = 1  # tiny: training seeds per method for the equal-budget comparison
     dry_run: bool = False
 
 
@@ -158,7 +180,7 @@ def distill_configs(cfg: ReproduceConfig, plan: Plan, runs: Path) -> dict[str, A
     out = {}
     for step in plan.distills:
         objective = {} if step.objective == "rapm" else {"objective": step.objective}
-        out[step.model] = resolve_distill(plan.preset, out=str(runs / step.model), prompts=cfg.prompts,
+        out[step.key] = resolve_distill(plan.preset, out=str(runs / step.key), prompts=cfg.prompts,
                                           **world, **objective, **step.overrides)
     return out
 
@@ -202,7 +224,7 @@ def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
     from .report.plots import write_plots
     from .report.table import write_table
 
-    plan = make_plan(cfg.preset, cfg.quick)
+    plan = make_plan(cfg.preset, cfg.quick, cfg.seeds)
     out = Path(cfg.out) if cfg.out else Path("results") / plan.preset
     runs = Path(cfg.runs) if cfg.runs else Path("runs") / "reproduce" / plan.preset
     trained_out = out if plan.preset == "tiny" else out / "trained"  # SDXL: beside the published LoRAs' rows
@@ -213,7 +235,8 @@ def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
     dcfgs = distill_configs(cfg, plan, runs)
     est = estimate(plan, dcfgs, num_images)
     total_s, total_mb = sum(s for _, s, _ in est), sum(m for _, _, m in est)
-    echo(f"reproduce --preset {plan.preset}{' --quick' if cfg.quick else ''}: {len(plan.distills)} distillations, "
+    flags = (" --quick" if cfg.quick else "") + (f" --seeds {cfg.seeds}" if cfg.seeds > 1 else "")
+    echo(f"reproduce --preset {plan.preset}{flags}: {len(plan.distills)} distillations, "
          f"{len(plan.evals)} evaluations of {num_images} images; results -> {out}, runs -> {runs}")
     for what, s, mb in est:
         echo(f"  {what:<48} ~{_duration(s):>8}  ~{mb:,.1f} MB")
@@ -227,32 +250,89 @@ def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
     ran: list[str] = []
     loras: dict[str, Path] = {}
     for step in plan.distills:
-        summary = run_distill(dcfgs[step.model])
-        loras[step.model] = Path(dcfgs[step.model].out) / "lora.safetensors"
+        summary = run_distill(dcfgs[step.key])
+        loras[step.key] = Path(dcfgs[step.key].out) / "lora.safetensors"
         if not summary.get("reused"):
-            ran.append(f"distill {step.model}")
-        echo(f"distill {step.model}: {'reused' if summary.get('reused') else 'done'} -> {loras[step.model]}")
+            ran.append(f"distill {step.key}")
+        echo(f"distill {step.key}: {'reused' if summary.get('reused') else 'done'} -> {loras[step.key]}")
     world = WorldConfig(preset=plan.preset, teacher=cfg.teacher, device=cfg.device)
     for ev in plan.evals:
-        folder = trained_out if ev.trained else out
-        lora = loras[ev.model] if ev.trained else None
+        folder = (trained_out if ev.seed == 0 else out / "seeds" / f"seed{ev.seed}") if ev.trained else out
+        lora = loras[run_key(ev.model, ev.seed)] if ev.trained else None
         path = folder / result_name(ev.model, ev.steps, protocol.name)
+        name = run_key(ev.model, ev.seed)
         if path.is_file() and result_matches(path, ev, num_images, protocol.hash(), lora):
-            echo(f"eval {ev.model} {ev.steps}-step: reused {path}")
+            echo(f"eval {name} {ev.steps}-step: reused {path}")
             continue
         result = evaluate(EvalConfig(world=world, model=ev.model, lora=str(lora) if lora else None, steps=ev.steps,
                                      protocol=protocol.name, num_images=num_images, out=str(folder),
                                      data_dir=cfg.data_dir,
                                      inception=cfg.inception, clip_checkpoint=cfg.clip_checkpoint))
         if result is not None:
-            ran.append(f"eval {ev.model} {ev.steps}")
-            echo(f"eval {ev.model} {ev.steps}-step: FID {result['fid']:.3f}  CLIP {result['clip_score']:.3f}")
+            ran.append(f"eval {name} {ev.steps}")
+            echo(f"eval {name} {ev.steps}-step: FID {result['fid']:.3f}  CLIP {result['clip_score']:.3f}")
     inputs = [out] + ([trained_out] if trained_out != out else [])
     write_table(inputs, out, plan.preset)
     write_plots(inputs, out, plan.preset, plan.grid_prompts, cfg.device)
+    if len({s.objective for s in plan.distills}) > 1:
+        write_comparison(plan, dcfgs, out, protocol.name)
+        echo(f"wrote {out / 'comparison.md'}")
     echo(f"wrote {out / 'table.md'}, fid_vs_steps.png, fid_vs_clip.png, samples.png "
          f"({len(ran)} steps run, {time.perf_counter() - t0:.0f} s)")
     return {"plan": plan, "estimate": est, "ran": ran, "out": str(out)}
+
+
+def write_comparison(plan: Plan, dcfgs: dict[str, Any], out: Path, protocol: str) -> dict[str, Any]:
+    """The equal-budget comparison of the methods trained here: per method, each seed's scores and training
+    time, their mean and sample standard deviation -> comparison.json and comparison.md."""
+    import statistics
+
+    from .eval.engine import result_name
+    from .generate import atomic_write_bytes
+
+    methods: dict[str, dict[str, Any]] = {}
+    num_images = None
+    for step in plan.distills:
+        ev = next(e for e in plan.evals if e.trained and e.model == step.model and e.seed == step.seed)
+        folder = out if step.seed == 0 else out / "seeds" / f"seed{step.seed}"
+        r = json.loads((folder / result_name(ev.model, ev.steps, protocol)).read_text())
+        summary = json.loads((Path(dcfgs[step.key].out) / "summary.json").read_text())
+        num_images = r["num_images"]
+        m = methods.setdefault(step.model, {"objective": step.objective, "iters": summary["iters"],
+                                            "steps": ev.steps, "runs": []})
+        m["runs"].append({"seed": step.seed, "fid": r["fid"], "clip_score": r["clip_score"],
+                          "retrieval_accuracy": r.get("retrieval_accuracy"),
+                          "train_seconds": summary["train_seconds"],
+                          "seconds_per_iteration": summary["train_seconds"] / max(summary["iters"], 1),
+                          "machine": summary["machine"]})
+    for m in methods.values():
+        for k in ("fid", "clip_score", "retrieval_accuracy", "seconds_per_iteration"):
+            xs = [run[k] for run in m["runs"] if run[k] is not None]
+            m[k] = {"mean": statistics.fmean(xs) if xs else None,
+                    "sd": statistics.stdev(xs) if len(xs) > 1 else None}
+    record = {"preset": plan.preset, "protocol": protocol, "num_images": num_images, "methods": methods}
+
+    def cell(stat: dict[str, Any], fmt: str) -> str:
+        if stat["mean"] is None:
+            return "–"
+        return format(stat["mean"], fmt) + ("" if stat["sd"] is None else " ± " + format(stat["sd"], fmt))
+
+    lines = [f"# Equal-budget comparison ({plan.preset}, protocol {protocol}, {record['num_images']} images)", "",
+             "Each method distilled by the same engine from the same teacher trajectories: batch 1, the same "
+             "iterations, the same device; mean ± sample standard deviation over training seeds "
+             "(`rapm-bench reproduce --seeds K`).", "",
+             "| method | iterations | seeds | FID ↓ | CLIP ↑ | retrieval ↑ | s / iteration | FID per seed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m in methods.items():
+        per_seed = ", ".join(f"{run['fid']:.2f}" for run in m["runs"])
+        lines.append(f"| {name} ({m['steps']}-step) | {m['iters']} | {len(m['runs'])} | {cell(m['fid'], '.2f')} | "
+                     f"{cell(m['clip_score'], '.2f')} | {cell(m['retrieval_accuracy'], '.3f')} | "
+                     f"{cell(m['seconds_per_iteration'], '.2f')} | {per_seed} |")
+    machines = sorted({str(run["machine"]) for m in methods.values() for run in m["runs"]})
+    lines += ["", f"Training machine: {'; '.join(machines)}.", ""]
+    atomic_write_bytes(out / "comparison.json", (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "comparison.md", "\n".join(lines).encode())
+    return record
 
 
 def _duration(seconds: float) -> str:

@@ -9,6 +9,7 @@ scheduler and seeds.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -93,7 +94,15 @@ def sample(
     check_steps(recipe, steps, schedule)
     scheduler = make_scheduler(recipe, schedule)
     if recipe.timesteps is not None:
-        scheduler.set_timesteps(timesteps=list(recipe.timesteps), device=noise.device)
+        # The explicit timesteps are the model's own (DMD2 trained on [999, 749, 499, 249]): LCMScheduler's
+        # warning that they are off its 50-step origin grid is expected, not news to the user.
+        log = logging.getLogger(type(scheduler).__module__)
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            scheduler.set_timesteps(timesteps=list(recipe.timesteps), device=noise.device)
+        finally:
+            log.setLevel(level)
     else:
         scheduler.set_timesteps(steps, device=noise.device)
     if hasattr(scheduler, "set_begin_index"):

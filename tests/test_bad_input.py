@@ -369,6 +369,21 @@ def test_distill(tmp_path, env, args, needles):
     assert not out.exists()
 
 
+REPRODUCE = [
+    ("seeds-zero", ["--seeds", "0"], ["--seeds must be at least 1"]),
+    ("seeds-on-sdxl", ["--preset", "sdxl", "--seeds", "2"], ["--seeds applies to the tiny preset"]),
+    ("num-images-one", ["--num-images", "1"], ["--num-images must be at least 2"]),
+]
+
+
+@pytest.mark.parametrize(("args", "needles"), [c[1:] for c in REPRODUCE], ids=[c[0] for c in REPRODUCE])
+def test_reproduce(tmp_path, env, args, needles):
+    out, runs = tmp_path / "res", tmp_path / "runs"
+    assert_one_line_error(run_cli(["reproduce", "--out", str(out), "--runs", str(runs), *args], tmp_path, env),
+                          *needles)
+    assert not out.exists() and not runs.exists()
+
+
 def test_distill_out_holding_a_generate_run(tmp_path, env, inputs):
     assert_one_line_error(run_cli(["distill", "--out", str(inputs / "other-run"), "--iters", "1"], tmp_path, env),
                           "holds")

@@ -70,3 +70,34 @@ def test_missing_published_file_offline_says_how_to_get_it(monkeypatch, tmp_path
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))  # an empty hub cache (conftest sets HF_HUB_OFFLINE)
     with pytest.raises(UserError, match="huggingface-cli download ByteDance/SDXL-Lightning"):
         MODELS["lightning"].lora_path("sdxl", 4)
+
+
+def test_dmd2_timesteps_sample_without_the_lcm_origin_grid_warning():
+    """DMD2's [999, 749, 499, 249] are its own schedule: LCMScheduler's off-grid warning is silenced, and only there."""
+    import logging
+
+    import torch
+
+    from rapm_bench.sampling import LCM_DMD2, sample
+    from rapm_bench.worlds.base import NoiseSchedule
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    log = logging.getLogger("diffusers.schedulers.scheduling_lcm")
+    before, keep = log.level, Keep()
+    log.addHandler(keep)
+    try:
+        x = sample(lambda z, t: torch.zeros_like(z), torch.randn(1, 3, 4, 4), LCM_DMD2, NoiseSchedule(), 4)
+        assert torch.isfinite(x).all()
+        assert not keep.records, [r.getMessage() for r in keep.records]
+        assert log.level == before
+        log.warning("still heard")  # the logger itself is left as it was
+        assert [r.getMessage() for r in keep.records] == ["still heard"]
+    finally:
+        log.removeHandler(keep)

@@ -23,10 +23,12 @@ SMALL = {"num_trajectories": 4, "trajectory_batch": 4, "iters": 3, "warmup": 1, 
          "log_every": 1, "sample_every": 0, "sample_count": 2}
 
 
-def small_tiny_plan(objectives: tuple[str, ...]) -> rep.Plan:
+def small_tiny_plan(objectives: tuple[str, ...], seeds: int = 1) -> rep.Plan:
     """The tiny plan's shape at a CPU-test size."""
-    return rep.Plan("tiny", tuple(rep.DistillStep(m, m, SMALL) for m in objectives),
-                    (rep.EvalStep("teacher", 1), *(rep.EvalStep(m, 4, trained=True) for m in objectives)),
+    return rep.Plan("tiny", tuple(rep.DistillStep(m, m, SMALL | ({"seed": s} if s else {}), s)
+                                  for s in range(seeds) for m in objectives),
+                    (rep.EvalStep("teacher", 1),
+                     *(rep.EvalStep(m, 4, trained=True, seed=s) for s in range(seeds) for m in objectives)),
                     num_images=130, grid_prompts=2)
 
 
@@ -51,22 +53,48 @@ def test_the_default_tiny_plan_fits_the_cpu_budget():
     assert len({cfgs[m].iters for m in cfgs}) == 1  # the equal-budget comparison
 
 
+def test_seeds_extend_the_tiny_plan_only():
+    plan = rep.make_plan("tiny", seeds=3)
+    assert [d.key for d in plan.distills][:4] == ["rapm", "pcm", "dmd2", "rapm-seed1"]
+    assert len({d.key for d in plan.distills}) == 9 and {d.overrides.get("seed", 0) for d in plan.distills} == {0, 1, 2}
+    assert sum(e.trained for e in plan.evals) == 9
+    cfgs = rep.distill_configs(rep.ReproduceConfig(seeds=3), plan, Path("runs"))
+    assert cfgs["pcm-seed2"].seed == 2 and cfgs["pcm-seed2"].out == str(Path("runs") / "pcm-seed2")
+    assert cfgs["pcm-seed2"].trajectory_seed == cfgs["pcm"].trajectory_seed  # one trajectory cache for all seeds
+    for preset, seeds, needle in (("tiny", 0, "at least 1"), ("sdxl", 2, "tiny preset")):
+        with pytest.raises(rep.UserError, match=needle):
+            rep.make_plan(preset, seeds=seeds)
+
+
 def test_tiny_reproduce_runs_then_reuses_everything(tmp_path, monkeypatch):
-    monkeypatch.setattr(rep, "make_plan", lambda preset, quick=False: small_tiny_plan(("rapm",)))
-    cfg = rep.ReproduceConfig(out=str(tmp_path / "res"), runs=str(tmp_path / "runs"), device="cpu")
+    """Two methods at two training seeds: the table (seed 0), the equal-budget comparison, then a rerun that
+    runs nothing."""
+    monkeypatch.setattr(rep, "make_plan", lambda preset, quick=False, seeds=1: small_tiny_plan(("rapm", "pcm"), seeds))
+    cfg = rep.ReproduceConfig(out=str(tmp_path / "res"), runs=str(tmp_path / "runs"), device="cpu", seeds=2)
     first = rep.reproduce(cfg, echo=lambda *_: None)
-    assert first["ran"] == ["distill rapm", "eval teacher 1", "eval rapm 4"]
+    assert first["ran"] == ["distill rapm", "distill pcm", "distill rapm-seed1", "distill pcm-seed1", "eval teacher 1",
+                            "eval rapm 4", "eval pcm 4", "eval rapm-seed1 4", "eval pcm-seed1 4"]
     res = tmp_path / "res"
-    for name in ("table.md", "table.csv", "fid_vs_steps.png", "fid_vs_clip.png", "samples.png",
+    for name in ("table.md", "table.csv", "fid_vs_steps.png", "fid_vs_clip.png", "samples.png", "comparison.md",
                  "rapm-4step-tiny.json", "teacher-1step-tiny.json"):
         assert (res / name).is_file(), name
     rec = json.loads((res / "rapm-4step-tiny.json").read_text())
     assert rec["lora"]["path"].endswith("runs/rapm/lora.safetensors")  # the LoRA trained here, not the shipped one
     table = (res / "table.md").read_text()
     assert "| rapm | 4 |" in table and "| teacher | 1 |" in table
-
-    second = rep.reproduce(cfg, echo=lambda *_: None)
-    assert second["ran"] == []
+    seed1 = json.loads((res / "seeds" / "seed1" / "pcm-4step-tiny.json").read_text())
+    assert seed1["lora"]["path"].endswith("runs/pcm-seed1/lora.safetensors")
+    comp = json.loads((res / "comparison.json").read_text())
+    assert set(comp["methods"]) == {"rapm", "pcm"} and comp["num_images"] == 130
+    pcm = comp["methods"]["pcm"]
+    assert [r["seed"] for r in pcm["runs"]] == [0, 1] and pcm["runs"][1]["fid"] == seed1["fid"]
+    fids = [r["fid"] for r in pcm["runs"]]
+    assert pcm["fid"]["mean"] == pytest.approx(sum(fids) / 2) and pcm["fid"]["sd"] == pytest.approx(abs(fids[0] - fids[1]) / 2 ** 0.5)
+    assert fids[0] != fids[1]  # another training seed trains another student
+    md = (res / "comparison.md").read_text()
+    assert "| pcm (4-step) | 3 | 2 |" in md and "| rapm (4-step) | 3 | 2 |" in md
+    assert "seed1" not in (res / "table.md").read_text()  # the table holds seed 0's rows only
+    assert rep.reproduce(cfg, echo=lambda *_: None)["ran"] == []
     assert json.loads((res / "rapm-4step-tiny.json").read_text())["created"] == rec["created"]
 
 
@@ -88,7 +116,7 @@ def test_sdxl_reproduce_rehearsed_offline(tmp_path, monkeypatch, tiny_sdxl, coco
     plan = rep.Plan("sdxl", (rep.DistillStep("rapm", "rapm", small),),
                     (rep.EvalStep("rapm", 4, trained=True), rep.EvalStep("teacher", 2)),
                     num_images=12, grid_prompts=0, protocol=rehearsal_protocol)
-    monkeypatch.setattr(rep, "make_plan", lambda preset, quick=False: plan)
+    monkeypatch.setattr(rep, "make_plan", lambda preset, quick=False, seeds=1: plan)
     args = ["reproduce", "--preset", "sdxl", "--teacher", str(tiny_sdxl), "--prompts", str(prompts),
             "--data-dir", str(cache), "--inception", str(inception), "--clip-checkpoint", str(checkpoint),
             "--device", "cpu", "--out", str(tmp_path / "res"), "--runs", str(tmp_path / "runs")]
