@@ -6,7 +6,8 @@ keeps the architecture with tiny widths for CPU tests) or on the embedded tiny w
 - `matmul`: a bf16 n³ matrix product, the measured ceiling beside the table's peak.
 - `unet-forward`: plain UNet passes, batch 1 and the CFG pair (batch 2 vs two calls).
 - `rapm-iteration`: one RAPM iteration (batch 1), the engine's own `RAPMLoss`, with the
-  engine's PEFT LoRA, with `FastLoRA` (below), and with no LoRA at all (the same passes,
+  engine's PEFT LoRA, with `fastlora.FastLoRA` (gradient passes through the low-rank branch,
+  `fast`, or through merged weights, `merged`), and with no LoRA at all (the same passes,
   gradients to the input), with and without gradient checkpointing.
 - `trajectories`: one batch of teacher trajectories (`teacher_trajectories`, CFG DDIM).
 - `generate`: 4 steps, guidance 1, VAE decode (`generate_batch`), LoRA merged or not.
@@ -39,16 +40,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .fastlora import FastLoRA, LoRAWrap  # noqa: F401 (bench.FastLoRA, bench.LoRAWrap: their old home)
 from .worlds.base import Cond, NoiseSchedule, World, pick_device
 
 STAGES: tuple[str, ...] = ("matmul", "unet-forward", "rapm-iteration", "trajectories", "generate", "eval-features")
 PRESETS: tuple[str, ...] = ("tiny", "sdxl")
 SCALES: tuple[str, ...] = ("full", "small")
-LORA_IMPLS: tuple[str, ...] = ("plain", "fast", "peft")
+LORA_IMPLS: tuple[str, ...] = ("plain", "fast", "merged", "peft")  # RAPM variants' LoRA (RapmVariant.lora)
+HEADLINE_LORAS: tuple[str, ...] = ("fast", "merged", "peft")  # --lora
 EVAL_PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
 GIB = 2**30
 
@@ -110,7 +112,8 @@ class Optimisations:
     channels_last: bool = False  # NHWC activations and conv weights; off: NCHW was 8 % faster on an H100 (bf16, bs 8)
     sdpa: bool = True  # torch scaled_dot_product_attention (flash / memory-efficient), not the classic processor
     compile: bool = False  # torch.compile the UNet for no-grad passes (unet-forward, trajectories, generate)
-    lora: str = "fast"  # LoRA of the RAPM headline: "fast" (FastLoRA here) or "peft" (the engine's attach_lora)
+    lora: str = "merged"  # RAPM headline's LoRA: "merged" (the engine's sdxl --lora-impl), "fast" (FastLoRA with
+    #                       unmerged grad passes) or "peft"
 
 
 @dataclass(frozen=True)
@@ -188,8 +191,9 @@ class BenchConfig:
         return self.preset if self.scale == "full" else f"{self.preset}-{self.scale}"
 
 
-_SDXL_RAPM = RapmStage(variants=("plain", "fast", "plain/ckpt", "fast/ckpt", "peft/ckpt",  # the engine's chunk 1
-                                 "plain/ckpt/chunk4", "fast/ckpt/chunk4", "peft/ckpt/chunk4"))  # slots batched
+_SDXL_RAPM = RapmStage(variants=("plain/ckpt", "merged/ckpt", "fast/ckpt", "peft/ckpt",  # the preset: 4 slots a pass
+                                 "plain/ckpt/chunk1", "merged/ckpt/chunk1", "fast/ckpt/chunk1",  # 1 slot a pass:
+                                 "peft/ckpt/chunk1"))  # least memory
 BENCH_PRESETS: dict[str, BenchConfig] = {
     "tiny": BenchConfig(traj=TrajectoryStage(batch=4), gen=GenerateStage(batch=4), eval=EvalStage(batch=64),
                         rapm=RapmStage(iterations=200, trajectories=256)),
@@ -256,8 +260,9 @@ def validate(cfg: BenchConfig) -> None:
         raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {cfg.dtype!r}")
     if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
         raise UserError(f"--peak-tflops must be positive, got {cfg.peak_tflops}")
-    if cfg.opts.lora not in ("fast", "peft"):
-        raise UserError(f"--lora must be fast or peft, got {cfg.opts.lora!r}")
+    if cfg.opts.lora not in HEADLINE_LORAS:
+        raise UserError(f"--lora must be {', '.join(HEADLINE_LORAS[:-1])} or {HEADLINE_LORAS[-1]}, "
+                        f"got {cfg.opts.lora!r}")
     for v in cfg.rapm.variants:
         parse_variant(v)
     for p in cfg.eval.precisions:
@@ -279,9 +284,9 @@ def validate(cfg: BenchConfig) -> None:
 class RapmVariant:
     """One way of running the RAPM iteration."""
 
-    lora: str  # "plain" (no LoRA: gradients to the input), "fast" or "peft"
+    lora: str  # "plain" (no LoRA: gradients to the input), "fast", "merged" (FastLoRA modes) or "peft"
     ckpt: bool  # gradient checkpointing
-    merged: bool  # FastLoRA: no-grad passes through merged weights
+    merged: bool  # FastLoRA: no-grad passes through merged weights (always so for "merged")
     chunk: int | None = None  # slots per student forward (`slot_chunk`); None = the distill preset's
 
     @property
@@ -292,14 +297,17 @@ class RapmVariant:
 
 
 def parse_variant(text: str, merge_default: bool = True) -> RapmVariant:
-    """`<lora>[/ckpt][/unmerged][/chunkK]` -> RapmVariant."""
+    """`<lora>[/ckpt][/unmerged][/chunkK]` -> RapmVariant (`merged` runs every pass merged: no /unmerged)."""
     lora, *flags = text.split("/")
     chunks = [int(f[5:]) for f in flags if re.fullmatch(r"chunk[1-9]\d*", f)]
     if lora not in LORA_IMPLS or any(f not in ("ckpt", "unmerged", "merged") and not re.fullmatch(
             r"chunk[1-9]\d*", f) for f in flags) or len(chunks) > 1:
         raise UserError(f"bad RAPM variant {text!r}: use <lora>[/ckpt][/unmerged][/chunkK] with lora one of "
                         f"{', '.join(LORA_IMPLS)}")
-    merged = False if "unmerged" in flags else (True if "merged" in flags else merge_default)
+    if lora == "merged" and "unmerged" in flags:
+        raise UserError(f"bad RAPM variant {text!r}: `merged` runs every pass through merged weights; "
+                        "for no-grad passes through the low-rank branch use fast/unmerged")
+    merged = lora == "merged" or ("unmerged" not in flags and ("merged" in flags or merge_default))
     return RapmVariant(lora, "ckpt" in flags, merged, chunks[0] if chunks else None)
 
 
@@ -407,142 +415,6 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-# --- FastLoRA: the engine's LoRA maths, without PEFT's fp32 detour and per-layer overhead -----------------
-class LoRAWrap(nn.Module):
-    """A frozen Linear/Conv2d plus s·B·A (PEFT's parameterisation: A (r, in[, k, k]), B (out, r)).
-
-    Weights are fp32 masters (STYLE.md rule 6); the update runs in the activations' dtype
-    (PEFT casts the activations to fp32 instead). Without grad and with `merge_nograd`, the
-    layer runs W + s·B·A merged in one kernel; the merged weight is cached until the
-    optimiser changes A or B (their version counters).
-    """
-
-    def __init__(self, base: nn.Module, rank: int, scale: float, generator: torch.Generator) -> None:
-        super().__init__()
-        self.base = base
-        self.scale = scale
-        self.enabled = True
-        self.merge_nograd = False
-        w = base.weight
-        fan_in = w[0].numel()
-        a = (torch.rand((rank, *w.shape[1:]), generator=generator) * 2 - 1) / math.sqrt(fan_in)  # kaiming_uniform(√5)
-        if w.ndim == 4 and w.is_contiguous(memory_format=torch.channels_last):
-            a = a.contiguous(memory_format=torch.channels_last)
-        self.lora_A = nn.Parameter(a.to(w.device))
-        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device))
-        self._merged: torch.Tensor | None = None
-        self._merged_key: tuple[int, ...] | None = None
-
-    def _key(self) -> tuple[int, ...]:
-        a, b = self.lora_A, self.lora_B
-        return (a._version, b._version, a.data_ptr(), b.data_ptr(), self.base.weight.data_ptr())
-
-    def merged_weight(self) -> torch.Tensor:
-        """W + s·B·A in the base weight's dtype and layout (computed in fp32, cached)."""
-        key = self._key()
-        if self._merged is None or self._merged_key != key:
-            w = self.base.weight
-            delta = (self.lora_B.detach() @ self.lora_A.detach().flatten(1)).view(w.shape) * self.scale
-            self._merged = torch.empty_like(w).copy_(w.detach().float() + delta)  # never in place: w may be fp32
-            self._merged_key = key
-        return self._merged
-
-    def drop_cache(self) -> None:
-        """Forget the merged weight (frees its memory)."""
-        self._merged = self._merged_key = None
-
-    def _base_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        base = self.base
-        if isinstance(base, nn.Conv2d):
-            return base._conv_forward(x, weight, base.bias)
-        return F.linear(x, weight, base.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return self.base(x)
-        if self.merge_nograd and not torch.is_grad_enabled():
-            return self._base_with(x, self.merged_weight())
-        y = self.base(x)
-        a, b = self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
-        if isinstance(self.base, nn.Conv2d):
-            c = self.base
-            u = F.conv2d(x.to(y.dtype), a, None, c.stride, c.padding, c.dilation, c.groups)  # (N, r, H, W)
-            if b.shape[1] == 1:
-                return torch.addcmul(y, u, b.view(1, -1, 1, 1), value=self.scale)
-            return y + self.scale * F.conv2d(u, b[:, :, None, None])
-        u = F.linear(x.to(y.dtype), a)  # (..., r)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t(), alpha=self.scale)
-        return out.view(y.shape)
-
-
-class FastLoRA:
-    """A trainable rank-r LoRA on a frozen diffusers UNet, on the targets and init rules of `lora.attach_lora`.
-
-    The engine's `teacher_mode` sees it as a PEFT adapter: `disable_adapters` /
-    `enable_adapters` toggle it (bound on the UNet instance until `remove`).
-    """
-
-    def __init__(self, unet: nn.Module, rank: int = 1, targets: Sequence[str] | None = None, seed: int = 0,
-                 merge_nograd: bool = True) -> None:
-        from .lora import LORA_TARGETS
-
-        targets = tuple(targets or LORA_TARGETS)
-        self.unet, self.rank = unet, rank
-        gen = torch.Generator().manual_seed(seed)
-        self.layers: dict[str, LoRAWrap] = {}
-        unet.requires_grad_(False)
-        for name, module in list(unet.named_modules()):
-            if isinstance(module, (nn.Linear, nn.Conv2d)) and any(name == t or name.endswith("." + t) for t in targets):
-                parent_name, _, child = name.rpartition(".")
-                parent = unet.get_submodule(parent_name) if parent_name else unet
-                wrap = LoRAWrap(module, rank, 1.0, gen)  # alpha = rank: scale 1, as attach_lora
-                wrap.merge_nograd = merge_nograd
-                setattr(parent, child, wrap)
-                self.layers[name] = wrap
-        if not self.layers:
-            raise UserError(f"none of the LoRA targets {list(targets)} is a Linear/Conv2d of this UNet")
-        self._saved = {k: unet.__dict__.get(k) for k in ("_hf_peft_config_loaded", "disable_adapters",
-                                                        "enable_adapters")}
-        unet.__dict__["_hf_peft_config_loaded"] = True
-        unet.__dict__["disable_adapters"] = lambda: self.set_enabled(False)
-        unet.__dict__["enable_adapters"] = lambda: self.set_enabled(True)
-
-    def parameters(self) -> list[nn.Parameter]:
-        """The trainable fp32 LoRA weights."""
-        return [p for w in self.layers.values() for p in (w.lora_A, w.lora_B)]
-
-    def set_enabled(self, enabled: bool) -> None:
-        """Student (True) or teacher (False)."""
-        for w in self.layers.values():
-            w.enabled = enabled
-
-    def set_merge_nograd(self, merge: bool) -> None:
-        """Run no-grad passes through merged weights (True) or through the low-rank branch."""
-        for w in self.layers.values():
-            w.merge_nograd = merge
-            if not merge:
-                w.drop_cache()
-
-    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy PEFT-keyed weights (`lora.lora_state_dict`: `<module>.lora_A.weight`) into this LoRA."""
-        for name, w in self.layers.items():
-            for kind, param in (("A", w.lora_A), ("B", w.lora_B)):
-                value = state[f"{name}.lora_{kind}.weight"]
-                param.data.copy_(value.reshape(param.shape).to(param.device, param.dtype))
-
-    def remove(self) -> None:
-        """Put the base layers back and unbind the adapter switches."""
-        for name, w in self.layers.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
-            setattr(parent, child, w.base)
-        for k, v in self._saved.items():
-            self.unet.__dict__.pop(k, None)
-            if v is not None:
-                self.unet.__dict__[k] = v
-        self.layers = {}
 
 
 # --- worlds ------------------------------------------------------------------------------------------------
@@ -890,8 +762,9 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
     if variant.lora == "peft":
         params = attach_lora(unet, dcfg.rank, dcfg.lora_targets, ADAPTER, dcfg.seed)
         cleanups.append(unet.unload_lora)
-    elif variant.lora == "fast":
-        lora = FastLoRA(unet, dcfg.rank, dcfg.lora_targets, dcfg.seed, merge_nograd=variant.merged)
+    elif variant.lora in ("fast", "merged"):  # FastLoRA; "merged": gradient passes through W + s·B·A too
+        lora = FastLoRA(unet, dcfg.rank, dcfg.lora_targets, dcfg.seed, merge_nograd=variant.merged,
+                        mode="merged" if variant.lora == "merged" else "unmerged")
         params = lora.parameters()
         cleanups.append(lora.remove)
     else:  # no LoRA: the same passes with the gradient going to the student's input (a scalar gain)
@@ -957,7 +830,9 @@ def stage_rapm_iteration(b: Bench) -> dict[str, Any]:
             steps = iter(range(10**9))
             ms.append(b.measure(v.name, lambda s=s, it=steps: rapm_iteration(b.world, s, next(it)), "iteration", 1,
                                 warmup=min(b.cfg.warmup, 0 if b.cfg.preset == "sdxl" else 1),  # counted one warms
-                                lora=v.lora, grad_checkpointing=v.ckpt, merged_nograd=v.merged and v.lora == "fast",
+                                lora=v.lora, grad_checkpointing=v.ckpt,
+                                merged_nograd=v.merged and v.lora in ("fast", "merged"),
+                                merged_grad=v.lora == "merged",
                                 slot_chunk=s.chunk,
                                 lora_params=sum(p.numel() for p in s.params) if v.lora != "plain" else 0))
         finally:
@@ -967,7 +842,7 @@ def stage_rapm_iteration(b: Bench) -> dict[str, Any]:
     for m in ms:  # over the plain variant with the same checkpointing and chunking
         base = plain.get((m.extra["grad_checkpointing"], m.extra["slot_chunk"]))
         m.extra["vs_plain"] = None if base is None else m.median / base
-    want = RapmVariant(opts.lora, bool(dcfg.grad_checkpointing), opts.merge_lora)
+    want = RapmVariant(opts.lora, bool(dcfg.grad_checkpointing), opts.merge_lora or opts.lora == "merged")
     names = [m.name for m in ms]
     headline = want.name if want.name in names else next((n for n in names if not n.startswith("plain")), names[0])
     return b.stage(ms, headline, objective={k: getattr(dcfg, k) for k in (

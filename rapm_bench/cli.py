@@ -267,11 +267,14 @@ def bench(
                                                      "OpenMP stalls.")] = None,
     peak_tflops: Annotated[float | None, typer.Option(help="Dense bf16 peak for the floors; default: the "
                                                            "table's entry for this GPU.")] = None,
-    lora: Annotated[str | None, typer.Option(help="LoRA of the RAPM headline: `fast` (bench.FastLoRA) or "
-                                                  "`peft` (the engine's).")] = None,
-    rapm_variants: Annotated[str | None, typer.Option(help="Comma-separated RAPM variants: plain, fast or "
-                                                           "peft, each optionally with /ckpt and /unmerged "
-                                                           "(e.g. fast/ckpt).")] = None,
+    lora: Annotated[str | None, typer.Option(help="LoRA of the RAPM headline: `merged` (fastlora.FastLoRA, every "
+                                                  "pass through W + s·B·A: the engine's sdxl --lora-impl), `fast` "
+                                                  "(FastLoRA, gradient passes through the low-rank branch) or "
+                                                  "`peft` (the engine's --lora-impl peft).")] = None,
+    rapm_variants: Annotated[str | None, typer.Option(help="Comma-separated RAPM variants: plain, fast, merged or "
+                                                           "peft, each optionally with /ckpt, /unmerged (not for "
+                                                           "merged) and /chunkK slots per pass (default: the "
+                                                           "distill preset's), e.g. merged/ckpt/chunk1.")] = None,
     traj_batch: Annotated[int | None, typer.Option(help="Trajectories per teacher batch.")] = None,
     gen_batch: Annotated[int | None, typer.Option(help="Images per generation call.")] = None,
     eval_batch: Annotated[int | None, typer.Option(help="Images per feature-network call.")] = None,

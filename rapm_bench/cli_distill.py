@@ -59,6 +59,10 @@ def distill(
                                                                "off).")] = None,
     num_trajectories: Annotated[int | None, typer.Option(help="Teacher trajectories K (prompts × seeded noise); "
                                                               "default: the preset's (tiny 256, sdxl 1000).")] = None,
+    trajectory_batch: Annotated[int | None, typer.Option(help="Trajectories per teacher batch and cache shard; "
+                                                              "shards split across `accelerate launch` "
+                                                              "processes; default: the preset's (tiny 64, sdxl "
+                                                              "8).")] = None,
     prompts: Annotated[str | None, typer.Option(help="Caption file for the trajectories: text (one a line) or COCO "
                                                      "captions_train2014.json; tiny default: the shapes train split.")]
     = None,
@@ -85,7 +89,11 @@ def distill(
     sample_every: Annotated[int | None, typer.Option(help="Iterations between sample grids (0: only the last).")]
     = None,
     slot_chunk: Annotated[int | None, typer.Option(help="Slots per student forward: N is fastest, 1 uses least "
-                                                        "memory.")] = None,
+                                                        "memory (sdxl default 4: 22.6 GiB on an H100).")] = None,
+    lora_impl: Annotated[str | None, typer.Option(help="`peft` (diffusers/PEFT LoRA layers) or `merged` (every "
+                                                       "pass one kernel with W + s·B·A, low-rank backward; rapm "
+                                                       "only). Default: the preset's (tiny peft, sdxl merged; "
+                                                       "pcm/dmd2 peft).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and exit.")] = False,
 ) -> None:
     """Distil the teacher into a few-step student with RAPM (rank-1 LoRA, batch 1, no real images), or re-train
@@ -96,10 +104,11 @@ def distill(
     config = _run(
         resolve_distill, preset, out=out, objective=objective, iters=iters, lr=lr, warmup=warmup, disc_lr=disc_lr,
         rank=rank, substeps=substeps, slots=slots, guidance=cfg, lambda_abs=lambda_abs, lambda_rel=lambda_rel,
-        lambda_reg=lambda_reg, distance=distance, num_trajectories=num_trajectories, prompts=prompts, format=format,
+        lambda_reg=lambda_reg, distance=distance, num_trajectories=num_trajectories,
+        trajectory_batch=trajectory_batch, prompts=prompts, format=format,
         grad_checkpointing=grad_checkpointing, lora_targets=_targets(targets), teacher=teacher, device=device,
         precision=precision, seed=seed, cache_dir=cache_dir, checkpoint_every=checkpoint_every,
-        sample_every=sample_every, slot_chunk=slot_chunk, pcm_huber_c=pcm_huber_c, pcm_ema=pcm_ema,
+        sample_every=sample_every, slot_chunk=slot_chunk, lora_impl=lora_impl, pcm_huber_c=pcm_huber_c, pcm_ema=pcm_ema,
         pcm_adv_weight=pcm_adv_weight, dmd2_fake_rank=dmd2_fake_rank, dmd2_fake_lr=dmd2_fake_lr,
         dmd2_fake_steps=dmd2_fake_steps, dmd2_gan_weight=dmd2_gan_weight,
     )
@@ -109,5 +118,7 @@ def distill(
     from .distill.engine import distill as run_distill
 
     summary = _run(run_distill, config, resume)
+    if summary is None:  # another process of an `accelerate launch`: it helped with the trajectories
+        return
     typer.echo(f"distilled {summary['iters']} iterations in {summary['total_seconds'] / 60:.1f} min "
                f"({summary['machine']}) -> {summary['lora']['path']}\nevaluate: {summary['eval']}")

@@ -120,10 +120,11 @@ COSTS = {
     # 512 images at 4 / 32 image-forwards in 18.4 / 133 s.
     "tiny": Costs(trajectory_forward=75 / (256 * 16 * 2), iteration={"rapm": 0.40, "pcm": 0.20, "dmd2": 0.40},
                   image_forward=0.0080, image_overhead=0.0040, trajectory_mb=9 * 3 * 32 * 32 * 4 / 1e6, lora_mb=0.25),
-    # SDXL on one H100 (REFERENCE.md): UNet forward ≈ 19 ms per image at batch 8 (149 ms), LoRA train step
-    # 574 ms (862 ms with checkpointing) × ~3 passes per RAPM iteration; VAE decode ≈ 76 ms per image in bf16.
-    "sdxl": Costs(trajectory_forward=0.019, iteration={"rapm": 2.6, "pcm": 2.0, "dmd2": 4.0},
-                  image_forward=0.019, image_overhead=0.11, trajectory_mb=9 * 4 * 128 * 128 * 2 / 1e6, lora_mb=6.0),
+    # SDXL on one H100 (results/bench/README.md): UNet forward ≈ 19 ms per image at batch 8 (146 ms); a RAPM
+    # iteration of the engine 1.3 s (--lora-impl merged, 4 slots a pass; PCM/DMD2 on PEFT layers: guesses); a
+    # 4-step evaluation 0.241 s per image with the fp32 VAE, Inception and ViT-g-14 (scaling, one GPU).
+    "sdxl": Costs(trajectory_forward=0.019, iteration={"rapm": 1.3, "pcm": 2.0, "dmd2": 4.0},
+                  image_forward=0.019, image_overhead=0.165, trajectory_mb=9 * 4 * 128 * 128 * 2 / 1e6, lora_mb=6.0),
 }
 
 

@@ -2,7 +2,7 @@
 
 Tolerances (fp32 on the CPU unless stated):
 - FastLoRA vs the engine's PEFT LoRA: outputs 1e-5, LoRA gradients 1e-4 (relative to their scale).
-- merged vs unmerged LoRA (no-grad passes): 1e-5.
+- merged vs unmerged LoRA (no-grad passes): 1e-5. The merged gradient path: tests/test_fastlora.py.
 - CFG pair in one call vs two calls: 1e-5 on whole teacher trajectories.
 - channels_last vs NCHW, SDPA vs classic attention: 1e-5.
 - bf16 vs fp32 UNet (SDXL-small): 5e-2 relative RMS error.
@@ -264,7 +264,9 @@ def test_bf16_close_to_fp32(world: bm.RandomSDXLWorld):
     ({"repeats": 0}, "--repeats must be at least 1"),
     ({"rapm_variants": "fast/ckpt,lora"}, "bad RAPM variant 'lora'"),
     ({"resolution": 64}, "the tiny world is 32 px"),
-    ({"lora": "both"}, "--lora must be fast or peft"),
+    ({"lora": "both"}, "--lora must be fast, merged or peft, got 'both'"),
+    ({"rapm_variants": "merged/unmerged"}, "bad RAPM variant 'merged/unmerged': `merged` runs every pass"),
+    ({"rapm_variants": "fused/ckpt"}, "lora one of plain, fast, merged, peft"),
     ({"threads": 0}, "--threads must be at least 1"),
 ])
 def test_resolve_bench_rejects_bad_input(kwargs, needle):
@@ -285,6 +287,11 @@ def test_resolve_bench_presets_and_overrides():
     assert bm.parse_variant("fast/ckpt", merge_default=False).name == "fast/ckpt/unmerged"
     assert bm.parse_variant("peft/ckpt/chunk4") == bm.RapmVariant("peft", True, True, 4)
     assert bm.parse_variant("fast/chunk2/ckpt").name == "fast/ckpt/chunk2"
+    assert bm.parse_variant("merged/ckpt/chunk4", merge_default=False) == bm.RapmVariant("merged", True, True, 4)
+    assert bm.parse_variant("merged/ckpt/chunk4", merge_default=False).name == "merged/ckpt/chunk4"
+    sdxl = bm.resolve_bench("sdxl").rapm.variants
+    assert {"merged/ckpt", "merged/ckpt/chunk1", "fast/ckpt", "plain/ckpt/chunk1"} <= set(sdxl)
+    assert bm.resolve_bench("sdxl", lora="merged").opts.lora == "merged"
     with pytest.raises(UserError, match="bad RAPM variant 'fast/chunk0'"):
         bm.parse_variant("fast/chunk0")
     assert json.loads(cfg.to_json())["opts"]["merge_lora"] is False
@@ -323,7 +330,7 @@ def test_cli_tiny_bench_writes_the_result_json(tmp_path: Path):
     out = tmp_path / "bench"
     args = ["bench", "--out", str(out), "--repeats", "1", "--warmup", "0", "--peak-tflops", "0.5", "--threads", "1",
             "--stages", "matmul,unet-forward,rapm-iteration,trajectories,generate,eval-features",
-            "--rapm-variants", "plain,fast,peft,plain/chunk1", "--traj-batch", "2", "--gen-batch", "2",
+            "--rapm-variants", "plain,fast,merged,peft,plain/chunk1", "--traj-batch", "2", "--gen-batch", "2",
             "--eval-batch", "8"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -337,11 +344,14 @@ def test_cli_tiny_bench_writes_the_result_json(tmp_path: Path):
             assert row["seconds"] > 0 and row["flops_per_call"] > 0, (name, row["name"])
             assert row["ratio"] == pytest.approx(row["floor_seconds"] / row["seconds"])
     rapm = {r["name"]: r for r in data["stages"]["rapm-iteration"]["variants"]}
-    assert set(rapm) == {"plain", "fast", "peft", "plain/chunk1"} and data["stages"]["rapm-iteration"]["headline"] == "fast"
+    assert set(rapm) == {"plain", "fast", "merged", "peft", "plain/chunk1"}
+    assert data["stages"]["rapm-iteration"]["headline"] == "merged"
     assert rapm["plain"]["slot_chunk"] == 4 and rapm["plain/chunk1"]["slot_chunk"] == 1  # the tiny preset chunks 4
     assert rapm["fast"]["vs_plain"] == pytest.approx(rapm["fast"]["seconds"] / rapm["plain"]["seconds"])
-    assert abs(rapm["fast"]["flops_per_call"] / rapm["plain"]["flops_per_call"] - 1) < 0.05  # the same passes
-    assert rapm["fast"]["lora_params"] == rapm["peft"]["lora_params"] > 0
+    for lora in ("fast", "merged"):
+        assert abs(rapm[lora]["flops_per_call"] / rapm["plain"]["flops_per_call"] - 1) < 0.05  # the same passes
+    assert rapm["fast"]["lora_params"] == rapm["merged"]["lora_params"] == rapm["peft"]["lora_params"] > 0
+    assert rapm["merged"]["merged_grad"] and not rapm["fast"]["merged_grad"] and rapm["merged"]["merged_nograd"]
     assert {"distillation", "trajectories", "generate", "eval_features"} <= set(data["estimates"])
     assert {g["goal"] for g in data["goals"]} == {g.name for g in bm.GOALS}
     assert not any(g["applies"] for g in data["goals"])  # goals are for the full SDXL architecture on a GPU

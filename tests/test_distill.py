@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -143,6 +147,65 @@ def test_trajectory_cache_resumes_exactly(tiny_world, tmp_path, monkeypatch):
     resumed = tr.load_or_build(tiny_world, prompts, spec, tmp_path / "b", progress=False)
     assert torch.equal(whole.z_tilde, resumed.z_tilde) and torch.equal(whole.z_delta, resumed.z_delta)
     assert whole.z_tilde.shape == (6, 5, 3, 32, 32)
+
+
+def test_trajectory_shards_go_round_robin(tiny_world, tmp_path, monkeypatch):
+    """Process 1 of 2 computes shards 1 and 3 of 4, then waits for the others before loading."""
+    import accelerate
+    import accelerate.utils
+
+    from rapm_bench.distill import trajectories as tr
+
+    class Waited(Exception):
+        pass
+
+    class SecondOfTwo:
+        num_processes, process_index, is_main_process = 2, 1, False
+
+        def wait_for_everyone(self) -> None:
+            raise Waited
+
+    monkeypatch.setattr(accelerate, "PartialState", SecondOfTwo)
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: objects)
+    prompts = tr.training_prompts("tiny", 4, None)
+    spec = tr.make_spec(tiny_world, prompts, 0, 3.0, 2, 1, "fp32", 1)
+    with pytest.raises(Waited):
+        tr.load_or_build(tiny_world, prompts, spec, tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / spec.key()).glob("shard_*")) == [tr._shard_name(1), tr._shard_name(3)]
+
+
+def test_two_processes_split_the_trajectory_cache(tiny_teacher, tmp_path):
+    """`distill` under torchrun with 2 CPU processes: the shards split across them, only the main one trains, and
+    the cache equals a one-process fill tensor for tensor."""
+    from safetensors.torch import load_file
+
+    from rapm_bench.distill.trajectories import load_or_build, make_spec, training_prompts
+    from rapm_bench.worlds import load_world
+
+    args = ["--teacher", str(tiny_teacher), "--device", "cpu", "--num-trajectories", "4", "--trajectory-batch",
+            "1", "--M", "2", "--iters", "1", "--warmup", "0", "--sample-every", "0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "rapm_bench.cli", "distill", *args, "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("distilled 1 iterations") == 1  # the main process trained, the other returned
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+
+    cfg = resolve_distill("tiny", teacher=str(tiny_teacher), device="cpu", num_trajectories=4, trajectory_batch=1,
+                          substeps=2)
+    world = load_world(cfg.world)
+    prompts = training_prompts("tiny", 4, None)
+    spec = make_spec(world, prompts, cfg.trajectory_seed, cfg.guidance, cfg.slots, cfg.substeps, cfg.store_dtype,
+                     cfg.trajectory_batch)
+    one = load_or_build(world, prompts, spec, tmp_path / "one", progress=False)
+    assert summary["trajectories"]["key"] == spec.key()
+    two = tmp_path / "two" / spec.key()
+    names = sorted(p.name for p in one.folder.glob("shard_*"))
+    assert len(names) == 4 and names == sorted(p.name for p in two.glob("shard_*"))
+    for name in names:
+        a, b = load_file(str(one.folder / name)), load_file(str(two / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_trajectory_key_covers_what_defines_them(tiny_world):
@@ -290,6 +353,26 @@ def checkpoint_tensors(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoint.safetensors"))
 
 
+@contextmanager
+def killed_at_chunk(cls: type, call: int) -> Iterator[None]:
+    """Inside the block, the objective's `call`-th `chunks` call raises KeyboardInterrupt (a kill mid-iteration);
+    the block must end with it."""
+    real, calls = cls.chunks, []
+
+    def interrupt(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        yield from real(self, *args, **kwargs)
+
+    cls.chunks = interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        cls.chunks = real
+
+
 def assert_same_checkpoint(a: Path, b: Path) -> None:
     ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
     assert ta.keys() == tb.keys()
@@ -307,19 +390,9 @@ def test_resume_is_bit_identical(tiny_teacher, tmp_path, monkeypatch):
     engine.distill(whole, progress=False)
 
     cut = replace(whole, out=str(tmp_path / "cut"))
-    real, calls = RAPMLoss.chunks, []
-
-    def interrupt(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        yield from real(self, *args, **kwargs)
-
-    monkeypatch.setattr(RAPMLoss, "chunks", interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_chunk(RAPMLoss, 5):
         engine.distill(cut, progress=False)
     assert json.loads((tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()[-1])["step"] == 4
-    monkeypatch.setattr(RAPMLoss, "chunks", real)
     summary = engine.distill(cut, progress=False)  # the same command again resumes
     assert summary["resumed_from"] == 4
     assert_same_checkpoint(tmp_path / "whole", tmp_path / "cut")
@@ -333,6 +406,39 @@ def test_resume_is_bit_identical(tiny_teacher, tmp_path, monkeypatch):
 
     a, b = load_file(str(tmp_path / "whole" / "lora.safetensors")), load_file(str(tmp_path / "short" / "lora.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_merged_lora_impl_trains_like_peft_resumes_and_exports(tiny_teacher, tmp_path):
+    """--lora-impl merged (rapm_bench.fastlora): the first iteration's losses equal PEFT's (B = 0: the student is the
+    teacher whatever A is), an interrupted run resumes bit-identically, and the LoRA file has PEFT's keys and shapes."""
+    from safetensors.torch import load_file
+
+    from rapm_bench.distill import engine
+    from rapm_bench.distill.rapm import RAPMLoss
+    from rapm_bench.generate import generate_batch
+    from rapm_bench.sampling import DDIM_TRAILING
+    from rapm_bench.worlds.tiny import load_tiny_world
+
+    peft = tiny_cfg(tiny_teacher, tmp_path, out=str(tmp_path / "peft"), iters=4)
+    merged = replace(peft, out=str(tmp_path / "merged"), lora_impl="merged")
+    engine.distill(peft, progress=False)
+    engine.distill(merged, progress=False)
+    first = [json.loads((tmp_path / r / "train_log.jsonl").read_text().splitlines()[0]) for r in ("peft", "merged")]
+    for key in ("g_loss", "mse_abs", "mse_rel", "reg"):
+        assert first[1][key] == pytest.approx(first[0][key], rel=1e-5, abs=1e-7), key
+    a, b = (load_file(str(tmp_path / r / "lora.safetensors")) for r in ("peft", "merged"))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+
+    cut = replace(merged, out=str(tmp_path / "cut"))
+    with killed_at_chunk(RAPMLoss, 3):
+        engine.distill(cut, progress=False)
+    assert engine.distill(cut, progress=False)["resumed_from"] == 2
+    assert_same_checkpoint(tmp_path / "merged", tmp_path / "cut")
+
+    world = load_tiny_world("cpu", tiny_teacher)
+    before = generate_batch(world, ["a red circle"], [0], DDIM_TRAILING, 4, 1.0)
+    world.load_lora(tmp_path / "merged" / "lora.safetensors")
+    assert (before.int() - generate_batch(world, ["a red circle"], [0], DDIM_TRAILING, 4, 1.0).int()).abs().max() > 0
 
 
 def test_nan_guard_keeps_last_good_checkpoint(tiny_teacher, tmp_path, monkeypatch):

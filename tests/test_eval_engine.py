@@ -14,7 +14,7 @@ from rapm_bench.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("model", "steps", "guidance", "preset", "protocol", "protocol_hash", "num_images", "fid", "clip_score",
-          "seconds", "images_per_second", "device", "versions", "git_commit", "seed", "retrieval_accuracy")
+          "seconds", "images_per_second", "device", "versions", "git_commit", "seed", "retrieval_accuracy", "timing")
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,9 @@ def test_eval_writes_a_result_with_provenance(tmp_path, cache):
     assert rec["protocol"] == "tiny" and rec["num_images"] == 136 and rec["guidance"] == 3.0
     assert rec["fid"] > 0 and 0 < rec["clip_score"] <= 100 and 0 <= rec["retrieval_accuracy"] <= 1
     assert rec["fid_reliable"] is True
+    timing = rec["timing"]
+    assert timing["processes"] == 1 and timing["load_s"] > 0 and timing["loop_s"] == rec["seconds"] > 0
+    assert timing["images_per_s"] == pytest.approx(136 / timing["loop_s"])
     on_disk = json.loads((tmp_path / "teacher-1step-tiny.json").read_text())
     assert on_disk["fid"] == rec["fid"]
 
@@ -62,6 +65,7 @@ def test_two_processes_give_the_same_scores(tmp_path, cache):
     assert abs(two["fid"] - one["fid"]) <= 1e-6 * one["fid"]
     assert abs(two["clip_score"] - one["clip_score"]) <= 1e-9 * one["clip_score"]
     assert two["retrieval_accuracy"] == one["retrieval_accuracy"]
+    assert two["timing"]["processes"] == 2 and one["timing"]["processes"] == 1
 
 
 def test_eval_bad_input(tmp_path, cache):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_distill import killed_at_chunk
 from typer.testing import CliRunner
 
 from rapm_bench.distill.config import DistillConfig, resolve_distill
@@ -360,7 +361,7 @@ def assert_same_checkpoint(a: Path, b: Path, modules: tuple[str, ...]) -> None:
     ("pcm", {"pcm_ema": 0.5}, ("lora", "ema", "opt.g")),
     ("dmd2", {"dmd2_fake_steps": 2}, ("lora", "fake_score", "heads", "opt.g", "opt.d")),
 ], ids=["pcm", "dmd2"])
-def test_objective_runs_resume_bit_identical_and_export(teacher_dir, tmp_path, monkeypatch, objective, extra, modules):
+def test_objective_runs_resume_bit_identical_and_export(teacher_dir, tmp_path, objective, extra, modules):
     """Interrupted in iteration 3 (checkpoint at 2) and rerun == uninterrupted, every module and optimiser
     included; the exported LoRA loads into the tiny world and changes its samples under the objective's own
     sampler (PCM: DDIM trailing, guidance 1; DMD2: LCM [999, 749, 499, 249], no CFG)."""
@@ -387,18 +388,8 @@ def test_objective_runs_resume_bit_identical_and_export(teacher_dir, tmp_path, m
         assert ["g_loss" in r for r in rows] == [True, False, True, False] and all("fake" in r for r in rows)
 
     cut = replace(whole, out=str(tmp_path / "cut"))
-    real, calls = cls.chunks, []
-
-    def interrupt(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        yield from real(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "chunks", interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_chunk(cls, 3):
         engine.distill(cut, progress=False)
-    monkeypatch.setattr(cls, "chunks", real)
     assert engine.distill(cut, progress=False)["resumed_from"] == 2
     assert_same_checkpoint(run, tmp_path / "cut", modules)
 

@@ -10,8 +10,8 @@ from .config import DistillConfig, distill_preset, resolve_distill
 __all__ = ["DistillConfig", "distill", "distill_preset", "resolve_distill"]
 
 
-def distill(cfg: DistillConfig) -> dict:
-    """Run (or resume) one distillation; returns its summary."""
+def distill(cfg: DistillConfig) -> dict | None:
+    """Run (or resume) one distillation; returns its summary (None on non-main processes)."""
     from .engine import distill as run
 
     return run(cfg)

@@ -154,9 +154,11 @@ def machine(device: torch.device) -> str:
 
 
 # --- the loop ----------------------------------------------------------------------------------------
-def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict[str, Any] | None:
     """`rapm-bench distill`: teacher trajectories, then training of a LoRA student with `cfg.objective`;
-    returns the summary."""
+    returns the summary (None on the other processes of an `accelerate launch`: they only share the
+    trajectories)."""
+    from accelerate import PartialState
     from tqdm import tqdm
 
     from ..generate import atomic_write_bytes, sha256_file
@@ -172,25 +174,43 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     validate(cfg)
     out = Path(cfg.out)
     prompts = training_prompts(cfg.world.preset, cfg.num_trajectories, cfg.prompts, cfg.prompt_offset)
-    world = load_world(cfg.world)
-    open_run(out, cfg, resume)
+    state = PartialState(cpu=cfg.world.device == "cpu")  # several under `accelerate launch`, each on its own GPU
+    world = load_world(cfg.world if state.num_processes == 1 else replace(cfg.world, device=str(state.device)))
+    if state.is_main_process:
+        open_run(out, cfg, resume)
     t_start = time.perf_counter()
 
     # 1. Teacher and its trajectories (DESIGN.md §4.1), computed before any LoRA exists. PCM also keeps every
-    #    teacher point inside the slots (its consistency pairs): another cache key.
+    #    teacher point inside the slots (its consistency pairs): another cache key. Several processes split the
+    #    missing shards; then the main process trains alone and the others return.
     device = world.device
     guidance = world.default_guidance if cfg.guidance is None else cfg.guidance
     spec = make_spec(world, prompts, cfg.trajectory_seed, guidance, cfg.slots, cfg.substeps, cfg.store_dtype,
                      cfg.trajectory_batch, interior=cfg.objective == "pcm")
     trajs = load_or_build(world, prompts, spec, cache_root(cfg), progress)
     t_traj = time.perf_counter() - t_start
+    if not state.is_main_process:
+        return None
     sched = SlotSchedule(world.alphas_cumprod, cfg.slots, cfg.substeps)
 
     # 2. Student = teacher + LoRA (fp32 weights); teacher = the same UNet, adapters disabled (§4.5). The objective
     #    adds its own trainable parts: discriminator heads, DMD2's fake-score adapter, an EMA target.
     if cfg.grad_checkpointing:
         world.unet.enable_gradient_checkpointing()
-    lora_params = attach_lora(world.unet, cfg.rank, cfg.lora_targets, ADAPTER, cfg.seed)
+    if cfg.lora_impl == "merged":  # one kernel per layer with W + s·B·A, low-rank backward (rapm_bench/fastlora.py)
+        from ..fastlora import FastLoRA
+
+        fast = FastLoRA(world.unet, cfg.rank, cfg.lora_targets, cfg.seed, mode="merged")
+        lora_params = fast.parameters()
+        student_state, load_student = fast.state_dict, fast.load_peft_state
+    else:
+        lora_params = attach_lora(world.unet, cfg.rank, cfg.lora_targets, ADAPTER, cfg.seed)
+
+        def student_state() -> dict[str, torch.Tensor]:
+            return lora_state_dict(world.unet, ADAPTER)
+
+        def load_student(state: dict[str, torch.Tensor]) -> None:
+            load_lora_state(world.unet, state, ADAPTER)
     objective = build_objective(cfg, world, sched, guidance, lora_params, world.encode_prompts([prompts[0]]))
     critic = objective.critic_groups()
     critic_params = [p for params, _ in critic for p in params]
@@ -203,10 +223,10 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
         base_lrs["d"] = [lr for _, lr in critic]
 
     def state_modules() -> dict[str, dict[str, torch.Tensor]]:
-        return {"lora": lora_state_dict(world.unet, ADAPTER), **objective.state()}
+        return {"lora": student_state(), **objective.state()}
 
     def export() -> Path:
-        return save_lora(out / LORA_FILE, lora_state_dict(world.unet, ADAPTER), cfg.rank, cfg.format,
+        return save_lora(out / LORA_FILE, student_state(), cfg.rank, cfg.format,
                          DTYPES[cfg.save_dtype])
 
     def samples(step: int) -> None:
@@ -220,7 +240,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     if ckpt_path.is_file():
         start, tensors, meta = load_checkpoint(ckpt_path)
         last_good = start
-        load_lora_state(world.unet, {k: v.to(device) for k, v in module_state(tensors, "lora").items()}, ADAPTER)
+        load_student({k: v.to(device) for k, v in module_state(tensors, "lora").items()})
         objective.load_state({name: {k: v.to(device) for k, v in module_state(tensors, name).items()}
                               for name in objective.state()})
         for name, opt in optimizers.items():

@@ -8,7 +8,10 @@ consistency pairs) also every teacher point strictly inside each slot.
 The cache folder is named by a hash of everything that defines the trajectories (teacher
 weights fingerprint, prompts, seeds, w, N, M, schedule, dtypes); it fills shard by shard
 (one teacher batch each, written atomically), so an interrupted run resumes where it
-stopped and ends equal to an uninterrupted one.
+stopped and ends equal to an uninterrupted one. Under `accelerate launch` the missing
+shards split round-robin across the processes (each on its own GPU); shard i holds
+trajectories seeded seed + k whatever process computes it, so the cache equals a
+single-process fill.
 """
 
 from __future__ import annotations
@@ -154,7 +157,10 @@ def _shard_name(start: int) -> str:
 def load_or_build(
     world: World, prompts: Sequence[str], spec: TrajectorySpec, root: Path, progress: bool = True,
 ) -> Trajectories:
-    """The cached trajectories of `spec` under root/<key>/, computing the missing shards first."""
+    """The cached trajectories of `spec` under root/<key>/, computing the missing shards first (split across the
+    processes of an `accelerate launch`: shard i goes to process i mod P; all return the whole cache)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
     from safetensors.torch import load_file, save
     from tqdm import tqdm
 
@@ -162,6 +168,10 @@ def load_or_build(
 
     if len(prompts) != spec.num:
         raise ValueError("one prompt per trajectory")
+    state = PartialState()
+    if state.num_processes > 1:
+        # One cache key for all processes, the main one's (each encoded the fingerprint's probe on its own GPU).
+        spec = broadcast_object_list([spec])[0]
     folder = Path(root) / spec.key()
     folder.mkdir(parents=True, exist_ok=True)
     meta = json.dumps(spec.record(), indent=2, sort_keys=True)
@@ -174,9 +184,12 @@ def load_or_build(
     sched = SlotSchedule(world.alphas_cumprod, spec.slots, spec.substeps)
     dtype = DTYPES[spec.store_dtype]
     starts = list(range(0, spec.num, spec.batch))
-    todo = [s for s in starts if not (folder / _shard_name(s)).is_file()]
-    with tqdm(total=spec.num, initial=spec.num - sum(min(spec.batch, spec.num - s) for s in todo),
-              desc="teacher trajectories", unit="traj", disable=not progress or not todo) as bar:
+    mine = starts[state.process_index :: state.num_processes]  # fixed by shard index: no race on what exists
+    todo = [s for s in mine if not (folder / _shard_name(s)).is_file()]
+    total = sum(min(spec.batch, spec.num - s) for s in mine)  # this process's share (the main one's bar)
+    done = total - sum(min(spec.batch, spec.num - s) for s in todo)
+    with tqdm(total=total, initial=done, desc="teacher trajectories", unit="traj",
+              disable=not progress or not todo or not state.is_main_process) as bar:
         for start in todo:
             stop = min(start + spec.batch, spec.num)
             seeds = range(spec.seed + start, spec.seed + stop)
@@ -189,6 +202,7 @@ def load_or_build(
             tensors = {"z_tilde": zt.to(dtype).cpu().contiguous(), "z_delta": zd.to(dtype).cpu().contiguous(), **fine}
             atomic_write_bytes(folder / _shard_name(start), save(tensors))
             bar.update(stop - start)
+    state.wait_for_everyone()  # every shard is on disk
     shards = [load_file(str(folder / _shard_name(s))) for s in starts]
     return Trajectories(
         z_tilde=torch.cat([s["z_tilde"] for s in shards]), z_delta=torch.cat([s["z_delta"] for s in shards]),

@@ -149,6 +149,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     lora_override = _lora_file(cfg.lora) if cfg.lora else None
 
     state = PartialState(cpu=cfg.world.device == "cpu")
+    t_load = time.perf_counter()
     world_cfg = cfg.world if state.num_processes == 1 else replace(cfg.world, device=str(state.device))
     world_cfg = replace(world_cfg, resolution=world_cfg.resolution or protocol.generation_resolution)
     lora = lora_override or spec.lora_path(preset.name, steps)  # a missing LoRA fails before the world loads
@@ -160,6 +161,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     guidance = world.default_guidance if guidance_or_none is None else guidance_or_none
     scorer = load_scorer(protocol, world.device, cfg.inception, cfg.clip_checkpoint)
     reference = reference_stats(protocol, scorer, Path(cfg.data_dir) if cfg.data_dir else None)
+    state.wait_for_everyone()  # the loop starts together: its time is the slowest shard's
+    load_s = time.perf_counter() - t_load
 
     groups = [range(g, min(g + GROUP, n)) for g in range(0, n, GROUP)]
     mine = groups[state.process_index :: state.num_processes]
@@ -188,11 +191,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
                 for i, img in zip(group, images, strict=True):
                     atomic_write_bytes(images_out / f"{i:06d}.png", png_bytes(img))
     _all_reduce(acc, state)
+    if world.device.type == "cuda":
+        torch.cuda.synchronize(world.device)
+    state.wait_for_everyone()
     seconds = time.perf_counter() - t0
 
     if not state.is_main_process:
         return None
     result = _record(cfg, spec, steps, guidance, protocol, n, acc, reference, world, lora, seconds, scorer)
+    # Timings of this run (main process; not part of what identifies or compares a result).
+    result["timing"] = {"load_s": load_s, "loop_s": seconds, "images_per_s": result["images_per_second"],
+                        "processes": state.num_processes}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / result_name(spec.name, steps, protocol.name)
     atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())

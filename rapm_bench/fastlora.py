@@ -1,0 +1,358 @@
+"""FastLoRA: the engine's LoRA (PEFT's parameterisation) without PEFT's per-layer overhead (issue #7).
+
+A frozen Linear/Conv2d with weight W gets y = base(x) + s·B·(A x): A (r, in[, k, k]) and
+B (out, r) are fp32 masters (STYLE.md rule 6), s = alpha / r = 1 as in `lora.attach_lora`.
+Three ways of running a layer:
+
+- no grad, `merge_nograd`: one kernel with W' = W + s·B·A, cached until the optimiser
+  changes A or B (their version counters);
+- grad, mode "unmerged": the base kernel plus the low-rank branch (A then B) in the
+  activations' dtype, differentiated by autograd (PEFT casts the activations to fp32 instead);
+- grad, mode "merged": one forward kernel with the same cached W', and a hand-written
+  backward (`_MergedLinear`, `_MergedConv2d`) that sends g through W' to the input and
+  computes the rank-r gradients of A and B directly; only x is saved (W', s·A and s·B ride
+  on the autograd context: they live in the cache anyway).
+
+The cache holds one copy of every target weight in the UNet's dtype (SDXL, bf16: 5.1 GB),
+rebuilt once per optimiser step (one fp32 addmm per layer). The teacher (adapters disabled)
+runs W alone.
+
+The UNet looks like a PEFT model to the engine: `teacher_mode` calls `disable_adapters` /
+`enable_adapters`, and `FastLoRA.state_dict` has `lora.lora_state_dict`'s keys and shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+
+MODES: tuple[str, ...] = ("unmerged", "merged")  # the gradient path of a LoRA layer
+
+_aten = torch.ops.aten
+
+
+def _pair(v: int | Sequence[int]) -> list[int]:
+    """An int or a pair as a list of two ints (what aten's convolution ops take)."""
+    return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
+
+
+class _MergedLinear(torch.autograd.Function):
+    """y = x·W'ᵀ + bias with W' = W + s·B·A; gradients to x, A and B (and bias if it wants one).
+
+    With g = ∂L/∂y and x, g flattened to rows (M, in), (M, out):
+      ∂L/∂x = g·W'
+      ∂L/∂B = s·gᵀ·(x·Aᵀ) = gᵀ·u,   u = x·(sA)ᵀ   (M, r)
+      ∂L/∂A = s·(g·B)ᵀ·x = vᵀ·x,    v = g·(sB)    (M, r)
+    `cache` = (W', sA, sB) in x's dtype, held by the layer until the next optimiser step: it rides
+    on ctx, so only x goes through save_for_backward (one saved-tensor hook under checkpointing).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.cache, ctx.master = cache, (lora_a.dtype, lora_b.dtype)
+        return F.linear(x, cache[0], bias)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        weight, a_s, b_s = ctx.cache
+        need_x, need_bias, need_a, need_b = ctx.needs_input_grad[:4]
+        grad_x = grad_bias = grad_a = grad_b = None
+        if need_x:
+            grad_x = g @ weight  # ∂L/∂x = g·W'
+        g2 = g.reshape(-1, g.shape[-1])  # (M, out)
+        if need_bias:
+            grad_bias = g2.sum(0)
+        x2 = x.reshape(-1, x.shape[-1])  # (M, in)
+        if need_b:
+            grad_b = (g2.t() @ F.linear(x2, a_s)).to(ctx.master[1])  # gᵀ·u, u = s·x·Aᵀ: (out, r)
+        if need_a:
+            grad_a = ((g2 @ b_s).t() @ x2).to(ctx.master[0])  # vᵀ·x, v = s·g·B: (r, in)
+        return grad_x, grad_bias, grad_a, grad_b, None
+
+
+class _MergedConv2d(torch.autograd.Function):
+    """y = conv2d(x, W') + bias with W' = W + s·B·A (groups 1); gradients to x, A and B.
+
+    A is a conv (r, in, k, k) with the layer's stride/padding/dilation, B a 1×1 conv (out, r):
+      ∂L/∂x = conv2d_input(g, W')                                (one convolution_backward)
+      u = conv2d(x, sA)                                          (N, r, H', W')
+      v = s·Σ_o g[:, o]·B[o, :], ∂L/∂B = s·Σ_{n,h,w} g ⊗ conv2d(x, A)
+        = the input and weight gradients of the 1×1 conv u ↦ conv2d(u, sB)  (one convolution_backward)
+      ∂L/∂A = conv2d_weight(x, v) with the layer's stride/padding/dilation   (one convolution_backward)
+    `cache` = (W', sA, sB) as in `_MergedLinear`; only x is saved.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                conv: tuple[list[int], list[int], list[int]]) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.cache, ctx.conv, ctx.master = cache, conv, (lora_a.dtype, lora_b.dtype)
+        return F.conv2d(x, cache[0], bias, *conv)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        weight, a_s, b_s = ctx.cache
+        stride, padding, dilation = ctx.conv
+        need_x, need_bias, need_a, need_b = ctx.needs_input_grad[:4]
+        grad_x = grad_bias = grad_a = grad_b = None
+        if need_x or need_bias:  # ∂L/∂x = conv2d_input(g, W'); ∂L/∂bias = Σ_{n,h,w} g
+            grad_x, _, grad_bias = _aten.convolution_backward(
+                g, x, weight, [weight.shape[0]] if need_bias else None, stride, padding, dilation, False, [0, 0], 1,
+                [need_x, False, need_bias])
+        if need_a or need_b:
+            n, _, h, w = g.shape
+            r = a_s.shape[0]
+            if need_b:
+                u = F.conv2d(x, a_s, None, stride, padding, dilation)  # s·conv2d(x, A)
+            else:  # only its shape is read
+                u = g.new_empty(1).expand(n, r, h, w)
+            v, grad_b4, _ = _aten.convolution_backward(  # the 1×1 conv u ↦ conv2d(u, sB): v = s·gB, ∂L/∂B = g ⊗ u
+                g, u, b_s[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_a, need_b, False])
+            if need_b:
+                grad_b = grad_b4.view(b_s.shape).to(ctx.master[1])
+            if need_a:
+                grad_a = _aten.convolution_backward(v, x, a_s, None, stride, padding, dilation, False, [0, 0], 1,
+                                                    [False, True, False])[1].to(ctx.master[0])
+        return grad_x, grad_bias, grad_a, grad_b, None, None
+
+
+class LoRAWrap(nn.Module):
+    """A frozen Linear/Conv2d plus s·B·A (PEFT's parameterisation: A (r, in[, k, k]), B (out, r)).
+
+    Weights are fp32 masters (STYLE.md rule 6); the update runs in the activations' dtype
+    (PEFT casts the activations to fp32 instead). Without grad and with `merge_nograd`, the
+    layer runs W + s·B·A merged in one kernel; with grad and `mode == "merged"` too, with a
+    hand-written backward. The merged weight (and s·A, s·B in the base weight's dtype) is
+    cached until the optimiser changes A or B (their version counters).
+    """
+
+    def __init__(self, base: nn.Module, rank: int, scale: float, generator: torch.Generator,
+                 mode: str = "unmerged") -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown LoRA mode {mode!r}; use one of {', '.join(MODES)}")
+        self.base = base
+        self.scale = scale
+        self.enabled = True
+        self.merge_nograd = False
+        self.mode = mode
+        w = base.weight
+        fan_in = w[0].numel()
+        a = (torch.rand((rank, *w.shape[1:]), generator=generator) * 2 - 1) / math.sqrt(fan_in)  # kaiming_uniform(√5)
+        if w.ndim == 4 and w.is_contiguous(memory_format=torch.channels_last):
+            a = a.contiguous(memory_format=torch.channels_last)
+        self.lora_A = nn.Parameter(a.to(w.device))
+        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device))
+        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._cache_key: tuple[Any, ...] | None = None
+        self._base_params = base._parameters  # the base's weight and bias, read without Module.__getattr__
+        self._mergeable = self.mergeable
+        self._is_conv = isinstance(base, nn.Conv2d)
+        self._conv = ((_pair(base.stride), _pair(base.padding), _pair(base.dilation))
+                      if isinstance(base, nn.Conv2d) and self._mergeable else None)
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether the merged gradient path handles this layer (Linear; Conv2d with groups 1, zero padding)."""
+        base = self.base
+        if isinstance(base, nn.Linear):
+            return True
+        return (isinstance(base, nn.Conv2d) and base.groups == 1 and base.padding_mode == "zeros"
+                and not isinstance(base.padding, str))
+
+    def _key(self) -> tuple[Any, ...]:
+        # plain dict look-ups: nn.Module.__getattr__ costs ~0.3 µs a name, and this runs on every layer call
+        p, w = self._parameters, self._base_params["weight"]
+        a, b = p["lora_A"], p["lora_B"]
+        return (a._version, b._version, w._version, a.data_ptr(), b.data_ptr(), w.data_ptr(), w.dtype)
+
+    def cached(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W + s·B·A, s·A, s·B) in the base weight's dtype; W' in its layout. Built in fp32 once per A/B update."""
+        key = self._key()
+        if self._cache is None or self._cache_key != key:
+            w = self.base.weight.detach()
+            a, b = self.lora_A.detach(), self.lora_B.detach()
+            s = self.scale
+            with torch.no_grad():
+                merged = torch.addmm(w.reshape(w.shape[0], -1).float(), b.float(), a.reshape(a.shape[0], -1).float(),
+                                     alpha=s)  # W + s·B·A in fp32, rounded once to W's dtype below
+                w_merged = torch.empty_like(w).copy_(merged.view(w.shape))  # never in place: w may be fp32
+                a_s, b_s = ((t.to(w.dtype, copy=True) if s == 1 else (t * s).to(w.dtype)) for t in (a, b))
+                self._cache = (w_merged, a_s, b_s)  # copies: never aliases of the masters the optimiser writes
+            self._cache_key = key
+        return self._cache
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + s·B·A in the base weight's dtype and layout (computed in fp32, cached)."""
+        return self.cached()[0]
+
+    def drop_cache(self) -> None:
+        """Forget the merged weight (frees its memory; needed after writing A or B through `.data`)."""
+        self._cache = self._cache_key = None
+
+    def _base_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's maths with another weight (the base module's own hooks do not run)."""
+        if self._is_conv:
+            return self.base._conv_forward(x, weight, self._base_params["bias"])
+        return F.linear(x, weight, self._base_params["bias"])
+
+    def _merged_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """One kernel forward through W'; `_MergedLinear` / `_MergedConv2d` backward."""
+        p, bias = self._parameters, self._base_params["bias"]
+        if self._conv is not None:
+            return _MergedConv2d.apply(x, bias, p["lora_A"], p["lora_B"], self.cached(), self._conv)
+        return _MergedLinear.apply(x, bias, p["lora_A"], p["lora_B"], self.cached())
+
+    def _unmerged(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) + s·B·(A x) in the activations' dtype, differentiated by autograd."""
+        y = self.base(x)
+        a, b = self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
+        if isinstance(self.base, nn.Conv2d):
+            c = self.base
+            u = F.conv2d(x.to(y.dtype), a, None, c.stride, c.padding, c.dilation, c.groups)  # (N, r, H, W)
+            if b.shape[1] == 1:
+                return torch.addcmul(y, u, b.view(1, -1, 1, 1), value=self.scale)
+            return y + self.scale * F.conv2d(u, b[:, :, None, None])
+        u = F.linear(x.to(y.dtype), a)  # (..., r)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t(), alpha=self.scale)
+        return out.view(y.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:  # the teacher: W alone
+            return self._base_with(x, self._base_params["weight"])
+        if not torch.is_grad_enabled():
+            if self.merge_nograd or self.mode == "merged":
+                return self._base_with(x, self.cached()[0])
+            return self._unmerged(x)
+        if self.mode == "merged" and self._mergeable and not torch.is_autocast_enabled(x.device.type):
+            return self._merged_grad(x)
+        return self._unmerged(x)
+
+
+class FastLoRA:
+    """A trainable rank-r LoRA on a frozen diffusers UNet, on the targets and init rules of `lora.attach_lora`.
+
+    `mode` is the gradient path: "unmerged" (base kernel + low-rank branch) or "merged"
+    (one kernel with W + s·B·A, hand-written backward); `merge_nograd` runs no-grad passes
+    through the merged weight (always so in "merged" mode). The engine's `teacher_mode` sees
+    it as a PEFT adapter: `disable_adapters` / `enable_adapters` toggle it (bound on the
+    UNet instance until `remove`).
+    """
+
+    def __init__(self, unet: nn.Module, rank: int = 1, targets: Sequence[str] | None = None, seed: int = 0,
+                 merge_nograd: bool = True, mode: str = "unmerged") -> None:
+        from .lora import LORA_TARGETS
+
+        if rank < 1:
+            raise UserError(f"--rank must be at least 1, got {rank}")
+        if mode not in MODES:
+            raise UserError(f"unknown LoRA mode {mode!r}; use one of {', '.join(MODES)}")
+        targets = tuple(targets or LORA_TARGETS)
+        self.unet, self.rank, self.mode = unet, rank, mode
+        gen = torch.Generator().manual_seed(seed)
+        self.layers: dict[str, LoRAWrap] = {}
+        unet.requires_grad_(False)
+        for name, module in list(unet.named_modules()):
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and any(name == t or name.endswith("." + t) for t in targets):
+                parent_name, _, child = name.rpartition(".")
+                parent = unet.get_submodule(parent_name) if parent_name else unet
+                wrap = LoRAWrap(module, rank, 1.0, gen, mode)  # alpha = rank: scale 1, as attach_lora
+                wrap.merge_nograd = merge_nograd
+                setattr(parent, child, wrap)
+                self.layers[name] = wrap
+        if not self.layers:
+            raise UserError(f"none of the LoRA targets {list(targets)} is a Linear/Conv2d of this UNet")
+        self._saved = {k: unet.__dict__.get(k) for k in ("_hf_peft_config_loaded", "disable_adapters",
+                                                        "enable_adapters")}
+        unet.__dict__["_hf_peft_config_loaded"] = True
+        unet.__dict__["disable_adapters"] = lambda: self.set_enabled(False)
+        unet.__dict__["enable_adapters"] = lambda: self.set_enabled(True)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The trainable fp32 LoRA weights, A then B per layer in module order (attach_lora's order)."""
+        return [p for w in self.layers.values() for p in (w.lora_A, w.lora_B)]
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Student (True) or teacher (False)."""
+        for w in self.layers.values():
+            w.enabled = enabled
+
+    def set_merge_nograd(self, merge: bool) -> None:
+        """Run no-grad passes through merged weights (True) or through the low-rank branch."""
+        for w in self.layers.values():
+            w.merge_nograd = merge
+            if not merge and w.mode != "merged":
+                w.drop_cache()
+
+    def set_mode(self, mode: str) -> None:
+        """The gradient path: "unmerged" or "merged"."""
+        if mode not in MODES:
+            raise UserError(f"unknown LoRA mode {mode!r}; use one of {', '.join(MODES)}")
+        self.mode = mode
+        for w in self.layers.values():
+            w.mode = mode
+
+    def drop_cache(self) -> None:
+        """Forget every merged weight (after writing A or B through `.data`, which autograd does not count)."""
+        for w in self.layers.values():
+            w.drop_cache()
+
+    def _peft_shape(self, wrap: LoRAWrap, kind: str) -> torch.Size:
+        """PEFT's shape of a weight: a Conv2d's B is a 1×1 conv (out, r, 1, 1)."""
+        p = wrap.lora_A if kind == "A" else wrap.lora_B
+        if kind == "B" and isinstance(wrap.base, nn.Conv2d):
+            return torch.Size((*p.shape, 1, 1))
+        return p.shape
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights with `lora.lora_state_dict`'s PEFT keys (`<module>.lora_A.weight`) and shapes, fp32, CPU."""
+        out: dict[str, torch.Tensor] = {}
+        for name, w in self.layers.items():
+            for kind, p in (("A", w.lora_A), ("B", w.lora_B)):
+                out[f"{name}.lora_{kind}.weight"] = (p.detach().float().cpu().reshape(self._peft_shape(w, kind))
+                                                     .contiguous())
+        return out
+
+    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy PEFT-keyed weights (`lora.lora_state_dict` or `state_dict`) into this LoRA, exactly."""
+        want = {f"{name}.lora_{kind}.weight": (w, kind) for name, w in self.layers.items() for kind in "AB"}
+        unexpected = sorted(set(state) - set(want))
+        missing = sorted(set(want) - set(state))
+        if unexpected or missing:
+            example = unexpected[0] if unexpected else missing[0]
+            raise UserError(f"LoRA checkpoint does not fit this UNet ({len(unexpected)} unexpected keys, "
+                            f"{len(missing)} missing, e.g. {example})")
+        with torch.no_grad():  # in-place copies bump the version counters: merged caches rebuild
+            for key, (w, kind) in want.items():
+                param = w.lora_A if kind == "A" else w.lora_B
+                value = state[key]
+                if value.numel() != param.numel():
+                    raise UserError(f"LoRA checkpoint does not fit this UNet: {key} is {list(value.shape)}, "
+                                    f"expected {list(self._peft_shape(w, kind))}")
+                param.copy_(value.reshape(param.shape).to(param.device, param.dtype))
+        self.drop_cache()
+
+    def remove(self) -> None:
+        """Put the base layers back and unbind the adapter switches."""
+        for name, w in self.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
+            setattr(parent, child, w.base)
+            w.drop_cache()
+        for k, v in self._saved.items():
+            self.unet.__dict__.pop(k, None)
+            if v is not None:
+                self.unet.__dict__[k] = v
+        self.layers = {}
