@@ -44,7 +44,7 @@ from torch import nn
 
 from .errors import UserError
 from .fastlora import FastLoRA, LoRAWrap  # noqa: F401 (bench.FastLoRA, bench.LoRAWrap: their old home)
-from .worlds.base import Cond, NoiseSchedule, World, pick_device
+from .worlds.base import Cond, NoiseSchedule, UNetWorld, World, pick_device
 
 STAGES: tuple[str, ...] = ("matmul", "unet-forward", "rapm-iteration", "trajectories", "generate", "eval-features")
 PRESETS: tuple[str, ...] = ("tiny", "sdxl")
@@ -445,7 +445,7 @@ def build_sdxl_vae(small: bool, device: torch.device, seed: int = 0) -> nn.Modul
     return vae.float().eval().requires_grad_(False)
 
 
-class RandomSDXLWorld(World):
+class RandomSDXLWorld(UNetWorld):
     """The SDXL world's UNet call, schedule and VAE decode on random weights; random text conditioning.
 
     The text encoders are not run: per prompt they cost ~0.2 % of one RAPM iteration.
@@ -463,7 +463,6 @@ class RandomSDXLWorld(World):
         self.vae = build_sdxl_vae(small, device, seed)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._resolution = resolution or self.unet_config["sample_size"] * self.vae_scale
-        self._fused = False
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -505,22 +504,6 @@ class RandomSDXLWorld(World):
         vae = self.vae
         image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0].float()
         return (image / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
-
-    def load_lora(self, path: Path, adapter_name: str = "default", scale: float = 1.0) -> None:
-        from .lora import load_unet_lora
-
-        load_unet_lora(self.unet, Path(path), adapter_name)
-
-    def fuse_lora(self) -> None:
-        self.unet.fuse_lora()
-        self._fused = True
-
-    def unload_lora(self) -> None:
-        if self._fused:
-            self.unet.unfuse_lora()
-            self._fused = False
-        if getattr(self.unet, "peft_config", None):
-            self.unet.unload_lora()
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"teacher": "random weights, SDXL architecture" + (" (small)" if self.small else ""),

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from rapm_bench.distill.config import resolve_distill
 from rapm_bench.distill.schedule import SlotSchedule, ddim_step, trailing_timesteps
+from rapm_bench.errors import UserError
 from rapm_bench.worlds.base import NoiseSchedule
 
 SD = NoiseSchedule()  # scaled_linear, epsilon (SDXL)
@@ -176,7 +177,10 @@ def test_trajectory_shards_go_round_robin(tiny_world, tmp_path, monkeypatch):
 
 def test_two_processes_split_the_trajectory_cache(tiny_teacher, tmp_path):
     """`distill` under torchrun with 2 CPU processes: the shards split across them, only the main one trains, and
-    the cache equals a one-process fill tensor for tensor."""
+    the cache equals a one-process fill tensor for tensor (one CPU thread per process on both sides: CPU kernels
+    reduce in another order with another thread count)."""
+    import os
+
     from safetensors.torch import load_file
 
     from rapm_bench.distill.trajectories import load_or_build, make_spec, training_prompts
@@ -187,7 +191,7 @@ def test_two_processes_split_the_trajectory_cache(tiny_teacher, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
          "rapm_bench.cli", "distill", *args, "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("distilled 1 iterations") == 1  # the main process trained, the other returned
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -198,7 +202,12 @@ def test_two_processes_split_the_trajectory_cache(tiny_teacher, tmp_path):
     prompts = training_prompts("tiny", 4, None)
     spec = make_spec(world, prompts, cfg.trajectory_seed, cfg.guidance, cfg.slots, cfg.substeps, cfg.store_dtype,
                      cfg.trajectory_batch)
-    one = load_or_build(world, prompts, spec, tmp_path / "one", progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = load_or_build(world, prompts, spec, tmp_path / "one", progress=False)
+    finally:
+        torch.set_num_threads(threads)
     assert summary["trajectories"]["key"] == spec.key()
     two = tmp_path / "two" / spec.key()
     names = sorted(p.name for p in one.folder.glob("shard_*"))
@@ -441,6 +450,33 @@ def test_merged_lora_impl_trains_like_peft_resumes_and_exports(tiny_teacher, tmp
     assert (before.int() - generate_batch(world, ["a red circle"], [0], DDIM_TRAILING, 4, 1.0).int()).abs().max() > 0
 
 
+def test_out_of_gpu_memory_names_what_uses_less(tiny_teacher, tmp_path, monkeypatch):
+    """A GPU OOM in iteration 3 (checkpoint at 2) ends in one UserError: the checkpoint kept, --resume, and the
+    switches that use less memory; the checkpoint is intact and the run resumes from it."""
+    from rapm_bench.distill import engine
+    from rapm_bench.distill.rapm import RAPMLoss
+
+    cfg = tiny_cfg(tiny_teacher, tmp_path, iters=4, lora_impl="merged")
+    real, calls = RAPMLoss.chunks, []
+
+    def oom(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        yield from real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RAPMLoss, "chunks", oom)
+    with pytest.raises(UserError) as err:
+        engine.distill(cfg, progress=False)
+    msg = str(err.value)
+    for needle in ("out of GPU memory while distilling", "keeps its last checkpoint (iteration 2)", "--resume",
+                   "--slot-chunk 1", "--grad-checkpointing", "--lora-impl peft", "--trajectory-batch"):
+        assert needle in msg, (needle, msg)
+    assert "\n" not in msg
+    monkeypatch.setattr(RAPMLoss, "chunks", real)
+    assert engine.distill(cfg, resume=True, progress=False)["resumed_from"] == 2
+
+
 def test_nan_guard_keeps_last_good_checkpoint(tiny_teacher, tmp_path, monkeypatch):
     """A NaN at iteration 4 stops the run with a message; the step-2 checkpoint and its LoRA stay."""
     from rapm_bench.distill import engine
@@ -469,7 +505,6 @@ def test_nan_guard_keeps_last_good_checkpoint(tiny_teacher, tmp_path, monkeypatc
 def test_run_folder_rules(tiny_teacher, tmp_path):
     """Another config in --out is refused; --resume may change --iters only; config.json is written first."""
     from rapm_bench.distill import engine
-    from rapm_bench.errors import UserError
 
     cfg = tiny_cfg(tiny_teacher, tmp_path, iters=2, distance="l2", lambda_reg=0.0)
     summary = engine.distill(cfg, progress=False)
@@ -539,7 +574,6 @@ def test_cli_distils_the_tiny_world(tiny_teacher, tmp_path):
 def test_training_prompts_sources(tmp_path):
     """tiny: the shapes *train* split; otherwise a text file or COCO captions json (one caption per image)."""
     from rapm_bench.distill.trajectories import training_prompts
-    from rapm_bench.errors import UserError
     from rapm_bench.worlds.shapes import captions
 
     assert training_prompts("tiny", 3, None, offset=5) == captions(range(5, 8))

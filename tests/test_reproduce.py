@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from test_clip_score import checkpoint as checkpoint  # noqa: F401 - a fixture
 from test_coco import coco as coco  # noqa: F401 - a fixture
-from test_fid_agreement import _FakeTorchscriptInception
+from test_sdxl_eval_rehearsal import prepared_coco as prepared_coco  # noqa: F401 - a fixture
 from test_sdxl_eval_rehearsal import rehearsal_protocol as rehearsal_protocol  # noqa: F401 - a fixture
 from typer.testing import CliRunner
 
@@ -98,17 +97,9 @@ def test_tiny_reproduce_runs_then_reuses_everything(tmp_path, monkeypatch):
     assert json.loads((res / "rapm-4step-tiny.json").read_text())["created"] == rec["created"]
 
 
-def test_sdxl_reproduce_rehearsed_offline(tmp_path, monkeypatch, tiny_sdxl, coco, checkpoint,  # noqa: F811
+def test_sdxl_reproduce_rehearsed_offline(tmp_path, monkeypatch, tiny_sdxl, prepared_coco, checkpoint,  # noqa: F811
                                           rehearsal_protocol):  # noqa: F811
-    annotations, images = coco
-    torch.manual_seed(0)
-    inception = tmp_path / "inception-2015-12-05.pt"
-    torch.jit.script(_FakeTorchscriptInception()).save(str(inception))
-    cache = tmp_path / "cache"
-    prep = CliRunner().invoke(app, ["data", "coco", "--protocol", rehearsal_protocol, "--annotations",
-                                    str(annotations), "--images", str(images), "--cache-dir", str(cache),
-                                    "--inception", str(inception), "--device", "cpu"])
-    assert prep.exit_code == 0, prep.output
+    inception, cache = prepared_coco
     prompts = tmp_path / "train_captions.txt"
     prompts.write_text("a dog on a beach\na bowl of soup\n")
     small = {"num_trajectories": 2, "trajectory_batch": 2, "substeps": 2, "iters": 2, "warmup": 0, "lr": 0.05,

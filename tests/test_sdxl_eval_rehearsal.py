@@ -27,7 +27,9 @@ def rehearsal_protocol(monkeypatch: pytest.MonkeyPatch) -> str:
     return proto.name
 
 
-def test_data_then_eval_on_the_sdxl_path(tmp_path, tiny_sdxl, coco, checkpoint, rehearsal_protocol):  # noqa: F811
+@pytest.fixture()
+def prepared_coco(tmp_path: Path, coco: tuple[Path, Path], rehearsal_protocol: str) -> tuple[Path, Path]:  # noqa: F811
+    """(stand-in Inception file, data cache) after `rapm-bench data coco` on the synthetic COCO set."""
     annotations, images = coco
     torch.manual_seed(0)
     inception = tmp_path / "inception-2015-12-05.pt"
@@ -37,6 +39,12 @@ def test_data_then_eval_on_the_sdxl_path(tmp_path, tiny_sdxl, coco, checkpoint, 
                                     str(annotations), "--images", str(images), "--cache-dir", str(cache),
                                     "--inception", str(inception), "--device", "cpu"])
     assert prep.exit_code == 0, prep.output
+    return inception, cache
+
+
+def test_data_then_eval_on_the_sdxl_path(tmp_path, tiny_sdxl, prepared_coco, checkpoint,  # noqa: F811
+                                        rehearsal_protocol):
+    inception, cache = prepared_coco
     with pytest.warns(UserWarning, match="unreliable"):  # 12 images, 2048-d features
         result = CliRunner().invoke(app, [
             "eval", "--preset", "sdxl", "--teacher", str(tiny_sdxl), "--model", "teacher", "--steps", "2",

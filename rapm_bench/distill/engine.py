@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from .checkpoint import CHECKPOINT
 from .config import DistillConfig, validate
 from .objectives import STUDENT as ADAPTER  # the student's PEFT adapter name
 
@@ -157,7 +158,32 @@ def machine(device: torch.device) -> str:
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict[str, Any] | None:
     """`rapm-bench distill`: teacher trajectories, then training of a LoRA student with `cfg.objective`;
     returns the summary (None on the other processes of an `accelerate launch`: they only share the
-    trajectories)."""
+    trajectories). Running out of GPU memory ends in a one-line UserError that names what uses less."""
+    try:
+        return _distill(cfg, resume, progress)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(oom_message(cfg)) from None
+
+
+def oom_message(cfg: DistillConfig) -> str:
+    """What to do after a GPU out-of-memory error in `distill`: resume from the last checkpoint with less memory."""
+    ckpt = Path(cfg.out) / CHECKPOINT
+    kept = "has no checkpoint yet"
+    if ckpt.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt), framework="pt") as f:
+            kept = f"keeps its last checkpoint (iteration {f.metadata()['step']})"
+    less = [f"--slot-chunk 1 (one slot per pass instead of {cfg.slot_chunk})" if cfg.slot_chunk > 1 else "",
+            "" if cfg.grad_checkpointing else "--grad-checkpointing",
+            "--lora-impl peft (no merged-weight copy)" if cfg.lora_impl == "merged" else "",
+            f"a smaller --trajectory-batch than {cfg.trajectory_batch} (while computing trajectories)"]
+    return (f"out of GPU memory while distilling: {cfg.out} {kept}; rerun the same command with --resume and "
+            f"less memory: {', '.join(x for x in less if x)}")
+
+
+def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any] | None:
+    """The body of `distill`."""
     from accelerate import PartialState
     from tqdm import tqdm
 

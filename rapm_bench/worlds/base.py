@@ -109,6 +109,33 @@ class World(abc.ABC):
         return {"world": self.name, "noise_schedule": self.noise_schedule.__dict__}
 
 
+class UNetWorld(World):
+    """A world whose `unet` is a bare diffusers UNet (no pipeline): LoRA files go onto it through PEFT."""
+
+    _fused: bool = False
+
+    def load_lora(self, path: Path, adapter_name: str = "default", scale: float = 1.0) -> None:
+        """Attach a diffusers/kohya LoRA file to the UNet, unfused, at `scale`."""
+        from ..lora import load_unet_lora
+
+        load_unet_lora(self.unet, Path(path), adapter_name)
+        if scale != 1.0:
+            self.unet.set_adapters([adapter_name], weights=[scale])
+
+    def fuse_lora(self) -> None:
+        """Merge the active LoRA into the UNet weights."""
+        self.unet.fuse_lora()
+        self._fused = True
+
+    def unload_lora(self) -> None:
+        """Remove every LoRA, unfusing first: back to the plain teacher."""
+        if self._fused:
+            self.unet.unfuse_lora()
+            self._fused = False
+        if getattr(self.unet, "peft_config", None):
+            self.unet.unload_lora()
+
+
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

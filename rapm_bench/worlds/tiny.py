@@ -27,8 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..lora import load_unet_lora
-from .base import Cond, NoiseSchedule, World
+from .base import Cond, NoiseSchedule, UNetWorld
 from .shapes import IMAGE_SIZE
 
 CONTEXT_LENGTH = 32  # tokens per caption (the grammar's longest caption takes 20)
@@ -103,7 +102,7 @@ def _fp32(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-class TinyWorld(World):
+class TinyWorld(UNetWorld):
     """Pixel-space shapes world: text encoder + UNet, fp32, latent == image in [-1, 1]."""
 
     name = "tiny"
@@ -125,7 +124,6 @@ class TinyWorld(World):
         self.default_guidance = float(default_guidance)
         self.context_length = context_length
         self.source = source
-        self._fused = False
         self._empty: torch.Tensor | None = None
 
     @property
@@ -162,25 +160,6 @@ class TinyWorld(World):
         return ((latents.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
 
     # --- LoRA -------------------------------------------------------------------------
-    def load_lora(self, path: Path, adapter_name: str = "default", scale: float = 1.0) -> None:
-        """Attach a diffusers/kohya LoRA file to the UNet, unfused."""
-        load_unet_lora(self.unet, Path(path), adapter_name)
-        if scale != 1.0:
-            self.unet.set_adapters([adapter_name], weights=[scale])
-
-    def fuse_lora(self) -> None:
-        """Merge the active LoRA into the UNet weights."""
-        self.unet.fuse_lora()
-        self._fused = True
-
-    def unload_lora(self) -> None:
-        """Remove every LoRA, unfusing first: back to the plain teacher."""
-        if self._fused:
-            self.unet.unfuse_lora()
-            self._fused = False
-        if getattr(self.unet, "peft_config", None):
-            self.unet.unload_lora()
-
     def describe(self) -> dict[str, Any]:
         """Provenance: schedule, guidance, weights folder."""
         return super().describe() | {"default_guidance": self.default_guidance, "teacher": self.source}
