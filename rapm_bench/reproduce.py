@@ -275,7 +275,8 @@ def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
     inputs = [out] + ([trained_out] if trained_out != out else [])
     write_table(inputs, out, plan.preset)
     write_plots(inputs, out, plan.preset, plan.grid_prompts, cfg.device)
-    if len({s.objective for s in plan.distills}) > 1:
+    if len({s.objective for s in plan.distills}) > 1 and len({s.seed for s in plan.distills}) > 1:
+        # several seeds: the comparison; a one-seed run leaves an earlier --seeds K comparison in place
         write_comparison(plan, dcfgs, out, protocol.name)
         echo(f"wrote {out / 'comparison.md'}")
     echo(f"wrote {out / 'table.md'}, fid_vs_steps.png, fid_vs_clip.png, samples.png "

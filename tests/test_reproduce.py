@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,9 @@ def test_tiny_reproduce_runs_then_reuses_everything(tmp_path, monkeypatch):
     assert "seed1" not in (res / "table.md").read_text()  # the table holds seed 0's rows only
     assert rep.reproduce(cfg, echo=lambda *_: None)["ran"] == []
     assert json.loads((res / "rapm-4step-tiny.json").read_text())["created"] == rec["created"]
+    before = (res / "comparison.md").read_bytes()  # a one-seed run reuses seed 0 and keeps the K-seed comparison
+    assert rep.reproduce(replace(cfg, seeds=1), echo=lambda *_: None)["ran"] == []
+    assert (res / "comparison.md").read_bytes() == before
 
 
 def test_sdxl_reproduce_rehearsed_offline(tmp_path, monkeypatch, tiny_sdxl, prepared_coco, checkpoint,  # noqa: F811
