@@ -911,18 +911,11 @@ def stage_generate(b: Bench) -> dict[str, Any]:
 @contextlib.contextmanager
 def eval_precision(precision: str) -> Iterator[None]:
     """fp32 with TF32 off (the protocol's metric maths), TF32 on, or bf16 autocast."""
-    from .eval.features import no_tf32
+    from .eval.features import tf32
 
-    if precision == "fp32":
-        with no_tf32():
+    if precision in ("fp32", "tf32"):
+        with tf32(precision == "tf32"):
             yield
-    elif precision == "tf32":
-        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
     else:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             yield

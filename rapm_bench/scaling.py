@@ -123,7 +123,7 @@ def text_encoder_configs(small: bool) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def clip_tokenizer(folder: Path, pad_token: str | None = None) -> Any:
-    """A CLIP BPE tokenizer from the vocabulary open_clip ships (no download; as tests/sdxl_fixture.py)."""
+    """A real CLIP BPE tokenizer from the vocabulary open_clip ships (no download; REFERENCE.md's recipe)."""
     import gzip
 
     import open_clip

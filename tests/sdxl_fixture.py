@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
 import torch
 
-
-def offline_clip_tokenizer(folder: Path, pad_token: str | None = None):
-    """A real CLIP BPE tokenizer from open_clip's shipped vocab (REFERENCE.md recipe)."""
-    import open_clip
-    from open_clip.tokenizer import bytes_to_unicode
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    merges = gzip.open(open_clip.tokenizer.default_bpe()).read().decode("utf-8").split("\n")
-    merges = merges[1 : 49152 - 256 - 2 + 1]
-    byte_chars = list(bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars]
-    vocab += ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    kwargs = {"pad_token": pad_token} if pad_token else {}
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, **kwargs)
+from rapm_bench.scaling import clip_tokenizer
 
 
 def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
@@ -79,8 +60,8 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg))
-    tok = offline_clip_tokenizer(folder / "_tok1")
-    tok2 = offline_clip_tokenizer(folder / "_tok2", pad_token="!")
+    tok = clip_tokenizer(folder / "_tok1")
+    tok2 = clip_tokenizer(folder / "_tok2", pad_token="!")
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tok, tokenizer_2=tok2,
         unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_distill import killed_at_chunk
+from test_distill import tiny_teacher as tiny_teacher  # noqa: F401 - a fixture
 from typer.testing import CliRunner
 
 from rapm_bench.distill.config import DistillConfig, resolve_distill
@@ -20,19 +21,10 @@ PROMPT = "a red circle in the centre on a black background"
 
 
 # --- fixtures ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved random-weight tiny teacher (the shipped layout)."""
-    from test_distill import small_teacher
-
-    from rapm_bench.worlds.tiny import WORLD_JSON, world_metadata
-
-    folder = tmp_path_factory.mktemp("teacher")
-    unet, text_encoder = small_teacher()
-    unet.save_pretrained(folder / "unet")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    (folder / WORLD_JSON).write_text(json.dumps(world_metadata(3.0)))
-    return folder
+@pytest.fixture()
+def teacher_dir(tiny_teacher: Path) -> Path:
+    """A saved random-weight tiny teacher (the shipped layout): test_distill's, built once per session."""
+    return tiny_teacher
 
 
 @pytest.fixture()

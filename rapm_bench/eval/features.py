@@ -36,14 +36,19 @@ FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 
 
 @contextlib.contextmanager
-def no_tf32() -> Iterator[None]:
-    """Metric maths in true fp32: TF32 matmuls and convolutions off for the duration."""
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 matmuls and convolutions on or off for the duration, then as they were."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def no_tf32() -> contextlib.AbstractContextManager[None]:
+    """Metric maths in true fp32: TF32 matmuls and convolutions off for the duration."""
+    return tf32(False)
 
 
 def check_uint8_images(images: torch.Tensor) -> None:
