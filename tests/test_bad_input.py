@@ -359,6 +359,8 @@ DISTILL = [
     ("cfg-out-of-range", ["--cfg", "100"], ["--cfg must be between 0 and 50"]),
     ("lr-negative", ["--lr", "-1"], ["learning rates must be positive"]),
     ("format-unknown", ["--format", "ckpt"], ["--format must be"]),
+    ("lora-impl-unknown", ["--lora-impl", "fast"], ["--lora-impl must be one of peft, merged"]),
+    ("lora-impl-merged-pcm", ["--objective", "pcm", "--lora-impl", "merged"], ["trains the rapm objective only"]),
 ]
 
 
