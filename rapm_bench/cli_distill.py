@@ -33,7 +33,11 @@ def distill(
     rank: Annotated[int | None, typer.Option(help="LoRA rank (the paper: 1).")] = None,
     substeps: Annotated[int | None, typer.Option("--M", "-M", help="Teacher DDIM sub-steps per slot for the "
                                                                     "trajectories (M); default: the preset's.")] = None,
-    slots: Annotated[int | None, typer.Option(help="Coarse slots N = the student's sampling steps (default 4).")]
+    steps: Annotated[int | None, typer.Option(help="The student's sampling steps N (1, 2, 4, 8, ...) = RAPM's coarse "
+                                                   "slots, PCM's phases, DMD2's generator timesteps (DDIM-trailing "
+                                                   "boundaries for N); the LoRA records N and its sampler, and "
+                                                   "`eval --model lora:PATH` samples it at N. Default 4.")] = None,
+    slots: Annotated[int | None, typer.Option(help="Alias of --steps (the paper's name: coarse time-slots).")]
     = None,
     cfg: Annotated[float | None, typer.Option("--cfg", help="Teacher CFG scale w for the trajectories (and DMD2's real "
                                                             "score); default: the preset's (tiny 2.0, sdxl the "
@@ -101,6 +105,10 @@ def distill(
     from .cli import _run
     from .distill.config import resolve_distill
 
+    if steps is not None and slots is not None and steps != slots:
+        _run(_fail, f"--steps {steps} and --slots {slots} disagree: they are one setting (give one)")
+    slots = steps if steps is not None else slots
+
     config = _run(
         resolve_distill, preset, out=out, objective=objective, iters=iters, lr=lr, warmup=warmup, disc_lr=disc_lr,
         rank=rank, substeps=substeps, slots=slots, guidance=cfg, lambda_abs=lambda_abs, lambda_rel=lambda_rel,
@@ -122,3 +130,10 @@ def distill(
         return
     typer.echo(f"distilled {summary['iters']} iterations in {summary['total_seconds'] / 60:.1f} min "
                f"({summary['machine']}) -> {summary['lora']['path']}\nevaluate: {summary['eval']}")
+
+
+def _fail(message: str) -> None:
+    """Raise a one-line user error (through `_run`: exit 2)."""
+    from .errors import UserError
+
+    raise UserError(message)

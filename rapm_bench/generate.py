@@ -22,7 +22,7 @@ import torch
 from .config import GenerateConfig, get_preset, resolve_generate
 from .errors import UserError
 from .lora import resolve_lora_path
-from .models import get_model
+from .models import get_model, with_lora
 from .sampling import SamplerRecipe, cfg_denoiser, sample, seeded_noise
 from .worlds import World, load_world
 
@@ -223,6 +223,8 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
 
     cfg = resolve_generate(cfg)
     spec = get_model(cfg.model)
+    if cfg.lora:
+        spec = with_lora(spec, resolve_lora_path(Path(cfg.lora)))  # a LoRA trained here: its own sampler
     preset = get_preset(cfg.world.preset)
     if cfg.prompts is not None:
         prompts = read_prompts(Path(cfg.prompts))

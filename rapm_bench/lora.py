@@ -259,11 +259,13 @@ def kohya_state_dict(state: dict[str, torch.Tensor], rank: int) -> dict[str, tor
 
 def save_lora(
     path: Path, state: dict[str, torch.Tensor], rank: int, fmt: str = "diffusers", dtype: torch.dtype = torch.float32,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write PEFT-keyed LoRA weights as one safetensors file, atomically.
 
     `diffusers`: `unet.<module>.lora_A.weight` keys, what `pipeline.load_lora_weights(DIR,
     weight_name=...)` and `rapm-bench generate --lora` read. `kohya`: `lora_unet_...` keys.
+    `metadata`: extra safetensors header strings (a distilled LoRA's `models.trained_record`).
     """
     from safetensors.torch import save
 
@@ -273,5 +275,5 @@ def save_lora(
         raise UserError(f"unknown LoRA format {fmt!r}; use one of {', '.join(LORA_FORMATS)}")
     tensors = {f"unet.{k}": v for k, v in state.items()} if fmt == "diffusers" else kohya_state_dict(state, rank)
     tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(Path(path), save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(Path(path), save(tensors, metadata={"format": "pt", **(metadata or {})}))
     return Path(path)

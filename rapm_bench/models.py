@@ -5,7 +5,8 @@ The specs themselves live in the top-level `baselines/` registry, one module per
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ class ModelSpec:
     guidance: float | None = None  # None = the world's teacher guidance
     lora: dict[str, LoraSource] | None = None  # per preset: hub file, or a path inside the package
     reported: tuple[Reported, ...] = ()  # the authors' numbers
+    trained: str | None = None  # a LoRA trained here whose metadata set steps and sampler (see `with_lora`)
 
     def resolve(self, steps: int | None, guidance: float | None) -> tuple[int, float | None]:
         """Validated (steps, guidance), the model's defaults filling what is None (guidance may stay None)."""
@@ -96,6 +98,10 @@ class ModelSpec:
 
     def check_steps(self, steps: int) -> None:
         """Reject a step count this model does not ship."""
+        if self.trained is not None and self.steps is not None and steps not in self.steps:
+            raise UserError(f"LoRA {self.trained} was trained for {self.steps[0]}-step sampling (its metadata), got "
+                            f"--steps {steps}: sample it with --steps {self.steps[0]}, or distil one with "
+                            f"`rapm-bench distill --steps {steps}`")
         if self.steps is not None and steps not in self.steps:
             shipped = ", ".join(map(str, self.steps))
             raise UserError(f"model {self.name!r} ships {shipped}-step weights only, got --steps {steps}")
@@ -125,6 +131,48 @@ class ModelSpec:
         return {"name": self.name, "recipe": self.recipe.describe()}
 
 
+TRAINED_KEY = "rapm_bench"
+"""safetensors metadata key of a LoRA `rapm-bench distill` wrote: a JSON record of what it was trained for."""
+
+
+def trained_record(steps: int, objective: str, recipe: SamplerRecipe, guidance: float, preset: str) -> dict[str, str]:
+    """The metadata a distilled LoRA carries: its sampling steps, sampler and guidance (what it was trained for)."""
+    return {TRAINED_KEY: json.dumps({"steps": steps, "objective": objective, "sampler": recipe.describe(),
+                                     "guidance": guidance, "preset": preset}, sort_keys=True)}
+
+
+def read_trained_record(path: Path) -> dict[str, Any] | None:
+    """The record of `trained_record` in a LoRA file (or folder), or None (a LoRA from elsewhere)."""
+    from .lora import resolve_lora_path
+
+    path = resolve_lora_path(path)
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - an unreadable file fails later, with the loader's own message
+        return None
+    return json.loads(meta[TRAINED_KEY]) if TRAINED_KEY in meta else None
+
+
+def with_lora(spec: ModelSpec, lora: Path | None) -> ModelSpec:
+    """The spec with a LoRA file's own record applied: a LoRA trained here samples at its step count with its
+    sampler and guidance (N = 1, 2, 4, 8 ...); any other LoRA keeps the spec's."""
+    record = None if lora is None else read_trained_record(Path(lora))
+    if record is None:
+        return spec
+    s = record["sampler"]
+    recipe = SamplerRecipe(s["scheduler"], s["timestep_spacing"],
+                           None if s["timesteps"] is None else tuple(s["timesteps"]), s["eta"],
+                           tuple(s["options"].items()))
+    steps = int(record["steps"])
+    return replace(spec, recipe=recipe, default_steps=steps, steps=(steps,), guidance=float(record["guidance"]),
+                   trained=str(lora))
+
+
 def registry() -> dict[str, ModelSpec]:
     """All known models by name."""
     from baselines import MODELS
@@ -133,12 +181,14 @@ def registry() -> dict[str, ModelSpec]:
 
 
 def lora_model(path: str) -> ModelSpec:
-    """`lora:PATH`: any few-step LoRA, sampled with the RAPM recipe (DDIM trailing, guidance 1)."""
+    """`lora:PATH`: any few-step LoRA, sampled with the RAPM recipe (DDIM trailing, guidance 1, 4 steps), or with
+    the steps, sampler and guidance its metadata records when `rapm-bench distill` trained it."""
     from .sampling import DDIM_TRAILING
 
     p = Path(path)
-    return ModelSpec(name=f"lora-{p.stem}", description=f"LoRA file {path}", recipe=DDIM_TRAILING,
+    spec = ModelSpec(name=f"lora-{p.stem}", description=f"LoRA file {path}", recipe=DDIM_TRAILING,
                      default_steps=4, guidance=1.0, lora={"tiny": str(p.resolve()), "sdxl": str(p.resolve())})
+    return with_lora(spec, p) if p.exists() else spec  # a missing file fails where its weights are needed
 
 
 def get_model(name: str) -> ModelSpec:

@@ -28,7 +28,8 @@ class DistillConfig:
 
     # --- 1. teacher trajectories (DESIGN.md §4.1) -------------------------------------------------
     num_trajectories: int = 256  # K prompts × seeded noise; tiny: 256 is enough at batch 1 (paper: 1000)
-    slots: int = 4  # N coarse slots = the student's sampling steps (DDIM trailing 999, 749, 499, 249)
+    slots: int = 4  # N coarse slots = the student's sampling steps (`--steps`; N = 4: DDIM trailing 999, 749, 499,
+    #                 249; N = 1: 999 only); the LoRA records N and its sampler, and eval samples it at N
     substeps: int = 4  # M teacher DDIM sub-steps per slot (N·M-step teacher); tiny ablation: 4 ≈ 10
     guidance: float | None = 2.0  # teacher CFG scale w; None = the world's default; tiny ablation: 2 beat 3 and 5
     prompts: str | None = None  # caption file (.txt, or COCO captions_*.json); None = shapes train split (tiny)
@@ -161,7 +162,9 @@ def resolve_distill(preset: str = "tiny", **overrides: Any) -> DistillConfig:
 
 def validate(cfg: DistillConfig) -> None:
     """Reject values the engine cannot run, with the option's name."""
-    positive = {"num_trajectories": cfg.num_trajectories, "slots": cfg.slots, "substeps": cfg.substeps,
+    if cfg.slots < 1:
+        raise UserError(f"--steps must be at least 1 (the student's sampling steps = coarse slots), got {cfg.slots}")
+    positive = {"num_trajectories": cfg.num_trajectories, "substeps": cfg.substeps,
                 "trajectory_batch": cfg.trajectory_batch, "rank": cfg.rank, "slot_chunk": cfg.slot_chunk,
                 "checkpoint_every": cfg.checkpoint_every, "log_every": cfg.log_every,
                 "disc_hidden": cfg.disc_hidden}
@@ -209,7 +212,8 @@ def validate(cfg: DistillConfig) -> None:
     if cfg.guidance is not None and not 0.0 <= cfg.guidance <= 50.0:
         raise UserError(f"--cfg must be between 0 and 50, got {cfg.guidance}")
     if cfg.substeps > 1000 // cfg.slots:
-        raise UserError(f"--M {cfg.substeps} is more sub-steps than a slot has timesteps ({1000 // cfg.slots})")
+        raise UserError(f"--steps {cfg.slots} leaves {1000 // cfg.slots} timesteps per slot, fewer than --M "
+                        f"{cfg.substeps} teacher sub-steps: lower --steps or --M")
     if cfg.world.preset == "sdxl" and cfg.prompts is None:
         raise UserError("--preset sdxl needs --prompts FILE: COCO-2014 train captions (captions_train2014.json) "
                         "or a text file, one caption a line")

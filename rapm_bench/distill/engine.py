@@ -189,6 +189,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
 
     from ..generate import atomic_write_bytes, sha256_file
     from ..lora import attach_lora, load_lora_state, lora_state_dict, save_lora
+    from ..models import trained_record
     from ..worlds import load_world
     from .checkpoint import CHECKPOINT, load_checkpoint, module_state, save_checkpoint, unflatten_optimizer
     from .objectives import Example, build_objective, use_adapter
@@ -252,8 +253,9 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
         return {"lora": student_state(), **objective.state()}
 
     def export() -> Path:
-        return save_lora(out / LORA_FILE, student_state(), cfg.rank, cfg.format,
-                         DTYPES[cfg.save_dtype])
+        return save_lora(out / LORA_FILE, student_state(), cfg.rank, cfg.format, DTYPES[cfg.save_dtype],
+                         trained_record(cfg.slots, cfg.objective, objective.recipe, objective.sample_guidance,
+                                        cfg.world.preset))  # eval samples it at its N with its own sampler
 
     def samples(step: int) -> None:
         with use_adapter(world.unet, ADAPTER):  # the student alone (DMD2's fake score stays off)

@@ -24,7 +24,7 @@ import torch
 from ..config import EvalConfig, get_preset
 from ..errors import UserError
 from ..generate import atomic_write_bytes, batch_hint, generate_batch, oom_hint, png_bytes, sha256_file
-from ..models import get_model
+from ..models import get_model, with_lora
 from ..worlds import World, load_world
 from .fid import FeatureStats, checked_fid
 from .protocols import Protocol, default_protocol, get_protocol
@@ -122,6 +122,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
 
     preset = get_preset(cfg.world.preset)
     spec = get_model(cfg.model)
+    lora_override = _lora_file(cfg.lora) if cfg.lora else None
+    spec = with_lora(spec, lora_override)  # a LoRA trained here samples at its own step count and sampler
     steps, guidance_or_none = spec.resolve(cfg.steps, cfg.guidance)
     protocol = get_protocol(cfg.protocol) if cfg.protocol else default_protocol(preset.name)
     captions_all = protocol_captions(protocol, Path(cfg.data_dir) if cfg.data_dir else None)
@@ -146,7 +148,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
 
     if cfg.lora and spec.lora is None:
         raise UserError(f"--lora replaces a LoRA model's weights; {spec.name!r} has none: use --model lora:PATH")
-    lora_override = _lora_file(cfg.lora) if cfg.lora else None
 
     state = PartialState(cpu=cfg.world.device == "cpu")
     t_load = time.perf_counter()
