@@ -223,6 +223,14 @@ def reproduce(
     seeds: Annotated[int, typer.Option(help="tiny: training seeds per method (RAPM, PCM, DMD2) for the "
                                             "equal-budget comparison (comparison.md: mean ± sd); seed 0's runs "
                                             "are the table's, seeds > 0 go to <out>/seeds/.")] = 1,
+    steps: Annotated[str | None, typer.Option(help="tiny: the students' sampling steps N, comma-separated (each "
+                                                   "method is distilled for each N); default: 1,4.")] = None,
+    sweep: Annotated[bool, typer.Option(help="tiny: the full sweep: students at 1,2,4,8 steps, the teacher at "
+                                             "1-50 steps; results in results/tiny/sweep (with --seeds 3: what "
+                                             "results/tiny/sweep holds; a GPU and --jobs 12 take minutes).")]
+    = False,
+    jobs: Annotated[int, typer.Option(help="Distillations and evaluations at once, one process each (tiny on a "
+                                           "GPU: launch-bound, 8-16 fit one card; on a CPU keep 1).")] = 1,
     device: Annotated[str, typer.Option(help="`auto`, `cpu`, `cuda`, ...")] = "auto",
     teacher: Annotated[str | None, typer.Option(help="sdxl: teacher hub id or local diffusers folder.")] = None,
     prompts: Annotated[str | None, typer.Option(help="sdxl: COCO-2014 train captions (captions_train2014.json) for "
@@ -234,7 +242,8 @@ def reproduce(
 ) -> None:
     """Distil, evaluate every model at its step counts and write the table and plots, in one resumable command.
 
-    tiny: RAPM, PCM and DMD2 distilled here at the same budget, the teacher at 2-16 steps.
+    tiny: RAPM, PCM and DMD2 distilled here at the same budget for 1 and 4 steps (--steps, --sweep), the teacher
+    at 1-16 steps; comparison.md per step count with intervals and seed-noise verdicts (--seeds).
     sdxl: RAPM distilled here, the published RAPM, PCM and DMD2 LoRAs, the teacher; coco30k.
     Finished steps (run folders, result JSONs of the same model, steps, images and weights) are reused.
     """
@@ -243,8 +252,22 @@ def reproduce(
 
     cfg = ReproduceConfig(preset=preset, quick=quick, out=out, runs=runs, device=device, teacher=teacher,
                           prompts=prompts, data_dir=data_dir, inception=inception, clip_checkpoint=clip_checkpoint,
-                          num_images=num_images, seeds=seeds, dry_run=dry_run)
+                          num_images=num_images, seeds=seeds, steps=_run(_step_list, steps), sweep=sweep, jobs=jobs,
+                          dry_run=dry_run)
     _run(run_reproduce, cfg, typer.echo)
+
+
+def _step_list(text: str | None) -> tuple[int, ...] | None:
+    """'1,4' -> (1, 4); a one-line error for anything else."""
+    if text is None:
+        return None
+    try:
+        steps = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise UserError(f"--steps must be comma-separated integers, e.g. 1,4; got {text!r}") from None
+    if not steps or min(steps) < 1:
+        raise UserError(f"--steps must list step counts of at least 1, got {text!r}")
+    return tuple(dict.fromkeys(steps))
 
 
 @app.command()

@@ -27,11 +27,12 @@ class DistillStep:
     objective: str  # distill objective
     overrides: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields beside the preset's
     seed: int = 0  # training seed (LoRA init and every iteration's draws); the trajectories are shared
+    steps: int = 4  # the student's sampling steps N (`distill --steps`)
 
     @property
     def key(self) -> str:
-        """Run-folder name: `rapm`, or `rapm-seed1` for another training seed."""
-        return run_key(self.model, self.seed)
+        """Run-folder name: `rapm` (4 steps, seed 0), `rapm-seed1`, `rapm-1step`, `rapm-1step-seed2`."""
+        return run_key(self.model, self.seed, self.steps)
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,9 @@ class EvalStep:
     seed: int = 0  # which training seed's LoRA (trained only); seeds > 0 write under <out>/seeds/seed<S>/
 
 
-def run_key(model: str, seed: int) -> str:
-    """`rapm` for seed 0, `rapm-seed2` for seed 2."""
-    return model if seed == 0 else f"{model}-seed{seed}"
+def run_key(model: str, seed: int, steps: int = 4) -> str:
+    """`rapm` for 4 steps and seed 0, `rapm-seed2` for seed 2, `rapm-1step-seed2` for a 1-step student."""
+    return model + ("" if steps == 4 else f"-{steps}step") + ("" if seed == 0 else f"-seed{seed}")
 
 
 @dataclass(frozen=True)
@@ -61,18 +62,22 @@ class Plan:
     protocol: str | None = None  # None = the preset's default protocol
 
 
-TEACHER_STEPS_TINY = (2, 4, 8, 16)
+TEACHER_STEPS_TINY = (1, 2, 4, 16)  # the README's default: within ~12 min on 2 CPU cores
+STUDENT_STEPS_TINY = (1, 4)  # the default: the regime where methods differ (1 step) and the paper's (4)
+SWEEP_STUDENT_STEPS = (1, 2, 4, 8)  # --sweep: students at every step count the published models ship
+SWEEP_TEACHER_STEPS = (1, 2, 4, 8, 16, 50)
 
 
-def tiny_plan(quick: bool, seeds: int = 1) -> Plan:
-    """Tiny: RAPM, PCM and DMD2 trained here at one budget (`seeds` training seeds each); the teacher at
-    2-16 steps (its CFG)."""
+def tiny_plan(quick: bool, seeds: int = 1, steps: tuple[int, ...] | None = None, sweep: bool = False) -> Plan:
+    """Tiny: RAPM, PCM and DMD2 trained here at one budget for each student step count N (`seeds` training
+    seeds each, shared trajectories per N); the teacher at 1-16 steps (--sweep: 1-50) with its CFG."""
     budget = {"iters": 50} if quick else {}
-    distills = tuple(DistillStep(m, m, budget | ({"seed": s} if s else {}), s)
-                     for s in range(seeds) for m in OBJECTIVES)
-    teacher = (4, 8) if quick else TEACHER_STEPS_TINY
+    student_steps = steps or (SWEEP_STUDENT_STEPS if sweep else (4,) if quick else STUDENT_STEPS_TINY)
+    distills = tuple(DistillStep(m, m, budget | {"slots": n} | ({"seed": s} if s else {}), s, n)
+                     for n in student_steps for s in range(seeds) for m in OBJECTIVES)
+    teacher = SWEEP_TEACHER_STEPS if sweep else (4, 8) if quick else TEACHER_STEPS_TINY
     evals = (*(EvalStep("teacher", s) for s in teacher),
-             *(EvalStep(m, 4, trained=True, seed=s) for s in range(seeds) for m in OBJECTIVES))
+             *(EvalStep(d.model, d.steps, trained=True, seed=d.seed) for d in distills))
     return Plan("tiny", distills, evals, num_images=256 if quick else 512, grid_prompts=6 if quick else 8)
 
 
@@ -87,15 +92,19 @@ def sdxl_plan(quick: bool) -> Plan:
     return Plan("sdxl", distills, evals, num_images=5000 if quick else None, grid_prompts=0)
 
 
-def make_plan(preset: str, quick: bool = False, seeds: int = 1) -> Plan:
-    """The plan of a preset."""
+def make_plan(preset: str, quick: bool = False, seeds: int = 1, steps: tuple[int, ...] | None = None,
+              sweep: bool = False) -> Plan:
+    """The plan of a preset (`steps`: the students' step counts; `sweep`: all of them and the teacher to 50)."""
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
+    if steps is not None and (not steps or min(steps) < 1):
+        raise UserError(f"--steps must list step counts of at least 1, got {','.join(map(str, steps)) or 'none'}")
     if preset == "tiny":
-        return tiny_plan(quick, seeds)
+        return tiny_plan(quick, seeds, steps, sweep)
     if preset == "sdxl":
-        if seeds != 1:
-            raise UserError("--seeds applies to the tiny preset (one SDXL distillation takes hours)")
+        if seeds != 1 or steps is not None or sweep:
+            raise UserError("--seeds, --steps and --sweep apply to the tiny preset (one SDXL distillation takes "
+                            "hours)")
         return sdxl_plan(quick)
     raise UserError(f"unknown preset {preset!r}; use tiny or sdxl")
 
@@ -140,13 +149,14 @@ def estimate(plan: Plan, distill_cfgs: dict[str, Any], num_images: int) -> list[
         key = (cfg.num_trajectories, cfg.trajectory_seed, cfg.guidance, cfg.substeps, cfg.slots, cfg.prompts,
                cfg.objective == "pcm")  # PCM's cache also keeps the points inside the slots
         traj_s = 0.0 if key in seen_traj else cfg.num_trajectories * cfg.slots * cfg.substeps * 2 * c.trajectory_forward
-        traj_mb = 0.0 if key in seen_traj else cfg.num_trajectories * c.trajectory_mb
+        traj_mb = 0.0 if key in seen_traj else cfg.num_trajectories * c.trajectory_mb * (2 * cfg.slots + 1) / 9
         seen_traj.add(key)
+        per_iter = c.iteration[step.objective] * (0.25 + 0.75 * cfg.slots / 4)  # measured at 4 slots; a fixed part
         rows.append((f"distill {step.key} ({step.objective}, {cfg.iters} iterations)",
-                     traj_s + cfg.iters * c.iteration[step.objective], traj_mb + c.lora_mb))
+                     traj_s + cfg.iters * per_iter, traj_mb + c.lora_mb))
     for ev in plan.evals:
-        spec = get_model(ev.model)
-        _, guidance = spec.resolve(ev.steps, None)
+        # a student trained here samples without CFG (RAPM, PCM: guidance 1; DMD2: 0), at the N it was trained for
+        guidance = 1.0 if ev.trained else get_model(ev.model).resolve(ev.steps, None)[1]
         passes = ev.steps * (2 if (guidance is None or guidance > 1) else 1)
         rows.append((f"eval {run_key(ev.model, ev.seed)} {ev.steps}-step{' (trained here)' if ev.trained else ''}",
                      num_images * (passes * c.image_forward + c.image_overhead), 0.01))
@@ -170,6 +180,9 @@ class ReproduceConfig:
     clip_checkpoint: str | None = None
     num_images: int | None = None  # None = the plan's
     seeds: int = 1  # tiny: training seeds per method for the equal-budget comparison
+    steps: tuple[int, ...] | None = None  # tiny: the students' step counts N; None = the plan's (1 and 4)
+    sweep: bool = False  # tiny: students at 1, 2, 4, 8 steps, the teacher at 1-50; results in <out>/sweep
+    jobs: int = 1  # distillations / evaluations at once, one process each (a GPU fits ~8-16 tiny runs)
     dry_run: bool = False
 
 
@@ -219,14 +232,15 @@ def result_matches(path: Path, ev: EvalStep, num_images: int, protocol_hash: str
 
 def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
     """Run (or print, with `dry_run`) the preset's plan; return a summary."""
-    from .config import EvalConfig, WorldConfig
-    from .eval.engine import evaluate, result_name
     from .eval.protocols import default_protocol, get_protocol
+    from .report.comparison import write_comparison, write_step_grids
     from .report.plots import write_plots
     from .report.table import write_table
 
-    plan = make_plan(cfg.preset, cfg.quick, cfg.seeds)
-    out = Path(cfg.out) if cfg.out else Path("results") / plan.preset
+    if cfg.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {cfg.jobs}")
+    plan = make_plan(cfg.preset, cfg.quick, cfg.seeds, cfg.steps, cfg.sweep)
+    out = Path(cfg.out) if cfg.out else Path("results") / plan.preset / ("sweep" if cfg.sweep else "")
     runs = Path(cfg.runs) if cfg.runs else Path("runs") / "reproduce" / plan.preset
     trained_out = out if plan.preset == "tiny" else out / "trained"  # SDXL: beside the published LoRAs' rows
     protocol = get_protocol(plan.protocol) if plan.protocol else default_protocol(plan.preset)
@@ -236,105 +250,107 @@ def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
     dcfgs = distill_configs(cfg, plan, runs)
     est = estimate(plan, dcfgs, num_images)
     total_s, total_mb = sum(s for _, s, _ in est), sum(m for _, _, m in est)
-    flags = (" --quick" if cfg.quick else "") + (f" --seeds {cfg.seeds}" if cfg.seeds > 1 else "")
+    flags = (" --quick" if cfg.quick else "") + (f" --seeds {cfg.seeds}" if cfg.seeds > 1 else "") + \
+        (" --sweep" if cfg.sweep else "") + (f" --steps {','.join(map(str, cfg.steps))}" if cfg.steps else "")
     echo(f"reproduce --preset {plan.preset}{flags}: {len(plan.distills)} distillations, "
          f"{len(plan.evals)} evaluations of {num_images} images; results -> {out}, runs -> {runs}")
     for what, s, mb in est:
         echo(f"  {what:<48} ~{_duration(s):>8}  ~{mb:,.1f} MB")
     device_note = "a 2-core CPU" if plan.preset == "tiny" else "one H100"
-    echo(f"  estimated total: ~{_duration(total_s)} on {device_note} (finished steps are skipped), "
+    echo(f"  estimated total: ~{_duration(total_s)} on {device_note} with --jobs 1 (finished steps are skipped), "
          f"~{total_mb:,.0f} MB on disk")
     if cfg.dry_run:
         return {"plan": plan, "estimate": est, "ran": []}
 
     t0 = time.perf_counter()
     ran: list[str] = []
-    loras: dict[str, Path] = {}
+    loras = {step.key: Path(dcfgs[step.key].out) / "lora.safetensors" for step in plan.distills}
+    # 1. Distillations: first one per trajectory cache (they build it), then the rest; `jobs` at once.
+    first: dict[Any, str] = {}
     for step in plan.distills:
-        summary = run_distill(dcfgs[step.key])
-        loras[step.key] = Path(dcfgs[step.key].out) / "lora.safetensors"
-        if not summary.get("reused"):
-            ran.append(f"distill {step.key}")
-        echo(f"distill {step.key}: {'reused' if summary.get('reused') else 'done'} -> {loras[step.key]}")
-    world = WorldConfig(preset=plan.preset, teacher=cfg.teacher, device=cfg.device)
+        first.setdefault(_trajectory_key(dcfgs[step.key]), step.key)
+    waves = [[k for k in first.values()], [s.key for s in plan.distills if s.key not in first.values()]]
+    for wave in waves:
+        for i, summary in _pool(cfg.jobs, [(run_distill, (dcfgs[key], cfg.jobs == 1)) for key in wave]):
+            if not summary.get("reused"):
+                ran.append(f"distill {wave[i]}")
+            echo(f"distill {wave[i]}: {'reused' if summary.get('reused') else 'done'} -> {loras[wave[i]]}")
+    # 2. Evaluations: the first in this process (it builds the reference statistics every job reads).
+    todo: list[tuple[EvalStep, Path, Path | None]] = []
     for ev in plan.evals:
         folder = (trained_out if ev.seed == 0 else out / "seeds" / f"seed{ev.seed}") if ev.trained else out
-        lora = loras[run_key(ev.model, ev.seed)] if ev.trained else None
-        path = folder / result_name(ev.model, ev.steps, protocol.name)
-        name = run_key(ev.model, ev.seed)
+        lora = loras[run_key(ev.model, ev.seed, ev.steps)] if ev.trained else None
+        path = folder / _result_name(ev.model, ev.steps, protocol.name)
         if path.is_file() and result_matches(path, ev, num_images, protocol.hash(), lora):
-            echo(f"eval {name} {ev.steps}-step: reused {path}")
+            echo(f"eval {run_key(ev.model, ev.seed)} {ev.steps}-step: reused {path}")
             continue
-        result = evaluate(EvalConfig(world=world, model=ev.model, lora=str(lora) if lora else None, steps=ev.steps,
-                                     protocol=protocol.name, num_images=num_images, out=str(folder),
-                                     data_dir=cfg.data_dir,
-                                     inception=cfg.inception, clip_checkpoint=cfg.clip_checkpoint))
-        if result is not None:
-            ran.append(f"eval {name} {ev.steps}")
-            echo(f"eval {name} {ev.steps}-step: FID {result['fid']:.3f}  CLIP {result['clip_score']:.3f}")
+        todo.append((ev, folder, lora))
+    jobs = [(run_eval, (cfg, plan, ev, folder, lora, protocol.name, num_images)) for ev, folder, lora in todo]
+    for i, result in [*_pool(1, jobs[:1]), *((i + 1, r) for i, r in _pool(cfg.jobs, jobs[1:]))]:
+        ev = todo[i][0]
+        ran.append(f"eval {run_key(ev.model, ev.seed)} {ev.steps}")
+        echo(f"eval {run_key(ev.model, ev.seed)} {ev.steps}-step: FID {result['fid']:.3f}  "
+             f"CLIP {result['clip_score']:.3f}")
+    # 3. Table, plots, the comparison per step count and its sample grids.
     inputs = [out] + ([trained_out] if trained_out != out else [])
     write_table(inputs, out, plan.preset)
     write_plots(inputs, out, plan.preset, plan.grid_prompts, cfg.device)
-    if len({s.objective for s in plan.distills}) > 1 and len({s.seed for s in plan.distills}) > 1:
-        # several seeds: the comparison; a one-seed run leaves an earlier --seeds K comparison in place
-        write_comparison(plan, dcfgs, out, protocol.name)
-        echo(f"wrote {out / 'comparison.md'}")
-    echo(f"wrote {out / 'table.md'}, fid_vs_steps.png, fid_vs_clip.png, samples.png "
-         f"({len(ran)} steps run, {time.perf_counter() - t0:.0f} s)")
+    wrote = ["table.md", "fid_vs_steps.png", "fid_vs_clip.png", "samples.png"]
+    if len({s.objective for s in plan.distills}) > 1:
+        if write_comparison(plan, dcfgs, out, protocol.name) is not None:
+            wrote.append("comparison.md")
+        wrote += [p.name for p in write_step_grids(plan, out, protocol.name, plan.grid_prompts, cfg.device)]
+    echo(f"wrote {', '.join(wrote)} in {out} ({len(ran)} steps run, {time.perf_counter() - t0:.0f} s)")
     return {"plan": plan, "estimate": est, "ran": ran, "out": str(out)}
 
 
-def write_comparison(plan: Plan, dcfgs: dict[str, Any], out: Path, protocol: str) -> dict[str, Any]:
-    """The equal-budget comparison of the methods trained here: per method, each seed's scores and training
-    time, their mean and sample standard deviation -> comparison.json and comparison.md."""
-    import statistics
+def _trajectory_key(dcfg: Any) -> tuple[Any, ...]:
+    """What makes two distillations share one trajectory cache (PCM's also keeps the points inside the slots)."""
+    return (dcfg.num_trajectories, dcfg.trajectory_seed, dcfg.guidance, dcfg.substeps, dcfg.slots, dcfg.prompts,
+            dcfg.objective == "pcm")
 
+
+def _result_name(model: str, steps: int, protocol: str) -> str:
+    """The eval engine's result file name."""
     from .eval.engine import result_name
-    from .generate import atomic_write_bytes
 
-    methods: dict[str, dict[str, Any]] = {}
-    num_images = None
-    for step in plan.distills:
-        ev = next(e for e in plan.evals if e.trained and e.model == step.model and e.seed == step.seed)
-        folder = out if step.seed == 0 else out / "seeds" / f"seed{step.seed}"
-        r = json.loads((folder / result_name(ev.model, ev.steps, protocol)).read_text())
-        summary = json.loads((Path(dcfgs[step.key].out) / "summary.json").read_text())
-        num_images = r["num_images"]
-        m = methods.setdefault(step.model, {"objective": step.objective, "iters": summary["iters"],
-                                            "steps": ev.steps, "runs": []})
-        m["runs"].append({"seed": step.seed, "fid": r["fid"], "clip_score": r["clip_score"],
-                          "retrieval_accuracy": r.get("retrieval_accuracy"),
-                          "train_seconds": summary["train_seconds"],
-                          "seconds_per_iteration": summary["train_seconds"] / max(summary["iters"], 1),
-                          "machine": summary["machine"]})
-    for m in methods.values():
-        for k in ("fid", "clip_score", "retrieval_accuracy", "seconds_per_iteration"):
-            xs = [run[k] for run in m["runs"] if run[k] is not None]
-            m[k] = {"mean": statistics.fmean(xs) if xs else None,
-                    "sd": statistics.stdev(xs) if len(xs) > 1 else None}
-    record = {"preset": plan.preset, "protocol": protocol, "num_images": num_images, "methods": methods}
+    return result_name(model, steps, protocol)
 
-    def cell(stat: dict[str, Any], fmt: str) -> str:
-        if stat["mean"] is None:
-            return "–"
-        return format(stat["mean"], fmt) + ("" if stat["sd"] is None else " ± " + format(stat["sd"], fmt))
 
-    lines = [f"# Equal-budget comparison ({plan.preset}, protocol {protocol}, {record['num_images']} images)", "",
-             "Each method distilled by the same engine from the same teacher trajectories: batch 1, the same "
-             "iterations, the same device; mean ± sample standard deviation over training seeds "
-             "(`rapm-bench reproduce --seeds K`).", "",
-             "| method | iterations | seeds | FID ↓ | CLIP ↑ | retrieval ↑ | s / iteration | FID per seed |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, m in methods.items():
-        per_seed = ", ".join(f"{run['fid']:.2f}" for run in m["runs"])
-        lines.append(f"| {name} ({m['steps']}-step) | {m['iters']} | {len(m['runs'])} | {cell(m['fid'], '.2f')} | "
-                     f"{cell(m['clip_score'], '.2f')} | {cell(m['retrieval_accuracy'], '.3f')} | "
-                     f"{cell(m['seconds_per_iteration'], '.2f')} | {per_seed} |")
-    machines = sorted({str(run["machine"]) for m in methods.values() for run in m["runs"]})
-    lines += ["", f"Training machine: {'; '.join(machines)}.", ""]
-    atomic_write_bytes(out / "comparison.json", (json.dumps(record, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "comparison.md", "\n".join(lines).encode())
-    return record
+def run_eval(cfg: ReproduceConfig, plan: Plan, ev: EvalStep, folder: Path, lora: Path | None, protocol: str,
+             num_images: int) -> dict[str, Any]:
+    """One evaluation of the plan (a top-level function: it runs in a worker process with --jobs)."""
+    from .config import EvalConfig, WorldConfig
+    from .eval.engine import evaluate
+
+    world = WorldConfig(preset=plan.preset, teacher=cfg.teacher, device=cfg.device)
+    result = evaluate(EvalConfig(world=world, model=ev.model, lora=str(lora) if lora else None, steps=ev.steps,
+                                 protocol=protocol, num_images=num_images, out=str(folder), data_dir=cfg.data_dir,
+                                 inception=cfg.inception, clip_checkpoint=cfg.clip_checkpoint))
+    assert result is not None  # one process
+    return result
+
+
+def _pool(jobs: int, calls: list[tuple[Any, tuple[Any, ...]]]) -> list[tuple[int, Any]]:
+    """(index, result) of each call, `jobs` worker processes at once (1: in this process, in order)."""
+    if jobs == 1 or len(calls) <= 1:
+        return [(i, fn(*args)) for i, (fn, args) in enumerate(calls)]
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(min(jobs, len(calls)), mp_context=mp.get_context("spawn"),
+                                initializer=_worker_init, initargs=(jobs,)) as pool:
+        futures = {pool.submit(fn, *args): i for i, (fn, args) in enumerate(calls)}
+        return [(futures[f], f.result()) for f in cf.as_completed(futures)]
+
+
+def _worker_init(jobs: int) -> None:
+    """A worker's share of the CPU threads (tiny runs on a GPU are launch-bound: one thread each is plenty)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
 
 
 def _duration(seconds: float) -> str:

@@ -24,11 +24,13 @@ SMALL = {"num_trajectories": 4, "trajectory_batch": 4, "iters": 3, "warmup": 1, 
 
 
 def small_tiny_plan(objectives: tuple[str, ...], seeds: int = 1) -> rep.Plan:
-    """The tiny plan's shape at a CPU-test size."""
-    return rep.Plan("tiny", tuple(rep.DistillStep(m, m, SMALL | ({"seed": s} if s else {}), s)
-                                  for s in range(seeds) for m in objectives),
+    """The tiny plan's shape at a CPU-test size: the objectives at 1 step over `seeds` seeds, RAPM at 2 steps."""
+    distills = (*(rep.DistillStep(m, m, SMALL | {"slots": 1} | ({"seed": s} if s else {}), s, 1)
+                  for s in range(seeds) for m in objectives),
+                rep.DistillStep("rapm", "rapm", SMALL | {"slots": 2}, 0, 2))
+    return rep.Plan("tiny", distills,
                     (rep.EvalStep("teacher", 1),
-                     *(rep.EvalStep(m, 4, trained=True, seed=s) for s in range(seeds) for m in objectives)),
+                     *(rep.EvalStep(d.model, d.steps, trained=True, seed=d.seed) for d in distills)),
                     num_images=130, grid_prompts=2)
 
 
@@ -53,49 +55,73 @@ def test_the_default_tiny_plan_fits_the_cpu_budget():
     assert len({cfgs[m].iters for m in cfgs}) == 1  # the equal-budget comparison
 
 
-def test_seeds_extend_the_tiny_plan_only():
+def test_seeds_and_steps_extend_the_tiny_plan_only():
     plan = rep.make_plan("tiny", seeds=3)
-    assert [d.key for d in plan.distills][:4] == ["rapm", "pcm", "dmd2", "rapm-seed1"]
-    assert len({d.key for d in plan.distills}) == 9 and {d.overrides.get("seed", 0) for d in plan.distills} == {0, 1, 2}
-    assert sum(e.trained for e in plan.evals) == 9
+    assert [d.key for d in plan.distills][:4] == ["rapm-1step", "pcm-1step", "dmd2-1step", "rapm-1step-seed1"]
+    assert len({d.key for d in plan.distills}) == 18 and {d.overrides.get("seed", 0) for d in plan.distills} == {0, 1, 2}
+    assert sum(e.trained for e in plan.evals) == 18
     cfgs = rep.distill_configs(rep.ReproduceConfig(seeds=3), plan, Path("runs"))
     assert cfgs["pcm-seed2"].seed == 2 and cfgs["pcm-seed2"].out == str(Path("runs") / "pcm-seed2")
+    assert cfgs["pcm-seed2"].slots == 4 and cfgs["pcm-1step-seed2"].slots == 1
     assert cfgs["pcm-seed2"].trajectory_seed == cfgs["pcm"].trajectory_seed  # one trajectory cache for all seeds
-    for preset, seeds, needle in (("tiny", 0, "at least 1"), ("sdxl", 2, "tiny preset")):
+    sweep = rep.make_plan("tiny", sweep=True)
+    assert sorted({d.steps for d in sweep.distills}) == [1, 2, 4, 8]
+    assert [e.steps for e in sweep.evals if e.model == "teacher"] == [1, 2, 4, 8, 16, 50]
+    assert {d.steps for d in rep.make_plan("tiny", steps=(2,)).distills} == {2}
+    for preset, kw, needle in (("tiny", {"seeds": 0}, "at least 1"), ("sdxl", {"seeds": 2}, "tiny preset"),
+                               ("sdxl", {"sweep": True}, "tiny preset"), ("tiny", {"steps": (0,)}, "at least 1")):
         with pytest.raises(rep.UserError, match=needle):
-            rep.make_plan(preset, seeds=seeds)
+            rep.make_plan(preset, **kw)
+
+
+def test_welch_verdicts():
+    """Welch's t over seeds: a clear gap differs, overlapping seeds are within noise, one seed has no test."""
+    from rapm_bench.report.comparison import welch
+
+    assert welch([3.0, 3.1, 3.2], [5.0, 5.1, 5.2])["verdict"] == "differs"
+    near = welch([3.0, 3.3, 3.1], [3.1, 3.2, 3.0])
+    assert near["verdict"].startswith("within seed noise") and "too few seeds" in near["verdict"] and near["p"] > 0.05
+    assert welch([3.0], [4.0])["p"] is None and "one seed" in welch([3.0], [4.0])["verdict"]
 
 
 def test_tiny_reproduce_runs_then_reuses_everything(tmp_path, monkeypatch):
-    """Two methods at two training seeds: the table (seed 0), the equal-budget comparison, then a rerun that
-    runs nothing."""
-    monkeypatch.setattr(rep, "make_plan", lambda preset, quick=False, seeds=1: small_tiny_plan(("rapm", "pcm"), seeds))
+    """Two methods at two training seeds and 1 step, RAPM at 2 steps: the table (seed 0), the comparison per step
+    count with Welch verdicts, per-step sample grids, then a rerun that runs nothing."""
+    monkeypatch.setattr(rep, "make_plan", lambda preset, quick=False, seeds=1, steps=None, sweep=False:
+                        small_tiny_plan(("rapm", "pcm"), seeds))
     cfg = rep.ReproduceConfig(out=str(tmp_path / "res"), runs=str(tmp_path / "runs"), device="cpu", seeds=2)
     first = rep.reproduce(cfg, echo=lambda *_: None)
-    assert first["ran"] == ["distill rapm", "distill pcm", "distill rapm-seed1", "distill pcm-seed1", "eval teacher 1",
-                            "eval rapm 4", "eval pcm 4", "eval rapm-seed1 4", "eval pcm-seed1 4"]
+    assert first["ran"] == ["distill rapm-1step", "distill pcm-1step", "distill rapm-2step", "distill rapm-1step-seed1",
+                            "distill pcm-1step-seed1", "eval teacher 1", "eval rapm 1", "eval pcm 1",
+                            "eval rapm-seed1 1", "eval pcm-seed1 1", "eval rapm 2"]
     res = tmp_path / "res"
     for name in ("table.md", "table.csv", "fid_vs_steps.png", "fid_vs_clip.png", "samples.png", "comparison.md",
-                 "rapm-4step-tiny.json", "teacher-1step-tiny.json"):
+                 "comparison.png", "samples-1step.png", "samples-2step.png", "rapm-1step-tiny.json",
+                 "rapm-2step-tiny.json", "teacher-1step-tiny.json"):
         assert (res / name).is_file(), name
-    rec = json.loads((res / "rapm-4step-tiny.json").read_text())
-    assert rec["lora"]["path"].endswith("runs/rapm/lora.safetensors")  # the LoRA trained here, not the shipped one
+    rec = json.loads((res / "rapm-1step-tiny.json").read_text())
+    assert rec["lora"]["path"].endswith("runs/rapm-1step/lora.safetensors")  # the LoRA trained here
+    assert rec["steps"] == 1 and json.loads((res / "rapm-2step-tiny.json").read_text())["steps"] == 2
     table = (res / "table.md").read_text()
-    assert "| rapm | 4 |" in table and "| teacher | 1 |" in table
-    seed1 = json.loads((res / "seeds" / "seed1" / "pcm-4step-tiny.json").read_text())
-    assert seed1["lora"]["path"].endswith("runs/pcm-seed1/lora.safetensors")
+    assert "| rapm | 1 |" in table and "| rapm | 2 |" in table and "| teacher | 1 |" in table
+    seed1 = json.loads((res / "seeds" / "seed1" / "pcm-1step-tiny.json").read_text())
+    assert seed1["lora"]["path"].endswith("runs/pcm-1step-seed1/lora.safetensors")
     comp = json.loads((res / "comparison.json").read_text())
-    assert set(comp["methods"]) == {"rapm", "pcm"} and comp["num_images"] == 130
-    pcm = comp["methods"]["pcm"]
+    assert set(comp["by_steps"]) == {"1", "2"} and comp["num_images"] == 130 and comp["seeds"] == 2
+    one = comp["by_steps"]["1"]
+    assert set(one["methods"]) == {"rapm", "pcm"} and set(comp["by_steps"]["2"]["methods"]) == {"rapm"}
+    pcm = one["methods"]["pcm"]
     assert [r["seed"] for r in pcm["runs"]] == [0, 1] and pcm["runs"][1]["fid"] == seed1["fid"]
     fids = [r["fid"] for r in pcm["runs"]]
     assert pcm["fid"]["mean"] == pytest.approx(sum(fids) / 2) and pcm["fid"]["sd"] == pytest.approx(abs(fids[0] - fids[1]) / 2 ** 0.5)
     assert fids[0] != fids[1]  # another training seed trains another student
+    pairs = {(p["a"], p["b"], p["metric"]) for p in one["pairs"]}
+    assert ("rapm", "pcm", "fid") in pairs and all(p["p"] is not None for p in one["pairs"] if p["metric"] == "fid")
     md = (res / "comparison.md").read_text()
-    assert "| pcm (4-step) | 3 | 2 |" in md and "| rapm (4-step) | 3 | 2 |" in md
+    assert "## 1 step" in md and "| pcm | 2 |" in md and "rapm vs pcm | FID" in md and "Welch" in md
     assert "seed1" not in (res / "table.md").read_text()  # the table holds seed 0's rows only
     assert rep.reproduce(cfg, echo=lambda *_: None)["ran"] == []
-    assert json.loads((res / "rapm-4step-tiny.json").read_text())["created"] == rec["created"]
+    assert json.loads((res / "rapm-1step-tiny.json").read_text())["created"] == rec["created"]
     before = (res / "comparison.md").read_bytes()  # a one-seed run reuses seed 0 and keeps the K-seed comparison
     assert rep.reproduce(replace(cfg, seeds=1), echo=lambda *_: None)["ran"] == []
     assert (res / "comparison.md").read_bytes() == before
@@ -111,7 +137,7 @@ def test_sdxl_reproduce_rehearsed_offline(tmp_path, monkeypatch, tiny_sdxl, prep
     plan = rep.Plan("sdxl", (rep.DistillStep("rapm", "rapm", small),),
                     (rep.EvalStep("rapm", 4, trained=True), rep.EvalStep("teacher", 2)),
                     num_images=12, grid_prompts=0, protocol=rehearsal_protocol)
-    monkeypatch.setattr(rep, "make_plan", lambda preset, quick=False, seeds=1: plan)
+    monkeypatch.setattr(rep, "make_plan", lambda preset, quick=False, seeds=1, steps=None, sweep=False: plan)
     args = ["reproduce", "--preset", "sdxl", "--teacher", str(tiny_sdxl), "--prompts", str(prompts),
             "--data-dir", str(cache), "--inception", str(inception), "--clip-checkpoint", str(checkpoint),
             "--device", "cpu", "--out", str(tmp_path / "res"), "--runs", str(tmp_path / "runs")]

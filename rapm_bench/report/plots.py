@@ -71,7 +71,7 @@ def sample_grid(results: list[dict[str, Any]], path: Path, num_prompts: int, dev
     from ..eval.engine import protocol_captions
     from ..eval.protocols import get_protocol
     from ..generate import generate_batch
-    from ..models import get_model
+    from ..models import get_model, with_lora
     from ..worlds import load_world
 
     preset = results[0]["preset"]
@@ -86,6 +86,7 @@ def sample_grid(results: list[dict[str, Any]], path: Path, num_prompts: int, dev
         world = load_world(WorldConfig(preset=preset, device=device))
         # the weights the result was measured with (an `eval --lora` override), else the spec's
         path_lora = Path(lora) if lora and Path(lora).is_file() else spec.lora_path(preset, r["steps"])
+        spec = with_lora(spec, path_lora)  # a LoRA trained here: its own sampler at its step count
         if path_lora is not None:
             world.load_lora(path_lora)
             world.fuse_lora()

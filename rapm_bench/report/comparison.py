@@ -1,0 +1,236 @@
+"""The equal-budget comparison of the methods `reproduce` trains: per student step count N, each method's scores
+over training seeds (mean ± sd), each seed's bootstrap interval, and a verdict per pair of methods.
+
+The verdict is Welch's t-test over training seeds (scipy.stats.ttest_ind, equal_var=False, two-sided,
+α = 0.05) on FID and on KID: a difference counts only when it is larger than the seed-to-seed noise. With
+one seed there is no test; with 2-3 seeds the test has little power, and "within noise" is then no evidence
+of a tie, only of no demonstrated difference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+ALPHA = 0.05
+METRICS = ("fid", "kid", "clip_score", "retrieval_accuracy")  # kid: the result's kid.mean
+TESTED = ("fid", "kid")  # lower is better for both
+TEST = ("Welch's t-test over training seeds (scipy.stats.ttest_ind, equal_var=False), two-sided, "
+        f"alpha = {ALPHA}")
+
+
+def _value(result: dict[str, Any], metric: str) -> float | None:
+    """One score of a result JSON (KID: its mean over subsets)."""
+    if metric == "kid":
+        return (result.get("kid") or {}).get("mean")
+    return result.get(metric)
+
+
+def _stat(xs: list[float]) -> dict[str, float | None]:
+    """Mean and sample standard deviation (None where undefined)."""
+    return {"mean": statistics.fmean(xs) if xs else None, "sd": statistics.stdev(xs) if len(xs) > 1 else None}
+
+
+def welch(a: list[float], b: list[float]) -> dict[str, Any]:
+    """Welch's t-test of two seed samples: difference of means (a − b), p-value and a plain verdict."""
+    diff = statistics.fmean(a) - statistics.fmean(b) if a and b else None
+    if len(a) < 2 or len(b) < 2:
+        return {"diff": diff, "p": None, "verdict": "one seed: no test (run --seeds 3 or more)"}
+    from scipy.stats import ttest_ind
+
+    p = float(ttest_ind(a, b, equal_var=False).pvalue)
+    if math.isnan(p):  # no spread at all on either side
+        return {"diff": diff, "p": None, "verdict": "identical" if diff == 0 else "no spread: no test"}
+    few = min(len(a), len(b)) < 4
+    if p < ALPHA:
+        verdict = "differs"
+    else:
+        verdict = "within seed noise" + (" (too few seeds to call a tie)" if few else "")
+    return {"diff": diff, "p": p, "verdict": verdict}
+
+
+def collect(plan: Any, dcfgs: dict[str, Any], out: Path, protocol: str) -> dict[str, Any]:
+    """The comparison record from the plan's result JSONs and run summaries."""
+    from ..eval.engine import result_name
+
+    by_steps: dict[str, dict[str, Any]] = {}
+    num_images = None
+    for step in plan.distills:
+        folder = out if step.seed == 0 else out / "seeds" / f"seed{step.seed}"
+        r = json.loads((folder / result_name(step.model, step.steps, protocol)).read_text())
+        summary_path = Path(dcfgs[step.key].out) / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        num_images = r["num_images"]
+        group = by_steps.setdefault(str(step.steps), {"methods": {}, "pairs": []})
+        m = group["methods"].setdefault(step.model, {"objective": step.objective, "iters": dcfgs[step.key].iters,
+                                                     "runs": []})
+        train_s = summary.get("train_seconds")
+        m["runs"].append({"seed": step.seed, **{k: _value(r, k) for k in METRICS},
+                          "fid_ci": r.get("fid_ci"), "kid_std": (r.get("kid") or {}).get("std"),
+                          "clip_score_ci": r.get("clip_score_ci"),
+                          "train_seconds": train_s,
+                          "seconds_per_iteration": None if train_s is None else train_s / max(summary["iters"], 1),
+                          "machine": summary.get("machine")})
+    for group in by_steps.values():
+        for m in group["methods"].values():
+            for k in (*METRICS, "seconds_per_iteration"):
+                m[k] = _stat([run[k] for run in m["runs"] if run[k] is not None])
+        names = list(group["methods"])
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                for metric in TESTED:
+                    xa = [run[metric] for run in group["methods"][a]["runs"] if run[metric] is not None]
+                    xb = [run[metric] for run in group["methods"][b]["runs"] if run[metric] is not None]
+                    if xa and xb:
+                        group["pairs"].append({"a": a, "b": b, "metric": metric, **welch(xa, xb)})
+    teacher = {}
+    for ev in plan.evals:
+        if ev.model == "teacher":
+            path = out / result_name("teacher", ev.steps, protocol)
+            if path.is_file():
+                r = json.loads(path.read_text())
+                teacher[str(ev.steps)] = {k: _value(r, k) for k in METRICS} | {"fid_ci": r.get("fid_ci"),
+                                                                               "guidance": r["guidance"]}
+    seeds = len({s.seed for s in plan.distills})
+    return {"preset": plan.preset, "protocol": protocol, "num_images": num_images, "seeds": seeds, "test": TEST,
+            "by_steps": dict(sorted(by_steps.items(), key=lambda kv: int(kv[0]))), "teacher": teacher}
+
+
+def _cell(stat: dict[str, Any], fmt: str, scale: float = 1.0) -> str:
+    """`mean ± sd` (or the mean alone, or a dash)."""
+    if stat["mean"] is None:
+        return "–"
+    return format(stat["mean"] * scale, fmt) + ("" if stat["sd"] is None else " ± " + format(stat["sd"] * scale, fmt))
+
+
+def _ci(ci: list[float] | None) -> str:
+    """`[lo, hi]`."""
+    return "" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """comparison.md."""
+    k = record["seeds"]
+    lines = [f"# Equal-budget comparison ({record['preset']}, protocol {record['protocol']}, "
+             f"{record['num_images']} images, {k} training seed{'s' if k > 1 else ''})", "",
+             "Each method distilled by the same engine from the same teacher trajectories for each student step count "
+             "N: batch 1, rank-1 LoRA, the same iterations and device; each sampled with its own recipe at N. Scores "
+             "are mean ± sample standard deviation over training seeds; the brackets are each seed's 95 % bootstrap "
+             "interval of FID (resampled images, reference fixed: image noise only). KID × 10³ is torchmetrics' "
+             "KernelInceptionDistance on the protocol's features (mean over seeds of its subset mean).", "",
+             f"Verdicts: {record['test']}, on FID and KID per pair of methods. "
+             + ("One seed: no seed-noise test is possible, so nothing here ranks the methods; run "
+                "`rapm-bench reproduce --seeds 3` (or see `sweep/comparison.md`)." if k < 2 else
+                f"{k} seeds give the test little power: 'within seed noise' means no difference was shown, not "
+                "that the methods tie." if k < 4 else ""), ""]
+    for n, group in record["by_steps"].items():
+        lines += [f"## {n} step{'s' if n != '1' else ''}", "",
+                  "| method | seeds | FID ↓ | KID×10³ ↓ | CLIP ↑ | retrieval ↑ | s / iteration | FID per seed [95 % CI] |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, m in group["methods"].items():
+            per_seed = "; ".join(f"{run['fid']:.2f} {_ci(run['fid_ci'])}".strip() for run in m["runs"])
+            lines.append(f"| {name} | {len(m['runs'])} | {_cell(m['fid'], '.2f')} | {_cell(m['kid'], '.2f', 1e3)} | "
+                         f"{_cell(m['clip_score'], '.2f')} | {_cell(m['retrieval_accuracy'], '.3f')} | "
+                         f"{_cell(m['seconds_per_iteration'], '.2f')} | {per_seed} |")
+        t = record["teacher"].get(n)
+        if t is not None:
+            lines.append(f"| teacher, {n} step{'s' if n != '1' else ''}, CFG {t['guidance']:g} | – | {t['fid']:.2f} | "
+                         f"{'–' if t['kid'] is None else format(t['kid'] * 1e3, '.2f')} | {t['clip_score']:.2f} | "
+                         f"{'–' if t['retrieval_accuracy'] is None else format(t['retrieval_accuracy'], '.3f')} | – | "
+                         f"{_ci(t['fid_ci'])} |")
+        if group["pairs"]:
+            lines += ["", "| pair | metric | difference (a − b) | p (Welch) | verdict |", "|---|---|---|---|---|"]
+            for pr in group["pairs"]:
+                scale = 1e3 if pr["metric"] == "kid" else 1.0
+                label = "KID×10³" if pr["metric"] == "kid" else "FID"
+                diff = "–" if pr["diff"] is None else f"{pr['diff'] * scale:+.2f}"
+                pv = "–" if pr["p"] is None else f"{pr['p']:.3f}"
+                lines.append(f"| {pr['a']} vs {pr['b']} | {label} | {diff} | {pv} | {pr['verdict']} |")
+        lines.append("")
+    if record["teacher"]:
+        lines += ["## The teacher (its CFG)", "", "| steps | FID ↓ | KID×10³ ↓ | CLIP ↑ | FID 95 % CI |",
+                  "|---|---|---|---|---|"]
+        for n, t in record["teacher"].items():
+            kid = "–" if t["kid"] is None else f"{t['kid'] * 1e3:.2f}"
+            lines.append(f"| {n} | {t['fid']:.2f} | {kid} | {t['clip_score']:.2f} | {_ci(t['fid_ci'])} |")
+        lines.append("")
+    machines = sorted({str(run["machine"]) for g in record["by_steps"].values() for m in g["methods"].values()
+                       for run in m["runs"] if run["machine"]})
+    lines += [f"Training machine: {'; '.join(machines) or 'unknown (run summaries not present)'}.", ""]
+    return "\n".join(lines)
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    """FID and KID against the student's steps: one line per method (mean over seeds, band ± sd), the teacher."""
+    from .plots import _pyplot, _save
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    methods = sorted({name for g in record["by_steps"].values() for name in g["methods"]})
+    for ax, metric, scale, label in ((axes[0], "fid", 1.0, "FID"), (axes[1], "kid", 1e3, "KID × 10³")):
+        for name in methods:
+            pts = [(int(n), g["methods"][name][metric]) for n, g in record["by_steps"].items()
+                   if name in g["methods"] and g["methods"][name][metric]["mean"] is not None]
+            if not pts:
+                continue
+            xs = [n for n, _ in pts]
+            mean = [s["mean"] * scale for _, s in pts]
+            sd = [(s["sd"] or 0.0) * scale for _, s in pts]
+            ax.plot(xs, mean, marker="o", label=name)
+            ax.fill_between(xs, [m - d for m, d in zip(mean, sd, strict=True)],
+                            [m + d for m, d in zip(mean, sd, strict=True)], alpha=0.2)
+        tpts = [(int(n), t[metric] * scale) for n, t in record["teacher"].items() if t[metric] is not None]
+        if tpts:
+            ax.plot([n for n, _ in tpts], [v for _, v in tpts], "k--", marker=".", label="teacher (CFG)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(f"{label} (lower is better)")
+        ax.set_title(f"{label}: mean ± sd over {record['seeds']} seed(s)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def write_comparison(plan: Any, dcfgs: dict[str, Any], out: Path, protocol: str) -> dict[str, Any] | None:
+    """comparison.json, comparison.md and comparison.png; None (nothing written) when a run with fewer seeds would
+    replace an earlier comparison of more seeds over the same step counts."""
+    from ..generate import atomic_write_bytes
+
+    record = collect(plan, dcfgs, out, protocol)
+    old_path = out / "comparison.json"
+    if old_path.is_file():
+        try:
+            old = json.loads(old_path.read_text())
+        except ValueError:
+            old = {}
+        if old.get("seeds", 0) > record["seeds"] and set(record["by_steps"]) <= set(old.get("by_steps", {})):
+            return None
+    atomic_write_bytes(out / "comparison.json", (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "comparison.md", markdown(record).encode())
+    plot(record, out / "comparison.png")
+    return record
+
+
+def write_step_grids(plan: Any, out: Path, protocol: str, num_prompts: int, device: str) -> list[Path]:
+    """samples-<N>step.png per student step count: the same captions and seeds through every method (seed 0) and
+    the teacher at N."""
+    from ..eval.engine import result_name
+    from .plots import sample_grid
+    from .results import read_result
+
+    if num_prompts < 1:
+        return []
+    paths = []
+    for n in sorted({s.steps for s in plan.distills}):
+        files = [out / result_name(m, n, protocol) for m in ("teacher", *dict.fromkeys(s.model for s in plan.distills))]
+        results = [read_result(f) for f in files if f.is_file()]
+        if results:
+            paths.append(out / f"samples-{n}step.png")
+            sample_grid(results, paths[-1], num_prompts, device)
+    return paths
