@@ -10,7 +10,8 @@
 
 `prepare_coco` validates every input first, streams the reference images through the
 protocol's eval preprocessing and the FID extractor into float64 `FeatureStats`, and
-writes the pair list and the statistics atomically, named after the protocol hash.
+writes the pair list, the statistics and the per-image features (float32, for KID)
+atomically, named after the protocol hash.
 """
 
 from __future__ import annotations
@@ -199,6 +200,27 @@ def stats_path(cache_dir: Path, protocol: Protocol, weights_sha256: str | None) 
     return Path(cache_dir).expanduser() / f"{protocol.name}-{protocol.hash()}-{tag}.fid.npz"
 
 
+def features_path(cache_dir: Path, protocol: Protocol, weights_sha256: str | None) -> Path:
+    """Where the protocol's reference per-image features (float32, for KID) live: beside the statistics."""
+    stats = stats_path(cache_dir, protocol, weights_sha256)
+    return stats.with_name(stats.name.removesuffix(".fid.npz") + ".features.npy")
+
+
+def save_reference_features(path: Path, features: torch.Tensor) -> None:
+    """Write (N, D) float32 features as .npy, atomically."""
+    buf = io.BytesIO()
+    np.save(buf, features.detach().to("cpu", torch.float32).numpy())
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def load_reference_features(path: Path) -> torch.Tensor:
+    """Reference features written by `save_reference_features` (float32 (N, D))."""
+    try:
+        return torch.from_numpy(np.load(Path(path), allow_pickle=False)).float()
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read reference features {path} ({e}): rerun `rapm-bench data coco`") from None
+
+
 def load_pairs(path: Path) -> list[Pair]:
     """Read a pair list written by `prepare_coco`."""
     try:
@@ -216,8 +238,10 @@ def load_reference_stats(path: Path) -> FeatureStats:
         raise UserError(f"cannot read reference statistics {path} ({e}): rerun `rapm-bench data coco`") from None
 
 
-def _cache_ok(pairs_file: Path, stats_file: Path, protocol: Protocol) -> bool:
-    """Whether both cache files exist, parse, and belong to this protocol."""
+def _cache_ok(pairs_file: Path, stats_file: Path, protocol: Protocol, features_file: Path | None = None) -> bool:
+    """Whether the cache files exist, parse, and belong to this protocol (features: present, when named)."""
+    if features_file is not None and not features_file.is_file():
+        return False
     try:
         meta = json.loads(pairs_file.read_text())
         with np.load(stats_file) as z:
@@ -265,8 +289,12 @@ def reference_stats(
     batch_size: int = 50,
     num_threads: int | None = None,
     progress: bool = True,
+    features: list[torch.Tensor] | None = None,
 ) -> FeatureStats:
-    """Stream image files through the eval preprocessing and `extractor` into float64 statistics."""
+    """Stream image files through the eval preprocessing and `extractor` into float64 statistics.
+
+    When `features` is a list, each batch's float32 features are appended to it too (for KID).
+    """
     from tqdm.auto import tqdm
 
     stats = FeatureStats()
@@ -275,7 +303,10 @@ def reference_stats(
             chunk = list(files[i : i + batch_size])
             arrays = thread_map(lambda p: _load_eval_image(p, protocol), chunk, num_threads)
             with torch.no_grad():
-                stats.update(extractor(to_nchw(arrays)))
+                f = extractor(to_nchw(arrays))
+            stats.update(f)
+            if features is not None:
+                features.append(f.detach().to("cpu", torch.float32))
             bar.update(len(chunk))
     return stats
 
@@ -299,7 +330,8 @@ def prepare_coco(
     check_coco_protocol(protocol)
     weights = getattr(extractor, "weights_sha256", None)
     pairs_file, stats_file = pairs_path(cache_dir, protocol), stats_path(cache_dir, protocol, weights)
-    if _cache_ok(pairs_file, stats_file, protocol):
+    features_file = features_path(cache_dir, protocol, weights)
+    if _cache_ok(pairs_file, stats_file, protocol, features_file):
         return stats_file
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
@@ -319,7 +351,9 @@ def prepare_coco(
         )
 
     # 2. stream the reference images into float64 statistics (nothing written yet)
-    stats = reference_stats([images_dir / n for n in names], protocol, extractor, batch_size, num_threads, progress)
+    feats: list[torch.Tensor] = []
+    stats = reference_stats([images_dir / n for n in names], protocol, extractor, batch_size, num_threads, progress,
+                            feats)
     if stats.sum_sq is None or not bool(torch.isfinite(stats.sum_sq).all()):
         raise UserError("the reference features are not finite: check the feature network weights")
 
@@ -345,4 +379,5 @@ def prepare_coco(
         "count": stats.count,
     }
     atomic_write_bytes(stats_file, _stats_bytes(stats, stats_meta))
+    save_reference_features(features_file, torch.cat(feats))  # all of them: 30K × 2048 float32 is 246 MB
     return stats_file

@@ -35,18 +35,32 @@ GROUP = 64  # images per shard group: also the tiny world's retrieval batch (cap
 
 @dataclass
 class Accumulator:
-    """Everything a shard adds up; merges exactly."""
+    """Everything a shard adds up; merges exactly.
+
+    Besides the running sums, the per-image data the intervals and KID need: each shard
+    writes its rows at their image indices into zero-filled tensors, so the all-reduce sum
+    places every row exactly (x + 0 = x) whatever the number of processes.
+    """
 
     stats: FeatureStats
+    features: torch.Tensor  # (n, D) float32: the generated images' FID features
+    clip: torch.Tensor  # (n,) float64: per-image CLIP scores
+    hit: torch.Tensor  # (n,) float64: per-image retrieval hits (0/1; tiny world only)
     clip_sum: float = 0.0
     hits: int = 0
     hit_count: int = 0
 
+    @classmethod
+    def empty(cls, n: int, dim: int) -> Accumulator:
+        """Zero sums and zero-filled per-image tensors for n images of dim-dimensional features."""
+        return cls(FeatureStats(dim), torch.zeros(n, dim, dtype=torch.float32), torch.zeros(n, dtype=torch.float64),
+                   torch.zeros(n, dtype=torch.float64))
+
     def tensors(self, device: torch.device) -> list[torch.Tensor]:
-        """Flat float64 tensors for an all-reduce."""
+        """Flat tensors for an all-reduce (float64 sums, float32 per-image features)."""
         assert self.stats.sum is not None and self.stats.sum_sq is not None
         scalars = torch.tensor([self.stats.count, self.clip_sum, self.hits, self.hit_count], dtype=torch.float64)
-        return [scalars.to(device), self.stats.sum.to(device), self.stats.sum_sq.to(device)]
+        return [t.to(device) for t in (scalars, self.stats.sum, self.stats.sum_sq, self.features, self.clip, self.hit)]
 
     def load_tensors(self, ts: list[torch.Tensor]) -> None:
         """Inverse of `tensors` after the reduce."""
@@ -54,6 +68,7 @@ class Accumulator:
         self.stats.count, self.clip_sum, self.hits, self.hit_count = int(count), clip_sum, int(hits), int(hit_count)
         self.stats.sum, self.stats.sum_sq = ts[1].cpu(), ts[2].cpu()
         self.stats.device = torch.device("cpu")
+        self.features, self.clip, self.hit = ts[3].cpu(), ts[4].cpu(), ts[5].cpu()
 
 
 def default_cache_dir() -> Path:
@@ -162,12 +177,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     guidance = world.default_guidance if guidance_or_none is None else guidance_or_none
     scorer = load_scorer(protocol, world.device, cfg.inception, cfg.clip_checkpoint)
     reference = reference_stats(protocol, scorer, Path(cfg.data_dir) if cfg.data_dir else None)
+    ref_features = reference_features(protocol, scorer, Path(cfg.data_dir) if cfg.data_dir else None)
     state.wait_for_everyone()  # the loop starts together: its time is the slowest shard's
     load_s = time.perf_counter() - t_load
 
     groups = [range(g, min(g + GROUP, n)) for g in range(0, n, GROUP)]
     mine = groups[state.process_index :: state.num_processes]
-    acc = Accumulator(FeatureStats(scorer.feature_dim))
+    acc = Accumulator.empty(n, scorer.feature_dim)
     if images_out is not None:
         atomic_write_bytes(images_out / "config.json", _images_config(cfg, steps, protocol).encode())
     memory = "; on SDXL also --precision fp16" if preset.name == "sdxl" else ""
@@ -187,7 +203,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
             with oom_hint(f"scoring {len(caps)} images with the protocol's FID and CLIP networks",
                           "free GPU memory (other processes on this GPU) or use a larger GPU; --batch-size "
                           "sets generation batches only"):
-                _score_group(acc, scorer, images, caps)
+                _score_group(acc, scorer, images, caps, group)
             if images_out is not None:
                 for i, img in zip(group, images, strict=True):
                     atomic_write_bytes(images_out / f"{i:06d}.png", png_bytes(img))
@@ -200,9 +216,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     if not state.is_main_process:
         return None
     result = _record(cfg, spec, steps, guidance, protocol, n, acc, reference, world, lora, seconds, scorer)
+    t_int = time.perf_counter()
+    result.update(_intervals(acc, reference, ref_features, world.device))
     # Timings of this run (main process; not part of what identifies or compares a result).
     result["timing"] = {"load_s": load_s, "loop_s": seconds, "images_per_s": result["images_per_second"],
-                        "processes": state.num_processes}
+                        "intervals_s": time.perf_counter() - t_int, "processes": state.num_processes}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / result_name(spec.name, steps, protocol.name)
     atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
@@ -226,14 +244,30 @@ def _images_config(cfg: EvalConfig, steps: int, protocol: Protocol) -> str:
                        "world": asdict(cfg.world)}, indent=2, sort_keys=True)
 
 
-def _score_group(acc: Accumulator, scorer: Scorer, images: torch.Tensor, captions: list[str]) -> None:
-    """Features, CLIP scores and retrieval hits of one group of images."""
-    acc.stats.update(scorer.features(images))
-    acc.clip_sum += float(scorer.clip_scores(images, captions).double().sum())
+def _score_group(acc: Accumulator, scorer: Scorer, images: torch.Tensor, captions: list[str], group: range) -> None:
+    """Features, CLIP scores and retrieval hits of one group of images (image indices `group`)."""
+    features = scorer.features(images)
+    acc.stats.update(features)
+    acc.features[group.start : group.stop] = features.float().cpu()
+    clip = scorer.clip_scores(images, captions).double().cpu()
+    acc.clip_sum += float(clip.sum())
+    acc.clip[group.start : group.stop] = clip
     hits = scorer.retrieval_hits(images, captions)
     if hits is not None:
         acc.hits += int(hits.sum())
         acc.hit_count += len(hits)
+        acc.hit[group.start : group.stop] = hits.double().cpu()
+
+
+def _intervals(acc: Accumulator, reference: FeatureStats, ref_features: torch.Tensor,
+               device: torch.device) -> dict[str, Any]:
+    """Bootstrap intervals (fid_ci, clip_score_ci, retrieval_accuracy_ci, bootstrap) and KID of one result."""
+    from .intervals import bootstrap, kid
+
+    ref_mean, ref_cov = torch.from_numpy(reference.mean()), torch.from_numpy(reference.cov())
+    out = bootstrap(acc.features, acc.clip, acc.hit if acc.hit_count else None, ref_mean, ref_cov, device=device)
+    out["kid"] = kid(acc.features, ref_features, device=device)
+    return out
 
 
 def _record(cfg: EvalConfig, spec: Any, steps: int, guidance: float, protocol: Protocol, n: int,
@@ -293,11 +327,40 @@ def reference_stats(protocol: Protocol, scorer: Scorer, data_dir: Path | None) -
     if protocol.caption_source != "shapes-eval":
         raise UserError(f"no reference statistics for protocol {protocol.name} ({path} missing): run "
                         f"`rapm-bench data coco --protocol {protocol.name} ...` with the same Inception weights")
-    from ..worlds.shapes import render_images, split_indices
+    return _build_tiny_reference(protocol, scorer, data_dir)[0]
 
+
+def reference_features(protocol: Protocol, scorer: Scorer, data_dir: Path | None) -> torch.Tensor:
+    """The protocol's reference per-image FID features (float32, KID needs them), cached beside the statistics."""
+    from .coco import features_path, load_reference_features
+
+    path = features_path(data_dir or default_cache_dir(), protocol, scorer.weights_sha256)
+    if path.is_file():
+        return load_reference_features(path)
+    if protocol.caption_source != "shapes-eval":
+        raise UserError(f"no reference features for protocol {protocol.name} ({path} missing; caches made before "
+                        f"KID hold only statistics): rerun `rapm-bench data coco --protocol {protocol.name} ...` "
+                        "with the same Inception weights")
+    return _build_tiny_reference(protocol, scorer, data_dir)[1]
+
+
+def _build_tiny_reference(protocol: Protocol, scorer: Scorer, data_dir: Path | None
+                          ) -> tuple[FeatureStats, torch.Tensor]:
+    """Render the tiny protocol's reference images once: statistics and per-image features, both cached."""
+    from ..worlds.shapes import render_images, split_indices
+    from .coco import features_path, save_reference_features, stats_path
+
+    cache = data_dir or default_cache_dir()
     stats = FeatureStats(scorer.feature_dim)
+    feats = []
     idx = split_indices("eval", protocol.num_pairs)
     for start in range(0, len(idx), 4096):
-        stats.update(scorer.features(render_images(idx[start : start + 4096])))
-    stats.save(path)  # atomic: concurrent processes may build the same statistics
-    return stats
+        f = scorer.features(render_images(idx[start : start + 4096]))
+        stats.update(f)
+        feats.append(f.float().cpu())
+    features = torch.cat(feats)
+    path = stats_path(cache, protocol, scorer.weights_sha256)
+    if not path.is_file():  # an existing file holds these same sums: leave it as it is
+        stats.save(path)  # atomic: concurrent processes may build the same statistics
+    save_reference_features(features_path(cache, protocol, scorer.weights_sha256), features)
+    return stats, features
