@@ -1,6 +1,7 @@
 """The tiny-world ablation behind the `tiny` defaults (results/tiny/rapm.md).
 
     python -m rapm_bench.distill.ablation --out results/tiny --runs runs/ablation --num-images 1024
+    python -m rapm_bench.distill.ablation --steps --num-images 512 --jobs 12 --device cuda   # N = 1, 2
 
 Every variant is the default `rapm-bench distill` with a few fields changed, evaluated
 with `rapm-bench eval --model lora:PATH --steps 4` on the first `num_images` pairs of the
@@ -50,16 +51,29 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 )
 BUDGETS = (50, 100, 200, 400, 800)
 
+# Do the discriminators matter where regression blurs? The same objective at N = 1 and 2 slots (`--steps`), where
+# one jump spans 500-1000 timesteps and a regression target is an average of many images (issue 13, item 5).
+STEP_VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("default", "λ_abs = λ_rel = 0.1 (discriminators), λ_reg = 1", {}),
+    ("reg-only", "adversarial off (λ_abs = λ_rel = 0): regression only", {"lambda_abs": 0.0, "lambda_rel": 0.0}),
+    ("lambda-0.3", "discriminators at λ_abs = λ_rel = 0.3", {"lambda_abs": 0.3, "lambda_rel": 0.3}),
+    ("lambda-1", "discriminators at λ_abs = λ_rel = 1", {"lambda_abs": 1.0, "lambda_rel": 1.0}),
+    ("no-reg", "regression off (λ_reg = 0): discriminators alone", {"lambda_reg": 0.0}),
+    ("l2", "plain L2 instead of the discriminators (same targets, same λ)", {"distance": "l2"}),
+)
+STEP_COUNTS = (1, 2)
+STEP_SEEDS = (0, 1, 2)
 
-def evaluate_lora(lora: Path, out: Path, num_images: int, device: str) -> dict[str, Any]:
-    """`rapm-bench eval --model lora:PATH --steps 4 --num-images N` (cached in `out`)."""
+
+def evaluate_lora(lora: Path, out: Path, num_images: int, device: str, steps: int = 4) -> dict[str, Any]:
+    """`rapm-bench eval --model lora:PATH --steps N --num-images K` (cached in `out`)."""
     from ..config import EvalConfig, WorldConfig
     from ..eval.engine import evaluate
 
-    done = out / "lora-lora-4step-tiny.json"
+    done = out / f"lora-lora-{steps}step-tiny.json"
     if done.is_file() and json.loads(done.read_text())["num_images"] == num_images:
         return json.loads(done.read_text())
-    result = evaluate(EvalConfig(world=WorldConfig(preset="tiny", device=device), model=f"lora:{lora}", steps=4,
+    result = evaluate(EvalConfig(world=WorldConfig(preset="tiny", device=device), model=f"lora:{lora}", steps=steps,
                                  num_images=num_images, out=str(out)))
     assert result is not None
     return result
@@ -91,7 +105,7 @@ def run_variant(cfg: DistillConfig, evals: Path, num_images: int, device: str) -
     else:
         resume = (out / "config.json").is_file()
         summary = distill(cfg, resume=resume)
-    return {"summary": summary, "eval": evaluate_lora(out / "lora.safetensors", evals, num_images, device)}
+    return {"summary": summary, "eval": evaluate_lora(out / "lora.safetensors", evals, num_images, device, cfg.slots)}
 
 
 TEACHER_ROWS = ((4, 3.0), (50, 3.0), (4, 2.0), (50, 2.0), (4, 1.0), (50, 1.0))  # (steps, CFG): the world's w 3, the
@@ -123,6 +137,82 @@ def variant_job(runs: str, name: str, num_images: int, device: str) -> dict[str,
             "trajectory_seconds": r["summary"]["trajectories"]["seconds"], "machine": r["summary"]["machine"]}
 
 
+def step_job(runs: str, n: int, name: str, seed: int, num_images: int, device: str) -> dict[str, Any]:
+    """Distil and evaluate one step variant at N slots and one training seed."""
+    _, overrides = next((w, o) for v, w, o in STEP_VARIANTS if v == name)
+    key = f"n{n}-{name}-seed{seed}"
+    cfg = replace(resolve_distill("tiny", device=device), out=str(Path(runs) / "steps" / key), slots=n, seed=seed,
+                  **overrides)
+    r = run_variant(cfg, Path(runs) / "steps" / key / "eval", num_images, device)
+    return {"key": key, **_brief(r["eval"]), "kid": (r["eval"].get("kid") or {}).get("mean"),
+            "fid_ci": r["eval"].get("fid_ci"), "train_seconds": r["summary"]["train_seconds"],
+            "machine": r["summary"]["machine"]}
+
+
+def run_steps(out: Path, runs: Path, num_images: int, device: str, jobs: int) -> dict[str, Any]:
+    """The step ablation (STEP_VARIANTS × STEP_COUNTS × STEP_SEEDS); resumable; writes rapm_ablation_steps.*."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from ..generate import atomic_write_bytes
+
+    path = out / "rapm_ablation_steps.json"
+    rows: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    if rows and rows.get("num_images") != num_images:
+        raise SystemExit(f"{path} holds rows for {rows['num_images']} images; pass --num-images accordingly")
+    rows = {"num_images": num_images, "runs": rows.get("runs", {})}
+    todo = [(n, v, s) for n in STEP_COUNTS for v, _, _ in STEP_VARIANTS for s in STEP_SEEDS
+            if f"n{n}-{v}-seed{s}" not in rows["runs"]]
+    if todo and not _stats_cached(num_images):  # the first in this process: it builds the reference statistics
+        n, v, s = todo.pop(0)
+        rows["runs"][f"n{n}-{v}-seed{s}"] = step_job(str(runs), n, v, s, num_images, device)
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) if jobs > 1 else _Inline() as pool:
+        futures = [pool.submit(step_job, str(runs), n, v, s, num_images, device) for n, v, s in todo]
+        for fut in cf.as_completed(futures):
+            r = fut.result()
+            rows["runs"][r["key"]] = r
+            atomic_write_bytes(path, (json.dumps(rows, indent=2) + "\n").encode())
+            print(f"ablation steps: {r['key']} done ({len(rows['runs'])})", flush=True)
+    atomic_write_bytes(path, (json.dumps(rows, indent=2) + "\n").encode())
+    write_steps_table(rows, out / "rapm_ablation_steps.md")
+    return rows
+
+
+def write_steps_table(rows: dict[str, Any], path: Path) -> None:
+    """The step ablation as Markdown: per N and variant, mean ± sd over seeds, and Welch's t against the default."""
+    import statistics
+
+    from ..report.comparison import welch
+
+    lines = [f"RAPM at N = 1 and 2 steps (`tiny` protocol, first {rows['num_images']} pairs, each student sampled at "
+             "its N with DDIM trailing, guidance 1); mean ± sd over training seeds "
+             f"{', '.join(map(str, STEP_SEEDS))}; p: Welch's t-test over seeds against the default (two-sided).", ""]
+    for n in STEP_COUNTS:
+        lines += [f"### N = {n}", "", "| variant | what changes | seeds | FID ↓ | KID×10³ ↓ | CLIP ↑ | p (FID vs default) "
+                  "| verdict |", "|---|---|---|---|---|---|---|---|"]
+        base = [r["fid"] for k, r in rows["runs"].items() if k.startswith(f"n{n}-default-")]
+        for name, what, _ in STEP_VARIANTS:
+            rs = [r for k, r in rows["runs"].items() if k.startswith(f"n{n}-{name}-seed")]
+            if not rs:
+                continue
+
+            def ms(xs: list[float], scale: float = 1.0) -> str:
+                xs = [x * scale for x in xs if x is not None]
+                if not xs:
+                    return "–"
+                return f"{statistics.fmean(xs):.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
+
+            fids = [r["fid"] for r in rs]
+            w = welch(fids, base) if name != "default" else {"p": None, "verdict": "–"}
+            pv = "–" if w["p"] is None else f"{w['p']:.3f}"
+            lines.append(f"| {name} | {what} | {len(rs)} | {ms(fids)} | {ms([r['kid'] for r in rs], 1e3)} | "
+                         f"{ms([r['clip_score'] for r in rs])} | {pv} | {w['verdict']} |")
+        lines.append("")
+    machines = sorted({r["machine"] for r in rows["runs"].values()})
+    lines += [f"Trained on {', '.join(machines)}, runs side by side (`--jobs`).", ""]
+    path.write_text("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every variant, the budget series and the teacher baselines; write JSON, table and curves."""
     import concurrent.futures as cf
@@ -138,7 +228,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="runs at once, one process each (a GPU: the tiny UNet is launch-bound, so ~8 fit one card)")
     p.add_argument("--grid", type=Path, default=None, metavar="LORA",
                    help="only write OUT/rapm_grid.png: teacher vs this student LoRA on the first 10 eval captions")
+    p.add_argument("--steps", action="store_true",
+                   help="only the step ablation: the RAPM variants at N = 1 and 2, seeds 0-2 (rapm_ablation_steps.md)")
     args = p.parse_args(argv)
+    if args.steps:
+        run_steps(args.out, args.runs, args.num_images, args.device, args.jobs)
+        return
     if args.grid is not None:
         comparison_grid(args.grid, args.out / "rapm_grid.png", device=args.device)
         return
