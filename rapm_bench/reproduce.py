@@ -265,16 +265,15 @@ def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     ran: list[str] = []
     loras = {step.key: Path(dcfgs[step.key].out) / "lora.safetensors" for step in plan.distills}
-    # 1. Distillations: first one per trajectory cache (they build it), then the rest; `jobs` at once.
-    first: dict[Any, str] = {}
-    for step in plan.distills:
-        first.setdefault(_trajectory_key(dcfgs[step.key]), step.key)
-    waves = [[k for k in first.values()], [s.key for s in plan.distills if s.key not in first.values()]]
-    for wave in waves:
-        for i, summary in _pool(cfg.jobs, [(run_distill, (dcfgs[key], cfg.jobs == 1)) for key in wave]):
-            if not summary.get("reused"):
-                ran.append(f"distill {wave[i]}")
-            echo(f"distill {wave[i]}: {'reused' if summary.get('reused') else 'done'} -> {loras[wave[i]]}")
+    # 1. Distillations, `jobs` at once, the longest first (two runs that share a trajectory cache may both build
+    #    a shard: the writes are atomic and the shards identical, and a shard takes seconds).
+    cost = {row[0].split()[1]: row[1] for row in est if row[0].startswith("distill ")}
+    order = sorted((s.key for s in plan.distills), key=lambda k: -cost.get(k, 0.0)) if cfg.jobs > 1 else \
+        [s.key for s in plan.distills]
+    for i, summary in _pool(cfg.jobs, [(run_distill, (dcfgs[key], cfg.jobs == 1)) for key in order]):
+        if not summary.get("reused"):
+            ran.append(f"distill {order[i]}")
+        echo(f"distill {order[i]}: {'reused' if summary.get('reused') else 'done'} -> {loras[order[i]]}")
     # 2. Evaluations: the first in this process (it builds the reference statistics every job reads).
     todo: list[tuple[EvalStep, Path, Path | None]] = []
     for ev in plan.evals:
