@@ -111,8 +111,9 @@ def bootstrap(features: torch.Tensor, clip_scores: torch.Tensor, hits: torch.Ten
     n, dim = features.shape
     b = resamples if resamples is not None else default_resamples(n, dim)
     counts = multinomial_counts(n, b, seed)
-    point = fid_point(features, ref_mean, ref_cov, device)
-    fids = fid_resamples(features, ref_mean, ref_cov, counts, device)
+    ones = torch.ones(1, n, dtype=torch.int32)  # row 0: the whole set (one setup for point and resamples)
+    all_fids = fid_resamples(features, ref_mean, ref_cov, torch.cat([ones, counts]), device)
+    point, fids = float(all_fids[0]), all_fids[1:]
     shift = float(fids.mean()) - point
     return {
         "fid_ci": list(percentile_interval(fids - shift, level)),
