@@ -191,6 +191,8 @@ def check(
     fid_tol: Annotated[float, typer.Option(help="Largest allowed |FID change| (absolute).")] = 0.5,
     clip_tol: Annotated[float, typer.Option(help="Largest allowed |CLIP score change| (absolute; retrieval "
                                                  "accuracy uses clip_tol/100).")] = 0.5,
+    kid_tol: Annotated[float, typer.Option(help="Largest allowed |KID change| (absolute, usual units, not "
+                                                "×1000; skipped, with a note, for baselines without KID).")] = 0.005,
     device: Annotated[str, typer.Option(help="Device for reruns.")] = "auto",
     preset: Preset = "tiny",
 ) -> None:
@@ -200,7 +202,7 @@ def check(
     from .report.check import check as run_check
 
     ok, report = _run(run_check, [Path(b) for b in baseline], [Path(r) for r in results] if results else None,
-                      fid_tol, clip_tol, device)
+                      fid_tol, clip_tol, device, kid_tol)
     typer.echo(report, nl=False)
     if not ok:
         typer.echo("rapm-bench: scores drifted past the tolerance", err=True)

@@ -45,4 +45,5 @@ def coco(
     check_coco_protocol(proto)
     extractor = load_extractor(proto, inception, pick_device(device))
     stats = prepare_coco(annotations, images, proto, cache_dir, extractor, batch_size)
-    typer.echo(f"pairs: {pairs_path(cache_dir, proto)}\nreference statistics: {stats}")
+    feats = stats.with_name(stats.name.removesuffix(".fid.npz") + ".features.npy")
+    typer.echo(f"pairs: {pairs_path(cache_dir, proto)}\nreference statistics: {stats}\nreference features (KID): {feats}")

@@ -14,7 +14,9 @@ from PIL import Image
 from rapm_bench.errors import UserError
 from rapm_bench.eval.coco import (
     build_pairs,
+    features_path,
     load_pairs,
+    load_reference_features,
     load_reference_stats,
     pairs_path,
     prepare_coco,
@@ -140,9 +142,16 @@ def test_prepare_coco_writes_pairs_and_stats_then_reuses(coco: tuple[Path, Path]
         np.testing.assert_allclose(z["sigma"], expected.cov(), rtol=1e-9, atol=1e-9)
         assert int(z["count"]) == 10
 
+    feats = load_reference_features(features_path(cache, protocol, extractor.weights_sha256))
+    assert feats.dtype == torch.float32 and feats.shape == (10, got.dim)  # per-image, for KID
+    np.testing.assert_allclose(feats.double().mean(0).numpy(), expected.mean(), rtol=1e-6)
+
     calls = extractor.calls
     assert prepare_coco(ann, img_dir, protocol, cache, extractor, progress=False) == out
     assert extractor.calls == calls  # cache reused
+    features_path(cache, protocol, extractor.weights_sha256).unlink()  # a cache made before KID: rebuilt
+    assert prepare_coco(ann, img_dir, protocol, cache, extractor, progress=False) == out
+    assert extractor.calls > calls and features_path(cache, protocol, extractor.weights_sha256).is_file()
     assert not list(cache.glob(".*.tmp"))
 
 
@@ -237,4 +246,5 @@ def test_cli_data_coco(coco: tuple[Path, Path], tmp_path: Path, monkeypatch: pyt
     result = runner.invoke(cli_data.app, ["coco", "--annotations", str(ann), "--images", str(img_dir),
                                           "--cache-dir", str(tmp_path / "c"), "--batch-size", "3"])
     assert result.exit_code == 0, result.output
-    assert "reference statistics:" in result.output and len(list((tmp_path / "c").iterdir())) == 2
+    assert "reference statistics:" in result.output and "reference features (KID):" in result.output
+    assert len(list((tmp_path / "c").iterdir())) == 3  # pairs, statistics, per-image features

@@ -65,6 +65,9 @@ def test_two_processes_give_the_same_scores(tmp_path, cache):
     assert abs(two["fid"] - one["fid"]) <= 1e-6 * one["fid"]
     assert abs(two["clip_score"] - one["clip_score"]) <= 1e-9 * one["clip_score"]
     assert two["retrieval_accuracy"] == one["retrieval_accuracy"]
+    for key in ("fid_ci", "clip_score_ci", "retrieval_accuracy_ci"):  # per-image rows placed exactly
+        assert two[key] == pytest.approx(one[key], rel=1e-9), key
+    assert two["kid"]["mean"] == pytest.approx(one["kid"]["mean"], rel=1e-9)
     assert two["timing"]["processes"] == 2 and one["timing"]["processes"] == 1
 
 

@@ -81,3 +81,64 @@ def test_plot_writes_pngs(tmp_path):
     assert result.exit_code == 0, result.output
     for name in ("fid_vs_steps.png", "fid_vs_clip.png"):
         assert (tmp_path / "p" / name).stat().st_size > 1000
+
+
+def _with_intervals(path: Path, kid: float | None) -> Path:
+    """Give a fake result the interval fields `rapm-bench eval` writes now (KID too, unless None)."""
+    rec = json.loads(path.read_text())
+    rec |= {"fid_ci": [rec["fid"] - 0.25, rec["fid"] + 0.25], "clip_score_ci": [rec["clip_score"] - 1,
+            rec["clip_score"] + 1], "retrieval_accuracy_ci": [0.75, 0.85],
+            "bootstrap": {"resamples": 1000, "seed": 0, "level": 0.95, "method": "percentile"}}
+    if kid is not None:
+        rec["kid"] = {"mean": kid, "std": 0.001, "subsets": 100, "subset_size": 256, "library": "torchmetrics 1.9"}
+    path.write_text(json.dumps(rec))
+    return path
+
+
+def test_table_shows_intervals_and_kid_where_results_have_them(tmp_path):
+    _with_intervals(fake_result(tmp_path / "res", "teacher", 4, 3.15, 28.1), kid=0.0123)
+    fake_result(tmp_path / "res", "teacher", 8, 2.5, 28.5)  # an older result: plain numbers, no KID
+    result = CliRunner().invoke(app, ["table", "--results", str(tmp_path / "res"), "--out", str(tmp_path / "t")])
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "t" / "table.md").read_text()
+    assert "| FID | KID | CLIP |" in md
+    assert "| 3.15 [2.90, 3.40] | 0.0123 ± 0.0010 | 28.10 [27.10, 29.10] | 0.800 [0.750, 0.850] |" in md
+    assert "| 2.50 | – | 28.50 | 0.800 |" in md
+
+
+def test_check_compares_kid_and_skips_baselines_without_it(tmp_path):
+    base = _with_intervals(fake_result(tmp_path / "base", "teacher", 4, 12.5, 28.1), kid=0.050)
+    near = _with_intervals(fake_result(tmp_path / "near", "teacher", 4, 12.5, 28.1), kid=0.052)
+    far = _with_intervals(fake_result(tmp_path / "far", "teacher", 4, 12.5, 28.1), kid=0.070)
+    ok = CliRunner().invoke(app, ["check", "--baseline", str(base), "--results", str(near)])
+    assert ok.exit_code == 0, ok.output
+    assert "| teacher 4-step | kid | 0.0500 | 0.0520 | +0.0020 | 0.005 | ok |" in ok.output
+    bad = CliRunner().invoke(app, ["check", "--baseline", str(base), "--results", str(far)])
+    assert bad.exit_code == 1 and "| kid |" in bad.output and "DRIFT" in bad.output
+    loose = CliRunner().invoke(app, ["check", "--baseline", str(base), "--results", str(far), "--kid-tol", "0.03"])
+    assert loose.exit_code == 0, loose.output
+    old = fake_result(tmp_path / "old", "teacher", 4, 12.5, 28.1)
+    skipped = CliRunner().invoke(app, ["check", "--baseline", str(old), "--results", str(far)])
+    assert skipped.exit_code == 0, skipped.output
+    assert "| kid |" not in skipped.output and "note: KID not compared for teacher 4-step" in skipped.output
+
+
+def test_fid_vs_steps_draws_error_bars_from_fid_ci(tmp_path, monkeypatch):
+    from rapm_bench.report import plots
+
+    _with_intervals(fake_result(tmp_path / "res", "teacher", 4, 12.5, 28.1), kid=None)
+    fake_result(tmp_path / "res", "teacher", 8, 9.0, 28.1)  # no interval: a point without a bar
+    drawn = []
+    real = plots._pyplot
+
+    def spy():
+        plt = real()
+        orig = plt.Axes.errorbar
+        monkeypatch.setattr(plt.Axes, "errorbar", lambda ax, *a, **k: drawn.append((a, k)) or orig(ax, *a, **k))
+        return plt
+
+    monkeypatch.setattr(plots, "_pyplot", spy)
+    plots.fid_vs_steps(plots.read_results([tmp_path / "res"]), tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    (xs, ys), kwargs = drawn[0]
+    assert xs == [4] and ys == [12.5] and kwargs["yerr"] == [[0.25], [0.25]]

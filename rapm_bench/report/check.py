@@ -44,7 +44,11 @@ def rerun(baseline: dict[str, Any], workdir: Path, device: str = "auto") -> dict
     return result
 
 
-def compare(baseline: dict[str, Any], current: dict[str, Any], fid_tol: float, clip_tol: float) -> list[Drift]:
+KID_TOL = 0.005  # default largest |KID change| (usual units, not ×1000)
+
+
+def compare(baseline: dict[str, Any], current: dict[str, Any], fid_tol: float, clip_tol: float,
+            kid_tol: float = KID_TOL) -> list[Drift]:
     """The drifts of one result against its baseline; refuses results of another protocol."""
     if current["protocol_hash"] != baseline["protocol_hash"]:
         raise UserError(f"{current.get('path', 'result')} was made with protocol {current['protocol']} "
@@ -61,13 +65,28 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], fid_tol: float, c
     if baseline.get("retrieval_accuracy") is not None and current.get("retrieval_accuracy") is not None:
         out.append(Drift(name, "retrieval_accuracy", baseline["retrieval_accuracy"], current["retrieval_accuracy"],
                          clip_tol / 100))
+    kid_base, kid_now = _kid(baseline), _kid(current)
+    if kid_base is not None and kid_now is not None:  # a baseline made before KID: skipped, with a note
+        out.append(Drift(name, "kid", kid_base, kid_now, kid_tol))
     return out
 
 
+def _kid(result: dict[str, Any]) -> float | None:
+    """A result's KID mean, or None for results made before KID."""
+    kid = result.get("kid")
+    return float(kid["mean"]) if isinstance(kid, dict) and "mean" in kid else None
+
+
+def _kid_notes(baselines: list[dict[str, Any]]) -> list[str]:
+    """One note per baseline that has no KID (it is skipped, not failed)."""
+    return [f"note: KID not compared for {b['model']} {b['steps']}-step: its baseline predates KID"
+            for b in baselines if _kid(b) is None]
+
+
 def check(baselines: list[Path], results: list[Path] | None, fid_tol: float, clip_tol: float,
-          device: str = "auto") -> tuple[bool, str]:
+          device: str = "auto", kid_tol: float = KID_TOL) -> tuple[bool, str]:
     """Compare results (given, or rerun from each baseline) with their baselines; (ok, report table)."""
-    if fid_tol < 0 or clip_tol < 0:
+    if fid_tol < 0 or clip_tol < 0 or kid_tol < 0:
         raise UserError("tolerances must be non-negative")
     base = read_results(baselines)
     if not base:
@@ -86,15 +105,16 @@ def check(baselines: list[Path], results: list[Path] | None, fid_tol: float, cli
                                     "baseline")
                 raise UserError(f"no result for {b['model']} {b['steps']}-step on {b['protocol']} among the results: "
                                 "evaluate it, or leave --results out to rerun the baseline's evaluation")
-            drifts += compare(b, current[key], fid_tol, clip_tol)
+            drifts += compare(b, current[key], fid_tol, clip_tol, kid_tol)
     else:
         with tempfile.TemporaryDirectory(prefix="rapm-check-") as tmp:
             for b in base:
-                drifts += compare(b, rerun(b, Path(tmp), device), fid_tol, clip_tol)
+                drifts += compare(b, rerun(b, Path(tmp), device), fid_tol, clip_tol, kid_tol)
     lines = ["| model | metric | baseline | current | change | tolerance | status |", "|---|---|---|---|---|---|---|"]
     for d in drifts:
         lines.append(f"| {d.name} | {d.metric} | {d.baseline:.4f} | {d.current:.4f} | {d.current - d.baseline:+.4f} "
                      f"| {d.tol:g} | {'DRIFT' if d.moved else 'ok'} |")
+    lines += _kid_notes(base)
     return not any(d.moved for d in drifts), "\n".join(lines) + "\n"
 
 

@@ -31,12 +31,19 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def fid_vs_steps(results: list[dict[str, Any]], path: Path) -> None:
-    """One line per model: FID against sampling steps (log scale)."""
+    """One line per model: FID against sampling steps (log scale), with 95% error bars where results have `fid_ci`."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for model in sorted({r["model"] for r in results}):
-        pts = sorted((r["steps"], r["fid"]) for r in results if r["model"] == model)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
+        pts = sorted(((r["steps"], r["fid"], r.get("fid_ci")) for r in results if r["model"] == model),
+                     key=lambda p: p[:2])
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        line = ax.plot(xs, ys, marker="o", label=model)[0]
+        bars = [(x, y, ci) for x, y, ci in pts if isinstance(ci, list | tuple) and len(ci) == 2]
+        if bars:
+            err = [[max(y - ci[0], 0.0) for _, y, ci in bars], [max(ci[1] - y, 0.0) for _, y, ci in bars]]
+            ax.errorbar([b[0] for b in bars], [b[1] for b in bars], yerr=err, fmt="none", capsize=3,
+                        color=line.get_color())
     ax.set_xscale("log", base=2)
     steps = sorted({r["steps"] for r in results})
     ax.set_xticks(steps, [str(x) for x in steps])

@@ -12,7 +12,7 @@ from ..generate import atomic_write_bytes
 from ..models import registry
 from .results import read_results
 
-COLUMNS = ("source", "model", "steps", "guidance", "protocol", "images", "FID", "CLIP", "retrieval", "img/s",
+COLUMNS = ("source", "model", "steps", "guidance", "protocol", "images", "FID", "KID", "CLIP", "retrieval", "img/s",
            "device")
 
 
@@ -25,6 +25,20 @@ def _fmt(x: Any, digits: int = 2) -> str:
     return str(x)
 
 
+def _with_ci(x: Any, ci: Any, digits: int = 2) -> str:
+    """`3.15 [2.90, 3.40]` where the result has a 95% interval, the plain number for older results."""
+    if x is None or not (isinstance(ci, list | tuple) and len(ci) == 2 and None not in ci):
+        return _fmt(x, digits)
+    return f"{x:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _kid_cell(kid: Any) -> str:
+    """KID as `mean ± std` over its subsets (usual units, not ×1000), a dash for results without it."""
+    if not isinstance(kid, dict) or kid.get("mean") is None:
+        return "–"
+    return f"{kid['mean']:.4f} ± {kid.get('std', 0.0):.4f}"
+
+
 def rows(results: list[dict[str, Any]], preset: str, reported: bool = True) -> list[dict[str, str]]:
     """Measured rows sorted by model and steps, then the reported rows of the same preset."""
     out = []
@@ -32,7 +46,9 @@ def rows(results: list[dict[str, Any]], preset: str, reported: bool = True) -> l
         out.append({
             "source": "measured", "model": r["model"], "steps": str(r["steps"]), "guidance": _fmt(r["guidance"], 1),
             "protocol": f"{r['protocol']} ({r['protocol_hash'][:8]})", "images": str(r["num_images"]),
-            "FID": _fmt(r["fid"]), "CLIP": _fmt(r["clip_score"]), "retrieval": _fmt(r.get("retrieval_accuracy"), 3),
+            "FID": _with_ci(r["fid"], r.get("fid_ci")), "KID": _kid_cell(r.get("kid")),
+            "CLIP": _with_ci(r["clip_score"], r.get("clip_score_ci")),
+            "retrieval": _with_ci(r.get("retrieval_accuracy"), r.get("retrieval_accuracy_ci"), 3),
             "img/s": _fmt(r.get("images_per_second"), 1), "device": str(r.get("device", "–")),
         })
     if reported:
@@ -42,7 +58,7 @@ def rows(results: list[dict[str, Any]], preset: str, reported: bool = True) -> l
                     continue
                 out.append({
                     "source": f"reported: {rep.source}", "model": spec.name, "steps": _fmt(rep.steps),
-                    "guidance": "–", "protocol": rep.protocol, "images": "–", "FID": _fmt(rep.fid),
+                    "guidance": "–", "protocol": rep.protocol, "images": "–", "FID": _fmt(rep.fid), "KID": "–",
                     "CLIP": _fmt(rep.clip_score), "retrieval": "–", "img/s": "–", "device": "–",
                 })
     return out
