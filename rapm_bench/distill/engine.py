@@ -67,12 +67,13 @@ def cache_root(cfg: DistillConfig) -> Path:
 def open_run(out: Path, cfg: DistillConfig, resume: bool) -> None:
     """Accept `out` if new/empty or holding this run (`--resume` may change --iters); write config.json."""
     from ..generate import atomic_write_bytes, remove_stale_tmp
+    from ..locks import is_lock_file
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     cfg_path = out / "config.json"
     remove_stale_tmp(out)  # a writer killed mid-write leaves only a temporary file behind
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(not is_lock_file(p) for p in out.iterdir()):  # the lock files are not the run's
         if not cfg_path.is_file():
             raise UserError(f"--out {out} holds other files; choose another --out or empty it")
         try:
@@ -159,8 +160,11 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     """`rapm-bench distill`: teacher trajectories, then training of a LoRA student with `cfg.objective`;
     returns the summary (None on the other processes of an `accelerate launch`: they only share the
     trajectories). Running out of GPU memory ends in a one-line UserError that names what uses less."""
+    from ..locks import hold
+
     try:
-        return _distill(cfg, resume, progress)
+        with hold(Path(cfg.out), "run folder"):  # one job per run folder: a second fails at once, naming this one
+            return _distill(cfg, resume, progress)
     except torch.cuda.OutOfMemoryError:
         raise UserError(oom_message(cfg)) from None
 

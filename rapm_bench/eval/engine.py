@@ -117,6 +117,14 @@ def _all_reduce(acc: Accumulator, state: Any) -> None:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     """Run one evaluation; write and return its result record (None on non-main processes)."""
+    from ..locks import hold
+
+    with hold(Path(cfg.out) if cfg.out else Path("results") / get_preset(cfg.world.preset).name, "results folder"):
+        return _evaluate(cfg)  # one job per --out folder: a second fails at once, naming this one
+
+
+def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
+    """The body of `evaluate`."""
     from accelerate import PartialState
     from tqdm import tqdm
 
@@ -284,6 +292,7 @@ def protocol_captions(protocol: Protocol, data_dir: Path | None) -> list[str]:
 
 def reference_stats(protocol: Protocol, scorer: Scorer, data_dir: Path | None) -> FeatureStats:
     """The protocol's reference FID statistics (all its pairs), cached by protocol and weights hash."""
+    from ..locks import wait_for
     from .coco import load_reference_stats, stats_path
 
     path = stats_path(data_dir or default_cache_dir(), protocol, scorer.weights_sha256)
@@ -292,6 +301,12 @@ def reference_stats(protocol: Protocol, scorer: Scorer, data_dir: Path | None) -
     if protocol.caption_source != "shapes-eval":
         raise UserError(f"no reference statistics for protocol {protocol.name} ({path} missing): run "
                         f"`rapm-bench data coco --protocol {protocol.name} ...` with the same Inception weights")
+    with wait_for(path, "reference statistics"):  # another job building them: wait, then reuse its file
+        return load_reference_stats(path) if path.is_file() else _build_reference_stats(protocol, scorer, path)
+
+
+def _build_reference_stats(protocol: Protocol, scorer: Scorer, path: Path) -> FeatureStats:
+    """Compute and save the tiny protocol's reference statistics (rendered shapes, all its pairs)."""
     from ..worlds.shapes import render_images, split_indices
 
     stats = FeatureStats(scorer.feature_dim)
