@@ -71,8 +71,9 @@ def _write_info(info: Path, what: str) -> None:
 
 
 @contextmanager
-def _locked(lock_path: Path, info: Path, what: str, wait: bool) -> Iterator[None]:
-    """Hold `lock_path` (flock); on contention raise FolderInUse, or wait with a message when `wait`."""
+def _locked(lock_path: Path, info: Path, what: str, wait: bool, remove: bool = False) -> Iterator[None]:
+    """Hold `lock_path` (flock); on contention raise FolderInUse, or wait with a message when `wait`;
+    `remove`: delete the lock file before letting go of it."""
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(lock_path), timeout=0, thread_local=False)
@@ -90,6 +91,8 @@ def _locked(lock_path: Path, info: Path, what: str, wait: bool) -> Iterator[None
         yield
     finally:
         info.unlink(missing_ok=True)
+        if remove:
+            lock_path.unlink(missing_ok=True)
         lock.release()
 
 
@@ -103,16 +106,22 @@ def hold(folder: Path, what: str) -> Iterator[None]:
     if not _is_main() or (folder.exists() and not folder.is_dir()):
         yield  # a file where a folder should be: the caller's own check says so
         return
-    created = not folder.exists()
+    created, new_lock = not folder.exists(), not (folder / LOCK).exists()
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        with _locked(folder / LOCK, folder / INFO, f"{what} {folder}", wait=False):
+    empty = False
+    # A lock file this job made goes with it (a killed job's stays, unlocked, and blocks nothing).
+    with _locked(folder / LOCK, folder / INFO, f"{what} {folder}", wait=False, remove=new_lock):
+        try:
             yield
-    finally:
-        if folder.is_dir() and all(is_lock_file(p) for p in folder.iterdir()):
-            (folder / LOCK).unlink(missing_ok=True)  # nothing of the job's: leave nothing of the lock
-            if created:
-                folder.rmdir()
+        finally:  # still holding the lock: nobody else can be writing here
+            empty = all(is_lock_file(p) for p in folder.iterdir()) if folder.is_dir() else False
+            if empty:
+                (folder / LOCK).unlink(missing_ok=True)  # nothing of the job's: leave nothing of the lock
+    if empty and created:
+        try:
+            folder.rmdir()
+        except OSError:  # another job has started writing into it meanwhile
+            pass
 
 
 @contextmanager
