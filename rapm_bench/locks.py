@@ -109,19 +109,20 @@ def hold(folder: Path, what: str) -> Iterator[None]:
     created, new_lock = not folder.exists(), not (folder / LOCK).exists()
     folder.mkdir(parents=True, exist_ok=True)
     empty = False
-    # A lock file this job made goes with it (a killed job's stays, unlocked, and blocks nothing).
-    with _locked(folder / LOCK, folder / INFO, f"{what} {folder}", wait=False, remove=new_lock):
-        try:
-            yield
-        finally:  # still holding the lock: nobody else can be writing here
-            empty = all(is_lock_file(p) for p in folder.iterdir()) if folder.is_dir() else False
-            if empty:
-                (folder / LOCK).unlink(missing_ok=True)  # nothing of the job's: leave nothing of the lock
-    if empty and created:
-        try:
-            folder.rmdir()
-        except OSError:  # another job has started writing into it meanwhile
-            pass
+    try:  # a lock file this job made goes with it (a killed job's stays, unlocked, and blocks nothing)
+        with _locked(folder / LOCK, folder / INFO, f"{what} {folder}", wait=False, remove=new_lock):
+            try:
+                yield
+            finally:  # still holding the lock: nobody else can be writing here
+                empty = folder.is_dir() and all(is_lock_file(p) for p in folder.iterdir())
+                if empty:
+                    (folder / LOCK).unlink(missing_ok=True)  # nothing of the job's: leave nothing of the lock
+    finally:
+        if empty and created:
+            try:
+                folder.rmdir()
+            except OSError:  # another job has started writing into it meanwhile
+                pass
 
 
 @contextmanager
