@@ -39,6 +39,7 @@ SPEC = ModelSpec(
         "sdxl": HubFile("tianweiy/DMD2", "dmd2_sdxl_4step_lora_fp16.safetensors"),  # replaced 2024-05-30
         "tiny": "assets/tiny/dmd2/lora.safetensors",
     },
+    train_command="`rapm-bench distill --objective dmd2` (writes runs/distill/tiny-dmd2/lora.safetensors)",
     reported=(
         Reported("sdxl", None, 18.24, 30.85, PAPER_PROTOCOL, "RAPM README table (DMD2: 64 A100, batch 128)"),
         Reported("sdxl", 4, 19.68, None, DMD2_PROTOCOL, "DMD2 paper, 4-step LoRA"),

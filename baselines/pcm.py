@@ -37,6 +37,7 @@ SPEC = ModelSpec(
                             subfolder="sdxl") for s in STEPS},
         "tiny": {4: "assets/tiny/pcm/lora.safetensors"},
     },
+    train_command="`rapm-bench distill --objective pcm` (writes runs/distill/tiny-pcm/lora.safetensors)",
     reported=(Reported("sdxl", None, 22.84, 30.36, PAPER_PROTOCOL, "RAPM README table (PCM: 8 A100, batch 16)"),),
 )
 

@@ -17,5 +17,6 @@ SPEC = ModelSpec(
         "sdxl": HubFile("guoqiang-x/RAPM_SDXL", "RAPM_SDXL.pt"),
         "tiny": "assets/tiny/rapm/lora.safetensors",
     },
+    train_command="`rapm-bench distill` (writes runs/distill/tiny/lora.safetensors)",
     reported=(Reported("sdxl", 4, 19.21, 30.50, PAPER_PROTOCOL, "RAPM README table (1 A6000, batch 1, no real images)"),),
 )

@@ -184,6 +184,24 @@ def plot(
 
 
 @app.command()
+def report(
+    results_dir: Annotated[str | None, typer.Argument(help="Results folder (result JSONs, table, plots); default: "
+                                                            "results/<preset>.")] = None,
+    out: Annotated[str | None, typer.Option(help="HTML file to write; default: <RESULTS_DIR>/report.html.")] = None,
+    preset: Preset = "tiny",
+) -> None:
+    """Write one self-contained HTML page (open it in any browser, offline): the table with intervals and
+    provenance, comparison.md, the plots and sample grids."""
+    from pathlib import Path
+
+    from .report.html import write_report
+
+    path = _run(write_report, Path(results_dir) if results_dir else Path("results") / preset,
+                Path(out) if out else None)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
 def check(
     baseline: Annotated[list[str], typer.Option(help="Committed baseline result JSON(s) or folder(s).")],
     results: Annotated[list[str] | None, typer.Option("--results", help="Results to compare; default: rerun "

@@ -98,6 +98,9 @@ def distill(
                                                        "pass one kernel with W + s·B·A, low-rank backward; rapm "
                                                        "only). Default: the preset's (tiny peft, sdxl merged; "
                                                        "pcm/dmd2 peft).")] = None,
+    log_with: Annotated[str | None, typer.Option(help="Also log every train_log.jsonl scalar and the sample grids "
+                                                      "to `tensorboard`, `wandb` or `mlflow` (offline, under "
+                                                      "<out>/logs/; needs that package).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and exit.")] = False,
 ) -> None:
     """Distil the teacher into a few-step student with RAPM (rank-1 LoRA, batch 1, no real images), or re-train
@@ -118,7 +121,7 @@ def distill(
         precision=precision, seed=seed, cache_dir=cache_dir, checkpoint_every=checkpoint_every,
         sample_every=sample_every, slot_chunk=slot_chunk, lora_impl=lora_impl, pcm_huber_c=pcm_huber_c, pcm_ema=pcm_ema,
         pcm_adv_weight=pcm_adv_weight, dmd2_fake_rank=dmd2_fake_rank, dmd2_fake_lr=dmd2_fake_lr,
-        dmd2_fake_steps=dmd2_fake_steps, dmd2_gan_weight=dmd2_gan_weight,
+        dmd2_fake_steps=dmd2_fake_steps, dmd2_gan_weight=dmd2_gan_weight, log_with=log_with,
     )
     if dry_run:
         typer.echo(config.to_json())

@@ -193,7 +193,9 @@ def check_out(out: Path, config_json: str, option: str = "--out") -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{option} {out} is a file, not a folder")
     cfg_path = out / "config.json"
-    if out.exists() and any(not is_stale_tmp(p) for p in out.iterdir()):
+    from .locks import is_lock_file
+
+    if out.exists() and any(not is_stale_tmp(p) and not is_lock_file(p) for p in out.iterdir()):
         if not cfg_path.is_file() or cfg_path.read_text() != config_json:
             raise UserError(f"output folder {out} holds another run's files (its config.json is not this "
                             f"command's); choose another {option} or empty it")
@@ -219,6 +221,14 @@ def _memory_hint(preset: str) -> str:
 
 def generate(cfg: GenerateConfig) -> dict[str, Any]:
     """`rapm-bench generate`: write PNGs, manifest.json and an optional grid; return the manifest."""
+    from .locks import hold
+
+    with hold(Path(cfg.out), "output folder"):  # one job per folder: a second fails at once, naming this one
+        return _generate(cfg)
+
+
+def _generate(cfg: GenerateConfig) -> dict[str, Any]:
+    """The body of `generate`."""
     from tqdm import tqdm
 
     cfg = resolve_generate(cfg)

@@ -85,6 +85,7 @@ class ModelSpec:
     lora: dict[str, LoraSource] | None = None  # per preset: hub file, or a path inside the package
     reported: tuple[Reported, ...] = ()  # the authors' numbers
     trained: str | None = None  # a LoRA trained here whose metadata set steps and sampler (see `with_lora`)
+    train_command: str | None = None  # the command that trains its weights shipped in the package (tiny)
 
     def resolve(self, steps: int | None, guidance: float | None) -> tuple[int, float | None]:
         """Validated (steps, guidance), the model's defaults filling what is None (guidance may stay None)."""
@@ -122,8 +123,10 @@ class ModelSpec:
         if Path(source).is_absolute() and not path.exists():
             raise UserError(f"LoRA file not found: {path}")
         if not path.exists():
+            how = (f"train it with {self.train_command} and pass that file as --lora" if self.train_command
+                   else "pass --lora PATH")
             raise UserError(f"model {self.name!r} for preset {preset!r} is not trained yet ({path} missing); "
-                            "run `rapm-bench distill` or pass --lora PATH")
+                            f"{how}, or run `rapm-bench reproduce` (it trains and evaluates every model)")
         return path
 
     def describe(self) -> dict[str, Any]:

@@ -104,3 +104,21 @@ def test_dmd2_timesteps_sample_without_the_lcm_origin_grid_warning():
     finally:
         log.removeHandler(keep)
         log.setLevel(saved)
+
+
+@pytest.mark.parametrize("name, command", [("pcm", "rapm-bench distill --objective pcm"),
+                                           ("dmd2", "rapm-bench distill --objective dmd2"),
+                                           ("rapm", "rapm-bench distill`")])
+def test_not_trained_yet_names_the_command_that_trains_that_model(monkeypatch, name, command):
+    """A tiny model whose package weights are missing: the one line names its own training command, not RAPM's."""
+    from dataclasses import replace
+
+    from rapm_bench.errors import UserError
+
+    spec = replace(MODELS[name], lora={"tiny": f"assets/tiny/{name}-missing/lora.safetensors"})
+    with pytest.raises(UserError, match="not trained yet") as e:
+        spec.lora_path("tiny", 4)
+    msg = str(e.value)
+    assert "\n" not in msg and f"`{command}" in msg and "rapm-bench reproduce" in msg
+    if name != "rapm":
+        assert "`rapm-bench distill`" not in msg  # not the RAPM default

@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..lora import LORA_FORMATS, LORA_TARGETS
 
 OBJECTIVES = ("rapm", "pcm", "dmd2")  # --objective: RAPM (ours), PCM (Wang et al. 2024), DMD2 (Yin et al. 2024)
+LOG_WITH = ("tensorboard", "wandb", "mlflow")  # --log-with: accelerate's trackers (distill/tracking.py)
 LORA_IMPLS = ("peft", "merged")  # --lora-impl: PEFT layers, or rapm_bench.fastlora's merged-weight layers
 
 
@@ -85,6 +86,9 @@ class DistillConfig:
     sample_count: int = 8  # prompts in each sample grid (student, N DDIM-trailing steps, guidance 1)
     format: str = "diffusers"  # LoRA file keys: "diffusers" (load_lora_weights) or "kohya" (ComfyUI/A1111)
     save_dtype: str = "fp32"  # dtype of the exported LoRA (fp16 halves the file)
+    log_with: str | None = None  # also log the JSONL scalars and sample grids to "tensorboard", "wandb" or
+    #                              "mlflow" (accelerate's trackers, offline, under out/logs/); not part of what
+    #                              identifies a run: a resume may add or change it
 
     def to_json(self) -> str:
         """Stable JSON of the resolved config."""
@@ -202,6 +206,8 @@ def validate(cfg: DistillConfig) -> None:
     if cfg.lora_impl == "merged" and cfg.objective != "rapm":
         raise UserError(f"--lora-impl merged trains the rapm objective only; --objective {cfg.objective} needs "
                         "--lora-impl peft (its EMA target or second adapter works on PEFT layers)")
+    if cfg.log_with is not None and cfg.log_with not in LOG_WITH:
+        raise UserError(f"--log-with must be one of {', '.join(LOG_WITH)}, got {cfg.log_with!r}")
     if cfg.distance not in ("gan", "l2"):
         raise UserError(f"--distance must be `gan` or `l2`, got {cfg.distance!r}")
     if cfg.format not in LORA_FORMATS:

@@ -67,12 +67,13 @@ def cache_root(cfg: DistillConfig) -> Path:
 def open_run(out: Path, cfg: DistillConfig, resume: bool) -> None:
     """Accept `out` if new/empty or holding this run (`--resume` may change --iters); write config.json."""
     from ..generate import atomic_write_bytes, remove_stale_tmp
+    from ..locks import is_lock_file
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     cfg_path = out / "config.json"
     remove_stale_tmp(out)  # a writer killed mid-write leaves only a temporary file behind
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(not is_lock_file(p) for p in out.iterdir()):  # the lock files are not the run's
         if not cfg_path.is_file():
             raise UserError(f"--out {out} holds other files; choose another --out or empty it")
         try:
@@ -80,6 +81,7 @@ def open_run(out: Path, cfg: DistillConfig, resume: bool) -> None:
         except (KeyError, TypeError, ValueError):
             raise UserError(f"--out {out} holds another command's files (its config.json is not a distill "
                             "config); choose another --out or empty it") from None
+        old = replace(old, log_with=cfg.log_with)  # where the curves also go does not define the run
         if old != cfg and not (resume and replace(old, iters=cfg.iters) == cfg):
             diff = [f.name for f in fields(DistillConfig) if getattr(old, f.name) != getattr(cfg, f.name)]
             raise UserError(f"--out {out} holds a run with another config (differs in: {', '.join(diff)}); "
@@ -159,8 +161,11 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     """`rapm-bench distill`: teacher trajectories, then training of a LoRA student with `cfg.objective`;
     returns the summary (None on the other processes of an `accelerate launch`: they only share the
     trajectories). Running out of GPU memory ends in a one-line UserError that names what uses less."""
+    from ..locks import hold
+
     try:
-        return _distill(cfg, resume, progress)
+        with hold(Path(cfg.out), "run folder"):  # one job per run folder: a second fails at once, naming this one
+            return _distill(cfg, resume, progress)
     except torch.cuda.OutOfMemoryError:
         raise UserError(oom_message(cfg)) from None
 
@@ -194,11 +199,13 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     from .checkpoint import CHECKPOINT, load_checkpoint, module_state, save_checkpoint, unflatten_optimizer
     from .objectives import Example, build_objective, use_adapter
     from .schedule import SlotSchedule
+    from .tracking import check_tracker, open_tracker
     from .trajectories import DTYPES, load_or_build, make_spec, training_prompts
 
     # 0. Run folder: the resolved config goes first (STYLE.md rule 2).
     #    Prompts, teacher and device are checked first, so that bad input leaves no run folder behind.
     validate(cfg)
+    check_tracker(cfg.log_with)  # a missing tracker package: one line naming the pip command, nothing written
     out = Path(cfg.out)
     prompts = training_prompts(cfg.world.preset, cfg.num_trajectories, cfg.prompts, cfg.prompt_offset)
     state = PartialState(cpu=cfg.world.device == "cpu")  # several under `accelerate launch`, each on its own GPU
@@ -261,6 +268,8 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
         with use_adapter(world.unet, ADAPTER):  # the student alone (DMD2's fake score stays off)
             save_samples(world, grid_prompts, cfg.slots, out / "samples" / f"step_{step:06d}.png", objective.recipe,
                          objective.sample_guidance)
+        if tracker is not None:
+            tracker.image(out / "samples" / f"step_{step:06d}.png", step)
 
     # 3. Resume from the last checkpoint, if any.
     start = last_good = 0
@@ -277,6 +286,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
         if start > cfg.iters:
             raise UserError(f"the run in {out} is already at iteration {start}; pass --iters {start} or more")
     log = JsonlLog(out / LOG, cfg.log_every, start)
+    tracker = open_tracker(cfg.log_with, out, out.name, asdict(cfg), start)  # --log-with: the same rows, grids
     grid_prompts = sample_prompts(cfg, trajs.prompts)
     if start == 0 and cfg.iters > 0:
         samples(0)
@@ -340,6 +350,8 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
         bar.update(1)
         if row is not None:
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("g_loss", "d_loss", "acc_abs", "mse_abs") if k in row})
+            if tracker is not None:
+                tracker.log(row)
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
             samples(step + 1)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.iters:
@@ -369,4 +381,6 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
                                        "" if cfg.world.preset == "tiny" else f" --preset {cfg.world.preset}"),
     }
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    if tracker is not None:
+        tracker.close()
     return summary

@@ -161,10 +161,8 @@ def load_or_build(
     processes of an `accelerate launch`: shard i goes to process i mod P; all return the whole cache)."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
-    from safetensors.torch import load_file, save
-    from tqdm import tqdm
 
-    from ..generate import atomic_write_bytes
+    from ..locks import wait_for
 
     if len(prompts) != spec.num:
         raise ValueError("one prompt per trajectory")
@@ -173,6 +171,18 @@ def load_or_build(
         # One cache key for all processes, the main one's (each encoded the fingerprint's probe on its own GPU).
         spec = broadcast_object_list([spec])[0]
     folder = Path(root) / spec.key()
+    with wait_for(folder, "trajectory cache"):  # another job filling it: wait, then reuse the shards it wrote
+        return _fill(world, prompts, spec, folder, state, progress)
+
+
+def _fill(world: World, prompts: Sequence[str], spec: TrajectorySpec, folder: Path, state: Any,
+          progress: bool) -> Trajectories:
+    """The body of `load_or_build`: compute this process's missing shards of `folder`, then load them all."""
+    from safetensors.torch import load_file, save
+    from tqdm import tqdm
+
+    from ..generate import atomic_write_bytes
+
     folder.mkdir(parents=True, exist_ok=True)
     meta = json.dumps(spec.record(), indent=2, sort_keys=True)
     meta_path = folder / "spec.json"

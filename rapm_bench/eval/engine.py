@@ -132,6 +132,19 @@ def _all_reduce(acc: Accumulator, state: Any) -> None:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     """Run one evaluation; write and return its result record (None on non-main processes)."""
+    import hashlib
+
+    from ..locks import hold
+
+    folder = Path(cfg.out) if cfg.out else Path("results") / get_preset(cfg.world.preset).name
+    key = hashlib.sha1(json.dumps([cfg.model, cfg.lora, cfg.steps, cfg.guidance, cfg.protocol, cfg.num_images,
+                                   cfg.seed]).encode()).hexdigest()[:12]
+    with hold(folder, "results folder", key):  # one job per result: the same evaluation twice fails at once,
+        return _evaluate(cfg)  # naming this one; other evaluations write into the same folder side by side
+
+
+def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
+    """The body of `evaluate`."""
     from accelerate import PartialState
     from tqdm import tqdm
 
@@ -319,6 +332,7 @@ def protocol_captions(protocol: Protocol, data_dir: Path | None) -> list[str]:
 
 def reference_stats(protocol: Protocol, scorer: Scorer, data_dir: Path | None) -> FeatureStats:
     """The protocol's reference FID statistics (all its pairs), cached by protocol and weights hash."""
+    from ..locks import wait_for
     from .coco import load_reference_stats, stats_path
 
     path = stats_path(data_dir or default_cache_dir(), protocol, scorer.weights_sha256)
@@ -327,7 +341,8 @@ def reference_stats(protocol: Protocol, scorer: Scorer, data_dir: Path | None) -
     if protocol.caption_source != "shapes-eval":
         raise UserError(f"no reference statistics for protocol {protocol.name} ({path} missing): run "
                         f"`rapm-bench data coco --protocol {protocol.name} ...` with the same Inception weights")
-    return _build_tiny_reference(protocol, scorer, data_dir)[0]
+    with wait_for(path, "reference statistics"):  # another job building them: wait, then reuse its file
+        return load_reference_stats(path) if path.is_file() else _build_tiny_reference(protocol, scorer, data_dir)[0]
 
 
 def reference_features(protocol: Protocol, scorer: Scorer, data_dir: Path | None) -> torch.Tensor:
@@ -341,7 +356,13 @@ def reference_features(protocol: Protocol, scorer: Scorer, data_dir: Path | None
         raise UserError(f"no reference features for protocol {protocol.name} ({path} missing; caches made before "
                         f"KID hold only statistics): rerun `rapm-bench data coco --protocol {protocol.name} ...` "
                         "with the same Inception weights")
-    return _build_tiny_reference(protocol, scorer, data_dir)[1]
+    from ..locks import wait_for
+    from .coco import stats_path
+
+    with wait_for(stats_path(data_dir or default_cache_dir(), protocol, scorer.weights_sha256),
+                  "reference statistics"):  # the same build writes both files: wait for it, then reuse them
+        return load_reference_features(path) if path.is_file() else _build_tiny_reference(protocol, scorer,
+                                                                                            data_dir)[1]
 
 
 def _build_tiny_reference(protocol: Protocol, scorer: Scorer, data_dir: Path | None
