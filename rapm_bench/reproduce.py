@@ -234,6 +234,7 @@ def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
     """Run (or print, with `dry_run`) the preset's plan; return a summary."""
     from .eval.protocols import default_protocol, get_protocol
     from .report.comparison import write_comparison, write_step_grids
+    from .report.html import write_report
     from .report.plots import write_plots
     from .report.table import write_table
 
@@ -299,6 +300,7 @@ def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
         if write_comparison(plan, dcfgs, out, protocol.name) is not None:
             wrote.append("comparison.md")
         wrote += [p.name for p in write_step_grids(plan, out, protocol.name, plan.grid_prompts, cfg.device)]
+    wrote.append(write_report(out).name)  # report.html: the table, plots, grids and provenance in one page
     echo(f"wrote {', '.join(wrote)} in {out} ({len(ran)} steps run, {time.perf_counter() - t0:.0f} s)")
     return {"plan": plan, "estimate": est, "ran": ran, "out": str(out)}
 

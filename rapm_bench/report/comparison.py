@@ -186,7 +186,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
         if tpts:
             ax.plot([n for n, _ in tpts], [v for _, v in tpts], "k--", marker=".", label="teacher (CFG)")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        ax.set_yscale("log" if metric == "fid" else "symlog")  # KID is unbiased: it can fall below 0
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(f"{label} (lower is better)")
         ax.set_title(f"{label}: mean ± sd over {record['seeds']} seed(s)")
