@@ -8,8 +8,10 @@ image count and weights), so a second run only rewrites the table and plots.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,7 +288,7 @@ def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
             continue
         todo.append((ev, folder, lora))
     jobs = [(run_eval, (cfg, plan, ev, folder, lora, protocol.name, num_images)) for ev, folder, lora in todo]
-    for i, result in [*_pool(1, jobs[:1]), *((i + 1, r) for i, r in _pool(cfg.jobs, jobs[1:]))]:
+    for i, result in itertools.chain(_pool(1, jobs[:1]), ((i + 1, r) for i, r in _pool(cfg.jobs, jobs[1:]))):
         ev = todo[i][0]
         ran.append(f"eval {run_key(ev.model, ev.seed)} {ev.steps}")
         echo(f"eval {run_key(ev.model, ev.seed)} {ev.steps}-step: FID {result['fid']:.3f}  "
@@ -332,17 +334,20 @@ def run_eval(cfg: ReproduceConfig, plan: Plan, ev: EvalStep, folder: Path, lora:
     return result
 
 
-def _pool(jobs: int, calls: list[tuple[Any, tuple[Any, ...]]]) -> list[tuple[int, Any]]:
-    """(index, result) of each call, `jobs` worker processes at once (1: in this process, in order)."""
+def _pool(jobs: int, calls: list[tuple[Any, tuple[Any, ...]]]) -> Iterator[tuple[int, Any]]:
+    """(index, result) of each call as it finishes, `jobs` worker processes at once (1: here, in order)."""
     if jobs == 1 or len(calls) <= 1:
-        return [(i, fn(*args)) for i, (fn, args) in enumerate(calls)]
+        for i, (fn, args) in enumerate(calls):
+            yield i, fn(*args)
+        return
     import concurrent.futures as cf
     import multiprocessing as mp
 
     with cf.ProcessPoolExecutor(min(jobs, len(calls)), mp_context=mp.get_context("spawn"),
                                 initializer=_worker_init, initargs=(jobs,)) as pool:
         futures = {pool.submit(fn, *args): i for i, (fn, args) in enumerate(calls)}
-        return [(futures[f], f.result()) for f in cf.as_completed(futures)]
+        for f in cf.as_completed(futures):
+            yield futures[f], f.result()
 
 
 def _worker_init(jobs: int) -> None:

@@ -159,6 +159,35 @@ def test_a_killed_holder_is_not_named_and_does_not_block(tmp_path):
     assert not any(folder.iterdir()) or not folder.exists()
 
 
+def test_evaluations_hold_their_own_result_in_a_shared_results_folder(tmp_path):
+    """`eval --out` holds one result (a keyed lock): another evaluation writes beside it, the same one is refused,
+    and a folder a whole-folder job (generate, distill) holds refuses every evaluation."""
+    from rapm_bench.locks import FolderInUse
+
+    folder = tmp_path / "results"
+    code = ("import sys, time; from pathlib import Path; from rapm_bench.locks import hold\n"
+            "with hold(Path(sys.argv[1]), 'results folder', sys.argv[2] or None):\n"
+            "    print('held', flush=True); time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder), "a"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with hold(folder, "results folder", "b"):  # another evaluation: side by side
+            pass
+        with pytest.raises(FolderInUse, match=f"pid {proc.pid}"):
+            with hold(folder, "results folder", "a"):
+                pass
+    finally:
+        kill(proc)
+    whole = subprocess.Popen([sys.executable, "-c", code, str(folder), ""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert whole.stdout.readline().strip() == "held"
+        with pytest.raises(FolderInUse, match=f"pid {whole.pid}"):
+            with hold(folder, "results folder", "b"):
+                pass
+    finally:
+        kill(whole)
+
+
 # --- shared caches ----------------------------------------------------------------------------------------
 TRAJECTORIES = """
 import sys, time

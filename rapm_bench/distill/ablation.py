@@ -166,7 +166,8 @@ def run_steps(out: Path, runs: Path, num_images: int, device: str, jobs: int) ->
     if todo and not _stats_cached(num_images):  # the first in this process: it builds the reference statistics
         n, v, s = todo.pop(0)
         rows["runs"][f"n{n}-{v}-seed{s}"] = step_job(str(runs), n, v, s, num_images, device)
-    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) if jobs > 1 else _Inline() as pool:
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_threads,
+                                initargs=(jobs,)) if jobs > 1 else _Inline() as pool:
         futures = [pool.submit(step_job, str(runs), n, v, s, num_images, device) for n, v, s in todo]
         for fut in cf.as_completed(futures):
             r = fut.result()
@@ -176,6 +177,15 @@ def run_steps(out: Path, runs: Path, num_images: int, device: str, jobs: int) ->
     atomic_write_bytes(path, (json.dumps(rows, indent=2) + "\n").encode())
     write_steps_table(rows, out / "rapm_ablation_steps.md")
     return rows
+
+
+def _threads(jobs: int) -> None:
+    """A worker's share of the CPU threads (`jobs` runs side by side)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
 
 
 def write_steps_table(rows: dict[str, Any], path: Path) -> None:

@@ -87,7 +87,8 @@ def report_context(results_dir: Path) -> dict[str, Any]:
         for r in ordered:
             cells = rows([r], preset, reported=False)[0]
             table.append({"cells": cells, "reported": False, "kid": _kid(r), "provenance": _provenance(r, folder),
-                          "intervals": {c: _interval(r, key, d) for c, (key, d) in INTERVALS.items()}})
+                          "intervals": {c: _interval(r, key, d) for c, (key, d) in INTERVALS.items()
+                                        if "[" not in cells[c]}})  # table.rows prints them in the cell already
         table += [{"cells": cells, "reported": True, "kid": None, "provenance": None, "intervals": {}}
                   for cells in rows([], preset, reported=True)]
     comparison = folder / "comparison.md"
@@ -96,7 +97,7 @@ def report_context(results_dir: Path) -> dict[str, Any]:
         "folder": str(folder),
         "columns": COLUMNS,
         "rows": table,
-        "has_kid": any(row["kid"] for row in table),
+        "has_kid": "KID" not in COLUMNS and any(row["kid"] for row in table),  # else a column of its own
         "has_intervals": any(v for row in table for v in row["intervals"].values()),
         "comparison": _markdown(comparison.read_text(encoding="utf-8")) if comparison.is_file() else None,
         "images": [_png(p) for p in sorted(folder.glob("*.png")) if p.is_file()],
