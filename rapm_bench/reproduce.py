@@ -216,7 +216,7 @@ def run_distill(dcfg: Any, progress: bool = True) -> dict[str, Any]:
 
 def result_matches(path: Path, ev: EvalStep, num_images: int, protocol_hash: str, lora: Path | None) -> bool:
     """Whether an existing result JSON is this evaluation (same model, steps, protocol, images and weights)."""
-    from .generate import sha256_file
+    from .files import sha256_file
 
     try:
         r = json.loads(path.read_text())
