@@ -43,12 +43,20 @@ _objectives: dict[str, ObjectiveBuilder] = {}
 
 @functools.cache
 def plugin_entry_points(group: str) -> tuple[EntryPoint, ...]:
-    """The installed entry points of `group`, or the package's declared ones (`DECLARED`) when none is (read
-    once)."""
+    """The installed entry points of `group`; when rapm-bench's own are not installed among them, plus the
+    package's declared ones (`DECLARED`) that no installed entry point of the same name replaces (read once)."""
     installed = tuple(entry_points(group=group))
-    if installed:
+    if any(_ours(ep) for ep in installed):
         return installed
-    return tuple(EntryPoint(name, value, group) for name, value in DECLARED[group].items())
+    names = {ep.name for ep in installed}
+    return installed + tuple(EntryPoint(name, value, group) for name, value in DECLARED[group].items()
+                             if name not in names)
+
+
+def _ours(ep: EntryPoint) -> bool:
+    """Whether the rapm-bench distribution itself declares `ep`."""
+    dist = getattr(ep, "dist", None)
+    return dist is not None and dist.name.lower().replace("_", "-") == "rapm-bench"
 
 
 def load_models(eps: Iterable[EntryPoint]) -> dict[str, ModelSpec]:

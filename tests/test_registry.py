@@ -150,7 +150,8 @@ def test_the_registry_is_the_baselines_plugin():
 
 def test_entry_points_load_specs_mappings_and_builders(tmp_path, monkeypatch, fresh_plugins):
     """The entry-point path, on explicitly made EntryPoints: a ModelSpec, a mapping of them, an objective builder;
-    installed entry points replace the declared fallback; a wrong object is named in the error."""
+    the declared fallback fills in while rapm-bench's own entry points are not installed; a wrong object is named
+    in the error."""
     from importlib.metadata import EntryPoint
 
     import baselines.pcm
@@ -174,13 +175,15 @@ def test_entry_points_load_specs_mappings_and_builders(tmp_path, monkeypatch, fr
     installed = {p.MODELS_GROUP: [EntryPoint("toy", "toy_plugin:SPEC", p.MODELS_GROUP)],
                  p.OBJECTIVES_GROUP: [EntryPoint("toy", "toy_plugin:build", p.OBJECTIVES_GROUP)]}
     monkeypatch.setattr(p, "entry_points", lambda group: installed[group])
-    assert list(p.models()) == ["toy"] and get_model("toy").name == "toy"
-    assert "toy" in p.objective_names() and p.get_objective("toy")(*[None] * 6) == "toy objective"
-    assert p.get_objective("pcm") is None  # installed entry points replace the declared ones
+    # another package's plug-in, rapm-bench's own entry points not installed (an old install): both
+    assert list(p.models()) == ["toy", *MODELS] and get_model("toy").name == "toy"
+    assert p.objective_names()[-3:] == ("toy", "pcm", "dmd2") and p.get_objective("toy")(*[None] * 6) == "toy objective"
+    assert p.get_objective("pcm") is baselines.pcm.objective  # the declared fallback
 
-    monkeypatch.setattr(p, "entry_points", lambda group: [])
-    p.plugin_entry_points.cache_clear()
-    assert p.get_objective("pcm") is baselines.pcm.objective  # no entry point installed: the declared fallback
+    monkeypatch.setattr(p, "_ours", lambda ep: True)  # rapm-bench's own entry points installed: only those count
+    for f in (p.plugin_entry_points, p.installed_models):
+        f.cache_clear()
+    assert list(p.models()) == ["toy"] and p.get_objective("pcm") is None
 
 
 def test_register_model_and_objective_at_run_time(fresh_plugins):
