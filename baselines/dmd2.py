@@ -319,3 +319,10 @@ def build(cfg: DistillConfig, world: World, sched: SlotSchedule, guidance: float
     scaling = make_scheduler(lcm_recipe(cfg.slots), world.noise_schedule).config.timestep_scaling
     return DMD2Loss(world, sched, guidance, weights, fake_params, features, heads, cfg.disc_lr,
                     cfg.dmd2_fake_lr or cfg.lr, float(scaling))
+
+
+def objective(cfg: DistillConfig, world: World, sched: SlotSchedule, guidance: float,
+              student: list[torch.nn.Parameter], probe: Cond) -> DMD2Loss:
+    """The `rapm_bench.objectives` plug-in (pyproject.toml): `build` in the engine's calling convention
+    (rapm_bench.distill.objectives.ObjectiveBuilder)."""
+    return build(cfg, world, sched, guidance, probe)

@@ -222,3 +222,10 @@ def build(cfg: DistillConfig, world: World, sched: SlotSchedule, student: list[t
     ema = EMATarget(student, cfg.pcm_ema) if cfg.pcm_ema > 0 else None
     return PCMLoss(world.predict, sched, world.noise_schedule.prediction_type, cfg.pcm_huber_c, ema,
                    cfg.pcm_adv_weight, features, heads, cfg.disc_lr)
+
+
+def objective(cfg: DistillConfig, world: World, sched: SlotSchedule, guidance: float,
+              student: list[torch.nn.Parameter], probe: Cond) -> PCMLoss:
+    """The `rapm_bench.objectives` plug-in (pyproject.toml): `build` in the engine's calling convention
+    (rapm_bench.distill.objectives.ObjectiveBuilder)."""
+    return build(cfg, world, sched, student, probe)

@@ -1155,7 +1155,7 @@ def run_bench(cfg: BenchConfig, argv: Sequence[str] | None = None, progress: Cal
 def _run_stages(cfg: BenchConfig, argv: Sequence[str] | None, progress: Callable[[str], None] | None,
                 ) -> dict[str, Any]:
     """The body of `run_bench`, with the thread count set."""
-    from .generate import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     device = pick_device(cfg.device)
     peak, peak_source = peak_for(device, cfg.peak_tflops)

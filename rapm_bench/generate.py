@@ -8,11 +8,8 @@ atomic PNG writes, a manifest, an optional contact sheet.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ import torch
 
 from .config import GenerateConfig, get_preset, resolve_generate
 from .errors import UserError
+from .files import TMP_SUFFIX, atomic_write_bytes, is_stale_tmp, remove_stale_tmp, sha256_file  # noqa: F401 - re-exported
 from .lora import resolve_lora_path
 from .models import get_model, with_lora
 from .sampling import SamplerRecipe, cfg_denoiser, sample, seeded_noise
@@ -92,44 +90,6 @@ def default_prompts(preset: str, n: int) -> list[str]:
     return eval_captions(n)
 
 
-TMP_SUFFIX = ".tmp"
-"""Temporary files of `atomic_write_bytes` are `.<name>.<random>.tmp` beside their target."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that it is either complete or absent, even if the process is killed.
-
-    The bytes go to a temporary file in the same folder, which is then renamed over `path`
-    (atomic on POSIX). A SIGKILL can leave the temporary file behind, never a truncated
-    `path`; `remove_stale_tmp` clears such leftovers when a job resumes.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def is_stale_tmp(path: Path) -> bool:
-    """Whether `path` is a leftover temporary file of `atomic_write_bytes` (a killed writer)."""
-    return path.name.startswith(".") and path.name.endswith(TMP_SUFFIX) and path.is_file()
-
-
-def remove_stale_tmp(folder: Path) -> int:
-    """Delete the leftover temporary files directly in `folder`; returns how many."""
-    stale = [p for p in Path(folder).iterdir() if is_stale_tmp(p)] if Path(folder).is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return len(stale)
-
-
 def batch_hint(batch_size: int, more: str = "") -> str:
     """The advice for an out-of-memory error in a batched stage."""
     if batch_size > 1:
@@ -165,15 +125,6 @@ def png_ok(path: Path) -> bool:
         return True
     except Exception:  # noqa: BLE001 - missing, truncated or corrupt: regenerate
         return False
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:

@@ -64,7 +64,7 @@ def _holder(info: Path) -> str:
 
 def _write_info(info: Path, what: str) -> None:
     """Record this job as the holder (atomic: a reader sees the whole record or none)."""
-    from .generate import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     record = {"pid": os.getpid(), "command": _command(), "what": what,
               "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}

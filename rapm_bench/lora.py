@@ -269,7 +269,7 @@ def save_lora(
     """
     from safetensors.torch import save
 
-    from .generate import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     if fmt not in LORA_FORMATS:
         raise UserError(f"unknown LoRA format {fmt!r}; use one of {', '.join(LORA_FORMATS)}")

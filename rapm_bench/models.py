@@ -1,6 +1,7 @@
 """Model specs: what a model name means (weights, sampler, steps, guidance) in each world.
 
-The specs themselves live in the top-level `baselines/` registry, one module per model.
+The specs themselves live in the top-level `baselines/` registry, one module per model; the package finds
+them as plug-ins (rapm_bench.plugins), never by importing `baselines`.
 """
 
 from __future__ import annotations
@@ -177,10 +178,10 @@ def with_lora(spec: ModelSpec, lora: Path | None) -> ModelSpec:
 
 
 def registry() -> dict[str, ModelSpec]:
-    """All known models by name."""
-    from baselines import MODELS
+    """All known models by name: the plug-ins' (`baselines/`) and those registered at run time."""
+    from .plugins import models
 
-    return MODELS
+    return models()
 
 
 def lora_model(path: str) -> ModelSpec:

@@ -85,8 +85,9 @@ def tiny_plan(quick: bool, seeds: int = 1, steps: tuple[int, ...] | None = None,
 
 def sdxl_plan(quick: bool) -> Plan:
     """SDXL: RAPM distilled here; the published RAPM, PCM, DMD2 LoRAs and the teacher on coco30k."""
-    from baselines.pcm import STEPS as PCM_STEPS
+    from .models import get_model
 
+    PCM_STEPS = get_model("pcm").steps  # the step counts its published LoRAs ship
     distills = (DistillStep("rapm", "rapm", {"iters": 2000} if quick else {}),)
     evals = (EvalStep("rapm", 4, trained=True), EvalStep("rapm", 4), *(EvalStep("pcm", s) for s in PCM_STEPS),
              EvalStep("dmd2", 4), EvalStep("teacher", 4), EvalStep("teacher", 25))
@@ -218,7 +219,7 @@ def run_distill(dcfg: Any, progress: bool = True) -> dict[str, Any]:
 
 def result_matches(path: Path, ev: EvalStep, num_images: int, protocol_hash: str, lora: Path | None) -> bool:
     """Whether an existing result JSON is this evaluation (same model, steps, protocol, images and weights)."""
-    from .generate import sha256_file
+    from .files import sha256_file
 
     try:
         r = json.loads(path.read_text())

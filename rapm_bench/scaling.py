@@ -352,7 +352,7 @@ def worker(s: Settings, folder: Path) -> None:
 
     from .config import EvalConfig, WorldConfig
     from .eval.engine import evaluate
-    from .generate import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     proto = register(s)
     cfg = EvalConfig(world=WorldConfig(preset="sdxl", teacher=str(s.teacher), device="cpu" if s.small else "auto"),
@@ -462,8 +462,8 @@ def measure(s: Settings, gpus: list[int], out: Path, argv: list[str]) -> Path:
     """Build, prepare the reference statistics, run each G, write the result JSON; returns its path."""
     from .bench import device_info
     from .config import get_preset
-    from .eval.engine import git_commit, versions
-    from .generate import atomic_write_bytes
+    from .files import atomic_write_bytes
+    from .provenance import git_commit, versions
 
     if not gpus or gpus[0] != 1 or gpus != sorted(set(gpus)):
         raise UserError(f"--gpus must start at 1 and increase (e.g. 1,2), got {','.join(map(str, gpus))}")

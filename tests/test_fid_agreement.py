@@ -222,7 +222,7 @@ class _FakeTorchscriptInception(torch.nn.Module):
 
 
 def test_clean_inception_loads_a_local_torchscript_file(tmp_path: Path) -> None:
-    from rapm_bench.generate import sha256_file
+    from rapm_bench.files import sha256_file
 
     torch.manual_seed(0)
     fake = _FakeTorchscriptInception()

@@ -122,3 +122,87 @@ def test_not_trained_yet_names_the_command_that_trains_that_model(monkeypatch, n
     assert "\n" not in msg and f"`{command}" in msg and "rapm-bench reproduce" in msg
     if name != "rapm":
         assert "`rapm-bench distill`" not in msg  # not the RAPM default
+
+
+# --- plug-ins (rapm_bench.plugins): how the package finds the registry without importing it ---------------
+@pytest.fixture()
+def fresh_plugins(monkeypatch):
+    """rapm_bench.plugins with empty run-time registries and cleared caches (restored afterwards)."""
+    import rapm_bench.distill.objectives  # noqa: F401 - registers rapm before the registry is copied
+    from rapm_bench import plugins
+
+    monkeypatch.setattr(plugins, "_models", {})
+    monkeypatch.setattr(plugins, "_objectives", dict(plugins._objectives))
+    for f in (plugins.plugin_entry_points, plugins.installed_models):
+        f.cache_clear()
+    yield plugins
+    for f in (plugins.plugin_entry_points, plugins.installed_models):
+        f.cache_clear()
+
+
+def test_the_registry_is_the_baselines_plugin():
+    """models.registry() is baselines.MODELS (found as a plug-in, not imported), in the same order."""
+    from rapm_bench.models import get_model, registry
+
+    assert list(registry()) == list(MODELS) and all(registry()[n] is MODELS[n] for n in MODELS)
+    assert get_model("pcm") is MODELS["pcm"]
+
+
+def test_entry_points_load_specs_mappings_and_builders(tmp_path, monkeypatch, fresh_plugins):
+    """The entry-point path, on explicitly made EntryPoints: a ModelSpec, a mapping of them, an objective builder;
+    the declared fallback fills in while rapm-bench's own entry points are not installed; a wrong object is named
+    in the error."""
+    from importlib.metadata import EntryPoint
+
+    import baselines.pcm
+    from rapm_bench.models import get_model
+
+    (tmp_path / "toy_plugin.py").write_text(
+        "from dataclasses import replace\nfrom baselines import MODELS\n"
+        "SPEC = replace(MODELS['teacher'], name='toy')\nMANY = {'toy2': replace(MODELS['teacher'], name='toy2')}\n"
+        "def build(cfg, world, sched, guidance, student, probe):\n    return 'toy objective'\nNOT = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    p = fresh_plugins
+    group = p.MODELS_GROUP
+    assert list(p.load_models([EntryPoint("a", "toy_plugin:SPEC", group), EntryPoint("b", "toy_plugin:MANY", group)])) \
+        == ["toy", "toy2"]
+    assert p.load_models([EntryPoint("baselines", "baselines:MODELS", group)]) == MODELS
+    with pytest.raises(TypeError, match="entry point bad = toy_plugin:NOT"):
+        p.load_models([EntryPoint("bad", "toy_plugin:NOT", group)])
+    with pytest.raises(ValueError, match="model 'toy' is declared twice"):
+        p.load_models([EntryPoint("a", "toy_plugin:SPEC", group)] * 2)
+
+    installed = {p.MODELS_GROUP: [EntryPoint("toy", "toy_plugin:SPEC", p.MODELS_GROUP)],
+                 p.OBJECTIVES_GROUP: [EntryPoint("toy", "toy_plugin:build", p.OBJECTIVES_GROUP)]}
+    monkeypatch.setattr(p, "entry_points", lambda group: installed[group])
+    # another package's plug-in, rapm-bench's own entry points not installed (an old install): both
+    assert list(p.models()) == ["toy", *MODELS] and get_model("toy").name == "toy"
+    assert p.objective_names()[-3:] == ("toy", "pcm", "dmd2") and p.get_objective("toy")(*[None] * 6) == "toy objective"
+    assert p.get_objective("pcm") is baselines.pcm.objective  # the declared fallback
+
+    monkeypatch.setattr(p, "_ours", lambda ep: True)  # rapm-bench's own entry points installed: only those count
+    for f in (p.plugin_entry_points, p.installed_models):
+        f.cache_clear()
+    assert list(p.models()) == ["toy"] and p.get_objective("pcm") is None
+
+
+def test_register_model_and_objective_at_run_time(fresh_plugins):
+    """A model and an objective added from a test reach get_model, --objective's check and build_objective."""
+    from dataclasses import replace
+
+    from rapm_bench.distill.config import known_objectives, resolve_distill
+    from rapm_bench.distill.objectives import build_objective
+    from rapm_bench.errors import UserError
+    from rapm_bench.models import get_model
+
+    p = fresh_plugins
+    p.register_model(replace(MODELS["teacher"], name="toy-teacher"))
+    assert get_model("toy-teacher").name == "toy-teacher" and "toy-teacher" not in MODELS
+    with pytest.raises(UserError, match="--objective must be one of rapm, pcm, dmd2, got 'toy'"):
+        resolve_distill("tiny", objective="toy")
+    p.register_objective("toy", lambda cfg, world, sched, guidance, student, probe: ("toy", guidance))
+    assert known_objectives() == ("rapm", "pcm", "dmd2", "toy")
+    cfg = resolve_distill("tiny", objective="toy", device="cpu")
+    assert build_objective(cfg, None, None, 2.0, [], None) == ("toy", 2.0)
+    with pytest.raises(ValueError, match="unknown objective 'gone'; known: rapm, pcm, dmd2, toy"):
+        build_objective(replace(cfg, objective="gone"), None, None, 2.0, [], None)

@@ -154,7 +154,7 @@ def run_steps(out: Path, runs: Path, num_images: int, device: str, jobs: int) ->
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    from ..generate import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     path = out / "rapm_ablation_steps.json"
     rows: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{out_json} holds rows for {rows['num_images']} images; pass --num-images accordingly")
 
     def save() -> None:
-        from ..generate import atomic_write_bytes
+        from ..files import atomic_write_bytes
 
         atomic_write_bytes(out_json, (json.dumps(rows, indent=2) + "\n").encode())
 

@@ -45,7 +45,7 @@ def save_checkpoint(
     """Write weights (`<module>.<key>`), optimiser states, the torch RNG state and the step, atomically."""
     from safetensors.torch import save
 
-    from ..generate import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {"step": str(step), "extra": json.dumps(extra or {})}

@@ -20,6 +20,13 @@ LOG_WITH = ("tensorboard", "wandb", "mlflow")  # --log-with: accelerate's tracke
 LORA_IMPLS = ("peft", "merged")  # --lora-impl: PEFT layers, or rapm_bench.fastlora's merged-weight layers
 
 
+def known_objectives() -> tuple[str, ...]:
+    """--objective's values: the shipped OBJECTIVES, then any other plug-in's (rapm_bench.plugins)."""
+    from ..plugins import objective_names
+
+    return OBJECTIVES + tuple(n for n in objective_names() if n not in OBJECTIVES)
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """Everything that defines a distillation run; written to `out/config.json` before any work."""
@@ -182,8 +189,8 @@ def validate(cfg: DistillConfig) -> None:
     for name in ("lambda_abs", "lambda_rel", "lambda_reg"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(cfg, name)}")
-    if cfg.objective not in OBJECTIVES:
-        raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.objective not in OBJECTIVES and cfg.objective not in (known := known_objectives()):
+        raise UserError(f"--objective must be one of {', '.join(known)}, got {cfg.objective!r}")
     if cfg.objective == "rapm" and cfg.lambda_abs == cfg.lambda_rel == cfg.lambda_reg == 0:
         raise UserError("all loss weights are 0: set --lambda-abs, --lambda-rel or --lambda-reg")
     if cfg.pcm_huber_c <= 0:

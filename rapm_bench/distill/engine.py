@@ -66,7 +66,7 @@ def cache_root(cfg: DistillConfig) -> Path:
 
 def open_run(out: Path, cfg: DistillConfig, resume: bool) -> None:
     """Accept `out` if new/empty or holding this run (`--resume` may change --iters); write config.json."""
-    from ..generate import atomic_write_bytes, remove_stale_tmp
+    from ..files import atomic_write_bytes, remove_stale_tmp
     from ..locks import is_lock_file
 
     if out.exists() and not out.is_dir():
@@ -121,7 +121,7 @@ class JsonlLog:
         self.path, self.every = path, every
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
-        from ..generate import atomic_write_bytes
+        from ..files import atomic_write_bytes
 
         rows = []
         for line in path.read_text().splitlines() if path.is_file() else []:
@@ -192,7 +192,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     from accelerate import PartialState
     from tqdm import tqdm
 
-    from ..generate import atomic_write_bytes, sha256_file
+    from ..files import atomic_write_bytes, sha256_file
     from ..lora import attach_lora, load_lora_state, lora_state_dict, save_lora
     from ..models import trained_record
     from ..worlds import load_world

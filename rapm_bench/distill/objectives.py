@@ -1,7 +1,8 @@
 """The training objectives the engine runs, behind one small protocol (STYLE.md rule 5).
 
 `rapm` is ours (rapm.py); `pcm` and `dmd2` are the re-trained baselines, whose losses live
-in baselines/pcm.py and baselines/dmd2.py. All three use the same engine, the same cached
+in baselines/pcm.py and baselines/dmd2.py and reach the engine as plug-ins (rapm_bench.plugins: an
+`ObjectiveBuilder` each, `register_objective` or an entry point). All three use the same engine, the same cached
 teacher trajectories, the same student (a LoRA on the teacher's UNet) and the same run
 folder. An objective
 
@@ -17,14 +18,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
+from ..plugins import get_objective, register_objective
 from ..sampling import DDIM_TRAILING, SamplerRecipe
 from ..worlds.base import Cond
-from .config import OBJECTIVES
+from .config import known_objectives
 from .rapm import SlotTerms
 
 if TYPE_CHECKING:
@@ -139,6 +141,22 @@ def build_rapm(cfg: DistillConfig, world: World, sched: SlotSchedule, probe: Con
     return RAPMObjective(loss, heads, cfg.disc_lr)
 
 
+class ObjectiveBuilder(Protocol):
+    """What an objective plug-in provides (rapm_bench.plugins): its Objective for one run."""
+
+    def __call__(self, cfg: DistillConfig, world: World, sched: SlotSchedule, guidance: float,
+                 student: list[nn.Parameter], probe: Cond) -> Objective: ...
+
+
+def rapm_objective(cfg: DistillConfig, world: World, sched: SlotSchedule, guidance: float,
+                   student: list[nn.Parameter], probe: Cond) -> RAPMObjective:
+    """RAPM as an `ObjectiveBuilder` (it registers itself below)."""
+    return build_rapm(cfg, world, sched, probe)
+
+
+register_objective("rapm", rapm_objective)
+
+
 def build_objective(
     cfg: DistillConfig, world: World, sched: SlotSchedule, guidance: float, student: list[nn.Parameter], probe: Cond,
 ) -> Objective:
@@ -147,14 +165,7 @@ def build_objective(
     `guidance` is the trajectories' CFG scale w (DMD2's real score uses it); `probe` is any
     prompt's conditioning (it sizes the discriminator heads).
     """
-    if cfg.objective == "rapm":
-        return build_rapm(cfg, world, sched, probe)
-    if cfg.objective == "pcm":
-        from baselines.pcm import build
-
-        return build(cfg, world, sched, student, probe)
-    if cfg.objective == "dmd2":
-        from baselines.dmd2 import build as build_dmd2
-
-        return build_dmd2(cfg, world, sched, guidance, probe)
-    raise ValueError(f"unknown objective {cfg.objective!r}; known: {', '.join(OBJECTIVES)}")
+    build = get_objective(cfg.objective)
+    if build is None:
+        raise ValueError(f"unknown objective {cfg.objective!r}; known: {', '.join(known_objectives())}")
+    return build(cfg, world, sched, guidance, student, probe)

@@ -181,7 +181,7 @@ def _fill(world: World, prompts: Sequence[str], spec: TrajectorySpec, folder: Pa
     from safetensors.torch import load_file, save
     from tqdm import tqdm
 
-    from ..generate import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
     meta = json.dumps(spec.record(), indent=2, sort_keys=True)

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..generate import atomic_write_bytes, sha256_file
+from ..files import atomic_write_bytes, sha256_file
 from .features import FeatureExtractor, preprocess_pil, thread_map, to_nchw
 from .fid import FeatureStats
 from .protocols import Protocol

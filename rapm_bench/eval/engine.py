@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -23,8 +21,10 @@ import torch
 
 from ..config import EvalConfig, get_preset
 from ..errors import UserError
-from ..generate import atomic_write_bytes, batch_hint, generate_batch, oom_hint, png_bytes, sha256_file
+from ..files import atomic_write_bytes, sha256_file
+from ..generate import batch_hint, generate_batch, oom_hint, png_bytes
 from ..models import get_model, with_lora
+from ..provenance import device_name, git_commit, versions
 from ..worlds import World, load_world
 from .fid import FeatureStats, checked_fid
 from .protocols import Protocol, default_protocol, get_protocol
@@ -78,39 +78,6 @@ def default_cache_dir() -> Path:
     base = os.environ.get("RAPM_BENCH_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rapm-bench")
     return Path(base)
-
-
-def versions() -> dict[str, str]:
-    """Versions of what can move a score."""
-    import diffusers
-    import numpy
-    import scipy
-
-    from .. import __version__
-
-    return {"rapm_bench": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "numpy": numpy.__version__, "scipy": scipy.__version__}
-
-
-def git_commit() -> str | None:
-    """The commit of the rapm-bench checkout, if it is one (with `+dirty` when edited)."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-def device_name(device: torch.device) -> str:
-    """GPU model or CPU description."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def result_name(model: str, steps: int, protocol: str) -> str:

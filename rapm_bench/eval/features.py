@@ -166,7 +166,7 @@ def find_inception(path: Path | str | None) -> Path:
 
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file."""
-    from ..generate import sha256_file
+    from ..files import sha256_file
 
     return sha256_file(path)
 

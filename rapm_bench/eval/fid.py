@@ -82,7 +82,7 @@ class FeatureStats:
         """Write the raw sums to an .npz file, atomically (exact: merging after loading is still exact)."""
         import io
 
-        from ..generate import atomic_write_bytes
+        from ..files import atomic_write_bytes
 
         if self.sum is None or self.sum_sq is None:
             raise ValueError("no features accumulated")

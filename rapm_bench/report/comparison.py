@@ -200,7 +200,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
 def write_comparison(plan: Any, dcfgs: dict[str, Any], out: Path, protocol: str) -> dict[str, Any] | None:
     """comparison.json, comparison.md and comparison.png; None (nothing written) when a run with fewer seeds would
     replace an earlier comparison of more seeds over the same step counts."""
-    from ..generate import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     record = collect(plan, dcfgs, out, protocol)
     old_path = out / "comparison.json"

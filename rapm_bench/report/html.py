@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..generate import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .results import read_results
 from .table import COLUMNS, _fmt, rows
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..generate import atomic_write_bytes
+from ..files import atomic_write_bytes
 from ..models import registry
 from .results import read_results
 

@@ -697,7 +697,7 @@ def world_report(cfg: ReportConfig, progress: Callable[[str], None] = print) -> 
 def _weight_hashes(cfg: ReportConfig) -> dict[str, str]:
     """sha256 of the teacher's and the evaluator's weight files (provenance of the numbers)."""
     from ..eval.tiny_evaluator import WEIGHTS, default_evaluator_dir
-    from ..generate import sha256_file
+    from ..files import sha256_file
     from .tiny import default_teacher_dir
 
     teacher = Path(cfg.teacher) if cfg.teacher else default_teacher_dir()

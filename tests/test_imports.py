@@ -1,0 +1,146 @@
+"""The import contract, read from the source with `ast` (module-level and function-level imports alike):
+imports run one way, `baselines/` → `rapm_bench`, and the stage packages do not import each other in a circle."""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "rapm_bench"
+STAGES = ("rapm_bench.eval", "rapm_bench.distill", "rapm_bench.report", "rapm_bench.worlds")
+
+# The stage packages' imports of each other today (importer → imported). A new edge fails the test: check it
+# closes no circle (test_no_cycle_between_stage_packages) and add it here.
+ALLOWED_EDGES = {
+    ("rapm_bench.distill", "rapm_bench.eval"),  # ablation and engine: evaluate, default_cache_dir
+    ("rapm_bench.distill", "rapm_bench.report"),  # ablation: welch
+    ("rapm_bench.distill", "rapm_bench.worlds"),
+    ("rapm_bench.eval", "rapm_bench.worlds"),
+    ("rapm_bench.report", "rapm_bench.eval"),
+    ("rapm_bench.report", "rapm_bench.worlds"),
+    ("rapm_bench.worlds", "rapm_bench.eval"),  # TOLERATED below
+}
+# The one circle left, eval → worlds → eval: worlds/tiny_train.py (the tiny world's training and report tooling)
+# trains the tiny evaluator and computes FID (eval.tiny_evaluator, eval.fid). It closes when tiny_train leaves the
+# adapter folder (issue 15, item 2); then delete this entry and its line in ALLOWED_EDGES.
+TOLERATED = {("rapm_bench.worlds", "rapm_bench.eval")}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> list[tuple[str, int]]:
+    """(imported module, line) for every import statement in the file, at any depth; `from M import n` yields
+    M and M.n (n may be a submodule); relative imports are resolved."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: list[tuple[str, int]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.append((base, node.lineno))
+            found += [(f"{base}.{a.name}", node.lineno) for a in node.names]
+    return found
+
+
+def all_imports() -> list[tuple[str, str, int]]:
+    """(importer, imported, line) over every module of rapm_bench."""
+    return [(module_name(p), target, line) for p in sorted(PACKAGE.rglob("*.py")) for target, line in imports(p)]
+
+
+def stage(module: str) -> str | None:
+    return next((s for s in STAGES if module == s or module.startswith(s + ".")), None)
+
+
+def stage_edges() -> dict[tuple[str, str], list[str]]:
+    """Package-level graph of the stage packages: (importer, imported) → the import sites."""
+    edges: dict[tuple[str, str], list[str]] = {}
+    for src, target, line in all_imports():
+        a, b = stage(src), stage(target)
+        if a and b and a != b:
+            edges.setdefault((a, b), []).append(f"{src}:{line} imports {target}")
+    return edges
+
+
+def find_cycle(edges: set[tuple[str, str]]) -> list[str] | None:
+    """A circle in the directed graph, as a path [a, b, ..., a], or None."""
+    graph: dict[str, list[str]] = {}
+    for a, b in sorted(edges):
+        graph.setdefault(a, []).append(b)
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_walk_sees_function_level_and_relative_imports():
+    """The walk finds the imports inside function bodies and resolves `..` (else the checks below prove nothing)."""
+    found = {(src, target) for src, target, _ in all_imports()}
+    assert ("rapm_bench.models", "rapm_bench.plugins") in found  # inside registry()
+    assert ("rapm_bench.distill.engine", "rapm_bench.files.atomic_write_bytes") in found  # `from ..files import`
+    assert ("rapm_bench.eval.engine", "rapm_bench.worlds") in found  # `from ..worlds import` at module level
+
+
+def test_rapm_bench_never_imports_baselines():
+    """Imports run one way: baselines/ → rapm_bench; the package finds published models and objectives as
+    plug-ins (rapm_bench/plugins.py)."""
+    reverse = [f"{src}:{line} imports {target}" for src, target, line in all_imports()
+               if target == "baselines" or target.startswith("baselines.")]
+    assert not reverse, "rapm_bench imports baselines (register a plug-in instead):\n" + "\n".join(reverse)
+
+
+def test_no_new_edge_between_stage_packages():
+    new = {edge: sites for edge, sites in stage_edges().items() if edge not in ALLOWED_EDGES}
+    assert not new, "new imports between stage packages (see ALLOWED_EDGES):\n" + "\n".join(
+        f"{a} → {b}: {sites[0]}" for (a, b), sites in sorted(new.items()))
+
+
+def test_no_cycle_between_stage_packages():
+    """No circle among eval, distill, report, worlds but the TOLERATED one; a tolerated edge that is gone must
+    leave the list (so it cannot come back unnoticed)."""
+    edges = stage_edges()
+    cycle = find_cycle(set(edges) - TOLERATED)
+    assert cycle is None, "import circle between stage packages: " + " → ".join(cycle) + "\n" + "\n".join(
+        edges[(a, b)][0] for a, b in zip(cycle, cycle[1:], strict=False))
+    gone = TOLERATED - set(edges)
+    assert not gone, f"{sorted(gone)} no longer imported: remove it from TOLERATED and ALLOWED_EDGES"
+    assert find_cycle(set(edges)) is not None, "no circle left: empty TOLERATED"
+
+
+def test_find_cycle_reports_the_circle():
+    assert find_cycle({("a", "b"), ("b", "c"), ("c", "a"), ("c", "d")}) == ["a", "b", "c", "a"]
+    assert find_cycle({("a", "b"), ("b", "c"), ("a", "c")}) is None
+
+
+def test_declared_plugins_equal_pyproject():
+    """rapm_bench.plugins.DECLARED (the fallback of an install without the entry points) is pyproject.toml's."""
+    from rapm_bench import plugins
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    assert {g: declared.get(g) for g in plugins.DECLARED} == plugins.DECLARED
+
