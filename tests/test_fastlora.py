@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.loaders.peft import PeftAdapterMixin
-from test_bench import one_thread as one_thread  # noqa: F401 - an autouse fixture
 from test_bench import GRAD_ATOL, GRAD_RTOL, rel
+from test_bench import one_thread as one_thread  # noqa: F401 - an autouse fixture
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
