@@ -73,14 +73,14 @@ def test_sdxl_configs_build_the_published_sizes():
         unet = UNet2DConditionModel(**bm.SDXL_UNET)
         vae = AutoencoderKL(**bm.SDXL_VAE)
         small = UNet2DConditionModel(**bm.SDXL_UNET_SMALL)
-    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # REFERENCE.md: 2.567 B
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # docs/reference.md, SDXL architecture: 2.567 B
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863
     kinds = [[type(m).__name__ for m in u.modules()] for u in (unet, small)]
     assert kinds[0] == kinds[1]  # the small scale is the same architecture, module for module
     targets = [m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
                and any(n == t or n.endswith("." + t) for t in LORA_TARGETS)]
     rank1 = sum(m.weight[0].numel() + m.weight.shape[0] for m in targets)  # A (1, in·k·k) + B (out, 1)
-    assert 3.0e6 < rank1 < 3.1e6  # REFERENCE.md: 3.07 M rank-1 LoRA parameters on the usual targets
+    assert 3.0e6 < rank1 < 3.1e6  # docs/reference.md: 3.07 M rank-1 LoRA parameters on the usual targets
 
 
 def test_small_world_shapes(world: bm.RandomSDXLWorld):
