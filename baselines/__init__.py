@@ -1,4 +1,4 @@
-"""The model registry: one module per model, each a declarative `SPEC` (REFERENCE.md's published models)."""
+"""The model registry: one module per model, each a declarative `SPEC` (docs/reference.md, Published models and samplers)."""
 
 from rapm_bench.models import ModelSpec
 

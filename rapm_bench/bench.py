@@ -91,7 +91,7 @@ CLIP_MODEL = "ViT-g-14"  # the DMD2 protocol's CLIP (open_clip ships its config;
 
 # --- peaks: dense bf16 TFLOP/s by GPU name (first substring match wins) ------------------------------
 PEAK_TFLOPS: tuple[tuple[str, float, str], ...] = (
-    ("H200", 790.0, "bf16 8192³ matmul measured on an H200 (REFERENCE.md)"),
+    ("H200", 790.0, "bf16 8192³ matmul measured on an H200 (docs/reference.md, Measured here)"),
     ("H100 PCIe", 756.0, "spec sheet, dense bf16"),
     ("H100 NVL", 835.0, "spec sheet, dense bf16"),
     ("H100", 790.0, "issue #7: H100 SXM bf16 matmul ceiling (spec sheet 989)"),

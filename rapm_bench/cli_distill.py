@@ -1,4 +1,4 @@
-"""`rapm-bench distill`: parse, resolve the preset's DistillConfig, call the engine (STYLE.md rule 1)."""
+"""`rapm-bench distill`: parse, resolve the preset's DistillConfig, call the engine (docs/design.md §1: the CLI is thin)."""
 
 from __future__ import annotations
 

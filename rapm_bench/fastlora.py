@@ -1,7 +1,7 @@
 """FastLoRA: the engine's LoRA (PEFT's parameterisation) without PEFT's per-layer overhead (issue #7).
 
 A frozen Linear/Conv2d with weight W gets y = base(x) + s·B·(A x): A (r, in[, k, k]) and
-B (out, r) are fp32 masters (STYLE.md rule 6), s = alpha / r = 1 as in `lora.attach_lora`.
+B (out, r) are fp32 masters (docs/design.md §8, precision policy), s = alpha / r = 1 as in `lora.attach_lora`.
 Three ways of running a layer:
 
 - no grad, `merge_nograd`: one kernel with W' = W + s·B·A, cached until the optimiser
@@ -131,7 +131,7 @@ class _MergedConv2d(torch.autograd.Function):
 class LoRAWrap(nn.Module):
     """A frozen Linear/Conv2d plus s·B·A (PEFT's parameterisation: A (r, in[, k, k]), B (out, r)).
 
-    Weights are fp32 masters (STYLE.md rule 6); the update runs in the activations' dtype
+    Weights are fp32 masters (docs/design.md §8); the update runs in the activations' dtype
     (PEFT casts the activations to fp32 instead). Without grad and with `merge_nograd`, the
     layer runs W + s·B·A merged in one kernel; with grad and `mode == "merged"` too, with a
     hand-written backward. The merged weight (and s·A, s·B in the base weight's dtype) is

@@ -193,7 +193,7 @@ def attach_lora(
 ) -> list[torch.nn.Parameter]:
     """Add a trainable PEFT LoRA (alpha = rank, B = 0) to a frozen UNet; returns its fp32 parameters.
 
-    Precision policy (STYLE.md rule 6): the frozen weights keep the world's dtype, the LoRA
+    Precision policy (docs/design.md §8): the frozen weights keep the world's dtype, the LoRA
     weights are fp32. `seed` fixes the random init of the A matrices.
     """
     from peft import LoraConfig

@@ -1,6 +1,6 @@
 """`rapm-bench reproduce`: distil, evaluate every model at its step counts, write the table, in one command.
 
-A plan is data (STYLE.md rule 2): the distillation runs and the evaluations of one preset,
+A plan is data (docs/design.md §1, conventions): the distillation runs and the evaluations of one preset,
 each with a cost estimate. Running it skips every step whose output already exists and
 matches (a finished run folder, a result JSON of the same model, steps, guidance, protocol,
 image count and weights), so a second run only rewrites the table and plots.
@@ -116,7 +116,7 @@ def make_plan(preset: str, quick: bool = False, seeds: int = 1, steps: tuple[int
 @dataclass(frozen=True)
 class Costs:
     """Seconds per unit of work, measured (tiny: a 2-core CPU, results/tiny/rapm.md) or derived (SDXL:
-    one H100/H200 from REFERENCE.md's timings, eager bf16)."""
+    one H100/H200 from docs/reference.md's measured timings, eager bf16)."""
 
     trajectory_forward: float  # one teacher image-forward inside the batched trajectory precompute
     iteration: dict[str, float]  # one training iteration per objective

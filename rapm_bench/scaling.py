@@ -1,4 +1,4 @@
-"""`python -m rapm_bench.scaling`: evaluation and trajectory precompute on 1 vs G GPUs (DESIGN.md §7).
+"""`python -m rapm_bench.scaling`: evaluation and trajectory precompute on 1 vs G GPUs (docs/design.md §9).
 
 Builds once, into `--work`, a random-weight pipeline of SDXL's full architecture (bench.py's UNet
 and VAE configs, SDXL's two CLIP text encoders), synthetic COCO-2014 data (captions_val2014.json
@@ -123,7 +123,7 @@ def text_encoder_configs(small: bool) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def clip_tokenizer(folder: Path, pad_token: str | None = None) -> Any:
-    """A real CLIP BPE tokenizer from the vocabulary open_clip ships (no download; REFERENCE.md's recipe)."""
+    """A real CLIP BPE tokenizer from the vocabulary open_clip ships (no download; docs/reference.md, Offline test fixtures)."""
     import gzip
 
     import open_clip

@@ -1,7 +1,8 @@
 """`rapm-bench bench` (issue #7): architectures, FLOP counting, each optimisation's equality, the CLI.
 
 Tolerances (fp32 on the CPU unless stated):
-- FastLoRA vs the engine's PEFT LoRA: outputs 1e-5, LoRA gradients 1e-4 (relative to their scale).
+- FastLoRA vs the engine's PEFT LoRA: outputs 1e-5, LoRA gradients 1e-4 relative plus a float32
+  round-off floor (GRAD_RTOL, GRAD_ATOL).
 - merged vs unmerged LoRA (no-grad passes): 1e-5. The merged gradient path: tests/test_fastlora.py.
 - CFG pair in one call vs two calls: 1e-5 on whole teacher trajectories.
 - channels_last vs NCHW, SDPA vs classic attention: 1e-5.
@@ -33,6 +34,17 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+GRAD_RTOL = 1e-4
+GRAD_ATOL = 1e-5
+"""LoRA gradients of two implementations agree to GRAD_RTOL of each layer's largest entry plus an
+absolute floor of GRAD_ATOL times the largest gradient of any layer. The floor is float32 round-off:
+a LoRA gradient is a reduction over ~10^3-10^4 products (batch x positions x channels) whose partial
+sums are as large as the largest gradient, and the two implementations reduce in different orders
+(other kernels, other thread splits), so they differ by up to ~sqrt(n) x 6e-8 (float32's unit
+round-off) x that scale, whatever the layer's own gradient size. Measured on the CPU: up to 2.3e-6 x
+scale at 2 threads; a layer whose own gradient is 2.7e-5 differed by 3.6e-9, far above 1e-4 of it."""
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative RMS difference."""
     return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt().clamp_min(1e-12))
@@ -61,14 +73,14 @@ def test_sdxl_configs_build_the_published_sizes():
         unet = UNet2DConditionModel(**bm.SDXL_UNET)
         vae = AutoencoderKL(**bm.SDXL_VAE)
         small = UNet2DConditionModel(**bm.SDXL_UNET_SMALL)
-    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # REFERENCE.md: 2.567 B
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # docs/reference.md, SDXL architecture: 2.567 B
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863
     kinds = [[type(m).__name__ for m in u.modules()] for u in (unet, small)]
     assert kinds[0] == kinds[1]  # the small scale is the same architecture, module for module
     targets = [m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
                and any(n == t or n.endswith("." + t) for t in LORA_TARGETS)]
     rank1 = sum(m.weight[0].numel() + m.weight.shape[0] for m in targets)  # A (1, in·k·k) + B (out, 1)
-    assert 3.0e6 < rank1 < 3.1e6  # REFERENCE.md: 3.07 M rank-1 LoRA parameters on the usual targets
+    assert 3.0e6 < rank1 < 3.1e6  # docs/reference.md: 3.07 M rank-1 LoRA parameters on the usual targets
 
 
 def test_small_world_shapes(world: bm.RandomSDXLWorld):
@@ -146,7 +158,7 @@ def test_fast_lora_equals_peft_outputs_and_gradients(world: bm.RandomSDXLWorld):
         for name, g in grads.items():
             want_g = want_grads[name]  # PEFT's conv B is (out, r, 1, 1), FastLoRA's (out, r)
             err = float((g.reshape(want_g.shape) - want_g).abs().max())
-            assert err <= 1e-4 * max(float(want_g.abs().max()), 1e-3 * scale), name
+            assert err <= GRAD_RTOL * float(want_g.abs().max()) + GRAD_ATOL * scale, (name, err, scale)
     finally:
         lora.remove()
     assert rel(world.predict(x, t, cond).detach(), plain) == 0.0  # removed: the plain UNet again

@@ -95,7 +95,7 @@ def test_dmd2_pairs_equal_the_pandas_recipe(coco: tuple[Path, Path]) -> None:
     import pandas as pd
 
     ann, _ = coco
-    # DMD2's main/sdxl/data_process.py, as REFERENCE.md describes it (global seed, N = 10 here)
+    # DMD2's main/sdxl/data_process.py, as docs/reference.md describes it (global seed, N = 10 here)
     data = json.load(open(ann))
     np.random.seed(123)
     df = pd.DataFrame(data["images"])

@@ -1,4 +1,4 @@
-"""A second library recomputes our scores from the same features; bootstrap intervals and KID (DESIGN.md §8).
+"""A second library recomputes our scores from the same features; bootstrap intervals and KID (docs/design.md §6).
 
 - FID: ours (clean-fid's sqrtm on float64 statistics) equals torchmetrics' `FrechetInceptionDistance`
   fed the identical float64 features through a pass-through module, and our fast eigvalsh

@@ -1,4 +1,4 @@
-"""The `baselines/` registry against REFERENCE.md's published-model facts, and its offline behaviour."""
+"""The `baselines/` registry against docs/reference.md's published-model facts, and its offline behaviour."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from baselines import MODELS
 from rapm_bench.models import HubFile
 
-# (name, repo, a file name, scheduler, spacing, explicit timesteps, guidance, step counts): REFERENCE.md
+# (name, repo, a file name, scheduler, spacing, explicit timesteps, guidance, step counts): docs/reference.md
 PUBLISHED = [
     ("rapm", "guoqiang-x/RAPM_SDXL", "RAPM_SDXL.pt", "ddim", "trailing", None, 1.0, (4,)),
     ("pcm", "wangfuyun/PCM_Weights", "pcm_sdxl_smallcfg_4step_converted.safetensors", "ddim", "trailing", None, 1.0,

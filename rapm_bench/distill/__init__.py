@@ -1,4 +1,4 @@
-"""RAPM distillation (DESIGN.md §4): teacher trajectories, relative and absolute position matching.
+"""RAPM distillation (docs/rapm.md): teacher trajectories, relative and absolute position matching.
 
 `distill(cfg)` is the whole `rapm-bench distill` job; the pieces are importable on their own:
 `trajectories` (cached teacher trajectories), `rapm` (the objective), `discriminator`

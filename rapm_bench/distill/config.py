@@ -1,4 +1,4 @@
-"""`rapm-bench distill`: one frozen config, two named presets (STYLE.md rule 2).
+"""`rapm-bench distill`: one frozen config, two named presets (docs/design.md §1).
 
 Every field carries its default and why. The `tiny` defaults were chosen by the ablation in
 results/tiny/rapm.md; `sdxl` keeps the objective's defaults and scales the run to the
@@ -34,7 +34,7 @@ class DistillConfig:
     world: WorldConfig = field(default_factory=WorldConfig)  # the teacher (preset, weights, device, precision)
     out: str = "runs/distill/tiny"  # run folder: config, checkpoint, log, samples, lora.safetensors
 
-    # --- 1. teacher trajectories (DESIGN.md §4.1) -------------------------------------------------
+    # --- 1. teacher trajectories (docs/rapm.md §3) ------------------------------------------------
     num_trajectories: int = 256  # K prompts × seeded noise; tiny: 256 is enough at batch 1 (paper: 1000)
     slots: int = 4  # N coarse slots = the student's sampling steps (`--steps`; N = 4: DDIM trailing 999, 749, 499,
     #                 249; N = 1: 999 only); the LoRA records N and its sampler, and eval samples it at N
@@ -47,7 +47,7 @@ class DistillConfig:
     cache_dir: str | None = None  # None = $RAPM_BENCH_CACHE or ~/.cache/rapm-bench, under trajectories/<hash>
     store_dtype: str = "fp32"  # dtype of stored trajectory points (fp16 halves SDXL's 1.2 GB for 1000)
 
-    # --- 2. student (DESIGN.md §4.5) ---------------------------------------------------------------
+    # --- 2. student (docs/rapm.md §5) --------------------------------------------------------------
     rank: int = 1  # LoRA rank (paper: 1); tiny ablation: 4 is no better
     lora_targets: tuple[str, ...] = LORA_TARGETS  # module-name suffixes: attention, FF, resnets, samplers, time emb
     grad_checkpointing: bool = False  # recompute UNet activations in backward (SDXL: 5.9 vs 13.9 GiB)
@@ -56,7 +56,7 @@ class DistillConfig:
     #                          with W + s·B·A and a low-rank backward (RAPM only; SDXL on an H100 at 4 slots per
     #                          pass: ×0.97 of the bare UNet passes vs PEFT's ×1.91, results/bench/README.md)
 
-    # --- 3. objective (DESIGN.md §4.2-4.4) ---------------------------------------------------------
+    # --- 3. objective (docs/rapm.md §4) --------------------------------------------------------
     lambda_abs: float = 0.1  # adversarial weight, absolute position z̃_n (teacher point); tiny: 1.0 hurt in a first ablation (issue 5)
     lambda_rel: float = 0.1  # adversarial weight, relative position ẑ_n (student jump from ẑΔ_{n+1})
     lambda_reg: float = 1.0  # pseudo-Huber regression to z̃_n (0 = off); tiny: without it the GAN alone diverges
@@ -115,7 +115,7 @@ _TINY = DistillConfig()
 
 _SDXL = replace(
     _TINY,
-    world=WorldConfig(preset="sdxl", precision="bf16"),  # frozen weights bf16, LoRA fp32 (STYLE.md rule 6)
+    world=WorldConfig(preset="sdxl", precision="bf16"),  # frozen weights bf16, LoRA fp32 (docs/design.md §8)
     out="runs/distill/sdxl",
     num_trajectories=1000,  # the paper's overhead: 1000 teacher trajectories
     guidance=None,  # the world's default CFG (SDXL 5.0)

@@ -1,4 +1,4 @@
-"""Discriminators on frozen teacher-UNet encoder features (DESIGN.md §4.4).
+"""Discriminators on frozen teacher-UNet encoder features (docs/rapm.md §4).
 
 The backbone is the teacher itself (the student's UNet with its adapters disabled), run
 through the world's own `predict` and stopped after the mid block: forward hooks collect
@@ -23,7 +23,7 @@ class _Stop(Exception):
 
 @contextmanager
 def teacher_mode(unet: nn.Module) -> Iterator[None]:
-    """The teacher = the same UNet with its LoRA adapters disabled (DESIGN.md §4.5)."""
+    """The teacher = the same UNet with its LoRA adapters disabled (docs/rapm.md §5)."""
     has_peft = bool(getattr(unet, "_hf_peft_config_loaded", False))
     if has_peft:
         unet.disable_adapters()

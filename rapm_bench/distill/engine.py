@@ -7,7 +7,7 @@ Run folder (`cfg.out`): config.json (first), train_log.jsonl, samples/step_*.png
 checkpoint.safetensors (LoRA, the objective's critic modules, optimisers, RNG, step: atomic),
 lora.safetensors (the student, diffusers or kohya keys), summary.json.
 
-Every iteration re-seeds from (seed, step) (STYLE.md rule 7), so a run interrupted and
+Every iteration re-seeds from (seed, step) (docs/design.md §1), so a run interrupted and
 resumed from its last checkpoint ends bit-identical to an uninterrupted one on the CPU.
 """
 
@@ -202,7 +202,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     from .tracking import check_tracker, open_tracker
     from .trajectories import DTYPES, load_or_build, make_spec, training_prompts
 
-    # 0. Run folder: the resolved config goes first (STYLE.md rule 2).
+    # 0. Run folder: the resolved config goes first (docs/design.md §1).
     #    Prompts, teacher and device are checked first, so that bad input leaves no run folder behind.
     validate(cfg)
     check_tracker(cfg.log_with)  # a missing tracker package: one line naming the pip command, nothing written
@@ -214,7 +214,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
         open_run(out, cfg, resume)
     t_start = time.perf_counter()
 
-    # 1. Teacher and its trajectories (DESIGN.md §4.1), computed before any LoRA exists. PCM also keeps every
+    # 1. Teacher and its trajectories (docs/rapm.md §3), computed before any LoRA exists. PCM also keeps every
     #    teacher point inside the slots (its consistency pairs): another cache key. Several processes split the
     #    missing shards; then the main process trains alone and the others return.
     device = world.device
@@ -227,7 +227,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
         return None
     sched = SlotSchedule(world.alphas_cumprod, cfg.slots, cfg.substeps)
 
-    # 2. Student = teacher + LoRA (fp32 weights); teacher = the same UNet, adapters disabled (§4.5). The objective
+    # 2. Student = teacher + LoRA (fp32 weights); teacher = the same UNet, adapters disabled (docs/rapm.md §5). The objective
     #    adds its own trainable parts: discriminator heads, DMD2's fake-score adapter, an EMA target.
     if cfg.grad_checkpointing:
         world.unet.enable_gradient_checkpointing()

@@ -1,4 +1,4 @@
-"""The training objectives the engine runs, behind one small protocol (STYLE.md rule 5).
+"""The training objectives the engine runs, behind one small protocol (docs/design.md §4).
 
 `rapm` is ours (rapm.py); `pcm` and `dmd2` are the re-trained baselines, whose losses live
 in baselines/pcm.py and baselines/dmd2.py and reach the engine as plug-ins (rapm_bench.plugins: an

@@ -1,4 +1,4 @@
-"""The RAPM objective (DESIGN.md §4.2-4.4) as a small callable, testable on a CPU with a tiny UNet.
+"""The RAPM objective (docs/rapm.md §4) as a small callable, testable on a CPU with a tiny UNet.
 
 Per iteration one trajectory: the student rolls the N slots out on its own outputs,
 z_N = z̃_N, z^φ_n = DDIM(z_{n+1}, t_{n+1}→t_n; ε_φ), z_n = detach(z^φ_n), and each z^φ_n

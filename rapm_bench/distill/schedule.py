@@ -1,4 +1,4 @@
-"""Slot boundaries and the DDIM step as pure functions (DESIGN.md §4, notation).
+"""Slot boundaries and the DDIM step as pure functions (docs/rapm.md §2).
 
 Slots: t_N > … > t_1 from DDIM `trailing` spacing for N steps, then t_0 = −1, whose
 alphabar is alphabar_0 (`set_alpha_to_one=False`), exactly where the 4-step inference

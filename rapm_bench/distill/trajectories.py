@@ -1,4 +1,4 @@
-"""Teacher trajectories (DESIGN.md §4.1): computed once, cached on disk, resumable.
+"""Teacher trajectories (docs/rapm.md §3): computed once, cached on disk, resumable.
 
 For K prompts and seeded noise z̃_N the teacher (CFG scale w) runs M DDIM sub-steps per
 slot. Stored per trajectory: every boundary point z̃_n (n = 0..N) and ẑΔ_{n+1}, the point

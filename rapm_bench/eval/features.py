@@ -1,4 +1,4 @@
-"""The fixed boundary "uint8 (N, 3, H, W) -> float features" (STYLE.md rule 9).
+"""The fixed boundary "uint8 (N, 3, H, W) -> float features" (docs/design.md §6).
 
 Two steps, the same for generated and real images:
 1. `eval_preprocess`: centre-crop to a square and PIL LANCZOS-resize to the protocol's eval

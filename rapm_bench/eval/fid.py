@@ -117,7 +117,7 @@ def frechet_distance(
     ‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½). Where the product is singular the square root
     is retried with `eps` added to both diagonals; a numerically complex root keeps its
     real part (clean-fid raises when the imaginary diagonal exceeds 1e-3, a SciPy
-    1.11–1.12 artefact, see REFERENCE.md).
+    1.11–1.12 artefact, see docs/reference.md, Metric libraries).
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)

@@ -1,6 +1,6 @@
 """Bootstrap intervals over images, and KID through torchmetrics, from the eval pass's per-image data.
 
-Bootstrap (DESIGN.md section 8): B multinomial resamples of the generated images (counts
+Bootstrap (docs/design.md §6, metrics): B multinomial resamples of the generated images (counts
 w, drawn on the CPU from one seeded generator, so the draws do not depend on the device);
 the reference statistics stay fixed. Each resample's scores come from the counts without
 copying images: mean = w@X/n, covariance from Xᵀ(w·X), and tr (Σ_g Σ_r)^½ as

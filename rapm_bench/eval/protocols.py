@@ -2,8 +2,8 @@
 
 A protocol fixes everything that moves FID or CLIP score: the caption set and its seed,
 the number of pairs, the reference images, the resolutions and resize filter, the FID
-feature network and the CLIP model, prompt prefix and scaling (DESIGN.md section 5,
-REFERENCE.md "Evaluation protocols seen in public code").
+feature network and the CLIP model, prompt prefix and scaling (docs/design.md §7,
+docs/reference.md "Evaluation protocols").
 """
 
 from __future__ import annotations

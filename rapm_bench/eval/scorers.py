@@ -13,7 +13,7 @@ from .protocols import Protocol
 
 
 class Scorer:
-    """uint8 images in, features and scores out (STYLE.md rule 9: a fixed boundary)."""
+    """uint8 images in, features and scores out (docs/design.md §6: a fixed boundary)."""
 
     def __init__(self, protocol: Protocol, device: torch.device, inception: str | None = None,
                  clip_checkpoint: str | None = None) -> None:
@@ -22,7 +22,7 @@ class Scorer:
         self.clip = ClipScorer.for_protocol(protocol, clip_checkpoint, device)
         self.feature_dim = int(self.extractor.dim)
         self.weights_sha256 = self.extractor.weights_sha256
-        # The tiny evaluator also ranks captions: the sharper alignment number of DESIGN.md §3.
+        # The tiny evaluator also ranks captions: the sharper alignment number of docs/design.md §2.
         self.retriever = self.clip.embedder if hasattr(self.clip.embedder, "retrieval_hits") else None
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The world adapter: everything that differs between SDXL and the embedded tiny world.
 
 Nothing outside a world knows which world it is in. A world owns its networks, their
-precision policy (STYLE.md rule 4: fp32 in, half precision inside, fp32 out) and its
+precision policy (docs/design.md §8: fp32 in, half precision inside, fp32 out) and its
 noise schedule; samplers, the distillation engine and the evaluation only call the
 methods below.
 """

@@ -1,6 +1,6 @@
 """The SDXL world: two CLIP text encoders, `time_ids`, a 4-channel VAE latent space.
 
-Precision policy (STYLE.md rule 6) lives here and nowhere else: text encoders and UNet
+Precision policy (docs/design.md §8) lives here and nowhere else: text encoders and UNet
 in half precision on a GPU (fp32 on the CPU), the VAE always fp32 unless an fp16-fixed
 VAE is given, latents and model outputs fp32 outside `predict`.
 """

@@ -3,7 +3,7 @@
 The teacher is a small transformers `CLIPTextModel` (token ids from open_clip's
 `SimpleTokenizer`, whose BPE ships in the wheel) and a small diffusers
 `UNet2DConditionModel` with cross-attention on its last hidden state. It was trained
-with v-prediction on a cosine schedule rescaled to zero terminal SNR (DESIGN.md §3: with
+with v-prediction on a cosine schedule rescaled to zero terminal SNR (docs/design.md §2, the shapes world: with
 SD's schedule the backgrounds followed the initial noise). Latents are images in [-1, 1];
 decode is the identity up to quantisation. Both networks run in fp32: they are tiny.
 
