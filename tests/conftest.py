@@ -48,3 +48,29 @@ def tiny_sdxl_lora(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
     return random_unet_lora(unet, tmp_path_factory.mktemp("lora"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A subprocess environment: offline, a private cache, one thread per process (the CPU is shared; one
+    thread also fixes the round-off)."""
+    return os.environ | {"HF_HUB_OFFLINE": "1", "RAPM_BENCH_CACHE": str(tmp_path_factory.mktemp("cache")),
+                         "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved random-weight tiny teacher (the shipped layout), small enough that a job takes seconds."""
+    import json
+
+    from rapm_bench.worlds.tiny import WORLD_JSON, world_metadata
+    from rapm_bench.worlds.tiny_train import TeacherArch, build_teacher
+
+    folder = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    unet, text_encoder = build_teacher(TeacherArch(block_out_channels=(8, 16), attention_heads=2, text_width=16,
+                                                   text_layers=1, text_heads=2))
+    unet.save_pretrained(folder / "unet")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    (folder / WORLD_JSON).write_text(json.dumps(world_metadata(3.0)))
+    return folder

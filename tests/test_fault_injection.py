@@ -33,30 +33,6 @@ from rapm_bench.generate import is_stale_tmp, png_ok
 TIMEOUT = 600
 
 
-# --- fixtures ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Offline, a private cache, one thread per process (the CPU is shared; also fixes the round-off)."""
-    return os.environ | {"HF_HUB_OFFLINE": "1", "RAPM_BENCH_CACHE": str(tmp_path_factory.mktemp("cache")),
-                         "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved random-weight tiny teacher, small enough that a job takes seconds."""
-    from rapm_bench.worlds.tiny import WORLD_JSON, world_metadata
-    from rapm_bench.worlds.tiny_train import TeacherArch, build_teacher
-
-    folder = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(0)
-    unet, text_encoder = build_teacher(TeacherArch(block_out_channels=(8, 16), attention_heads=2, text_width=16,
-                                                   text_layers=1, text_heads=2))
-    unet.save_pretrained(folder / "unet")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    (folder / WORLD_JSON).write_text(json.dumps(world_metadata(3.0)))
-    return folder
-
-
 # --- running, killing --------------------------------------------------------------------------------
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "rapm_bench", *args]

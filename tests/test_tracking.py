@@ -6,26 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from rapm_bench.distill.config import DistillConfig, resolve_distill
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved random-weight tiny teacher, small enough that a run takes seconds."""
-    from rapm_bench.worlds.tiny import WORLD_JSON, world_metadata
-    from rapm_bench.worlds.tiny_train import TeacherArch, build_teacher
-
-    folder = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(0)
-    unet, text_encoder = build_teacher(TeacherArch(block_out_channels=(8, 16), attention_heads=2, text_width=16,
-                                                   text_layers=1, text_heads=2))
-    unet.save_pretrained(folder / "unet")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    (folder / WORLD_JSON).write_text(json.dumps(world_metadata(3.0)))
-    return folder
 
 
 def app():
