@@ -302,12 +302,15 @@ def test_data_coco(tmp_path, env, case, needles):
 
 
 def test_data_coco_launcher_works(tmp_path, env):
-    """The launcher's stand-ins do not hide the real path: good inputs write the pair list and statistics."""
+    """The launcher's stand-ins do not hide the real path: good inputs write the pair list, the reference statistics
+    and the reference features (KID)."""
     ann, img_dir = coco_files(tmp_path / "coco")
     proc = run_cli(["data", "coco", "--annotations", str(ann), "--images", str(img_dir), "--cache-dir",
                     str(tmp_path / "cache")], tmp_path, env, code=COCO_LAUNCHER)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(names) == 3 and any(n.endswith(".pairs.json") for n in names), names
+    assert any(".features" in n for n in names) and any(n.endswith(".fid.npz") for n in names), names
 
 
 def test_data_coco_without_inception_weights(tmp_path, env):
