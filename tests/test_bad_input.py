@@ -376,8 +376,12 @@ def test_distill(tmp_path, env, args, needles):
 
 REPRODUCE = [
     ("seeds-zero", ["--seeds", "0"], ["--seeds must be at least 1"]),
-    ("seeds-on-sdxl", ["--preset", "sdxl", "--seeds", "2"], ["--seeds applies to the tiny preset"]),
+    ("seeds-on-sdxl", ["--preset", "sdxl", "--seeds", "2"], ["--seeds, --steps and --sweep apply to the tiny preset"]),
     ("num-images-one", ["--num-images", "1"], ["--num-images must be at least 2"]),
+    ("steps-zero", ["--steps", "0"], ["--steps must list step counts of at least 1"]),
+    ("steps-not-numbers", ["--steps", "1,four"], ["--steps must be comma-separated integers"]),
+    ("sweep-on-sdxl", ["--preset", "sdxl", "--sweep"], ["apply to the tiny preset"]),
+    ("jobs-zero", ["--jobs", "0"], ["--jobs must be at least 1"]),
 ]
 
 
