@@ -190,12 +190,12 @@ import torch
 import rapm_bench.eval.engine as E
 from rapm_bench.eval.protocols import get_protocol
 from rapm_bench.eval.scorers import load_scorer
-build = E._build_reference_stats
+build = E._build_tiny_reference
 def slow_build(*args, **kwargs):
     print("building", flush=True)
     time.sleep(float(sys.argv[2]))
     return build(*args, **kwargs)
-E._build_reference_stats = slow_build
+E._build_tiny_reference = slow_build
 protocol = get_protocol("tiny")
 stats = E.reference_stats(protocol, load_scorer(protocol, torch.device("cpu")), Path(sys.argv[1]))
 print("done", stats.count, flush=True)
