@@ -91,8 +91,8 @@ def test_tiny_reproduce_runs_then_reuses_everything(tmp_path, monkeypatch):
                         small_tiny_plan(("rapm", "pcm"), seeds))
     cfg = rep.ReproduceConfig(out=str(tmp_path / "res"), runs=str(tmp_path / "runs"), device="cpu", seeds=2)
     first = rep.reproduce(cfg, echo=lambda *_: None)
-    assert first["ran"] == ["distill rapm-1step", "distill pcm-1step", "distill rapm-2step", "distill rapm-1step-seed1",
-                            "distill pcm-1step-seed1", "eval teacher 1", "eval rapm 1", "eval pcm 1",
+    assert first["ran"] == ["distill rapm-1step", "distill pcm-1step", "distill rapm-1step-seed1",
+                            "distill pcm-1step-seed1", "distill rapm-2step", "eval teacher 1", "eval rapm 1", "eval pcm 1",
                             "eval rapm-seed1 1", "eval pcm-seed1 1", "eval rapm 2"]
     res = tmp_path / "res"
     for name in ("table.md", "table.csv", "fid_vs_steps.png", "fid_vs_clip.png", "samples.png", "comparison.md",
