@@ -308,12 +308,6 @@ def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
     return {"plan": plan, "estimate": est, "ran": ran, "out": str(out)}
 
 
-def _trajectory_key(dcfg: Any) -> tuple[Any, ...]:
-    """What makes two distillations share one trajectory cache (PCM's also keeps the points inside the slots)."""
-    return (dcfg.num_trajectories, dcfg.trajectory_seed, dcfg.guidance, dcfg.substeps, dcfg.slots, dcfg.prompts,
-            dcfg.objective == "pcm")
-
-
 def _result_name(model: str, steps: int, protocol: str) -> str:
     """The eval engine's result file name."""
     from .eval.engine import result_name
