@@ -275,5 +275,18 @@ def save_lora(
         raise UserError(f"unknown LoRA format {fmt!r}; use one of {', '.join(LORA_FORMATS)}")
     tensors = {f"unet.{k}": v for k, v in state.items()} if fmt == "diffusers" else kohya_state_dict(state, rank)
     tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(Path(path), save(tensors, metadata={"format": "pt", **(metadata or {})}))
+    atomic_write_bytes(Path(path), canonical_safetensors(save(tensors, metadata={"format": "pt", **(metadata or {})})))
     return Path(path)
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted, so that equal tensors and metadata give equal
+    bytes (safetensors writes metadata in a hash map's order, which differs between processes)."""
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    text += b" " * (-len(text) % 8)  # the 8-byte alignment safetensors keeps
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]

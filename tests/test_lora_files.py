@@ -57,3 +57,21 @@ def test_folder_with_several_weight_files_is_ambiguous(tmp_path):
         (tmp_path / n).write_bytes(b"")
     with pytest.raises(UserError, match="exactly one"):
         resolve_lora_path(tmp_path)
+
+
+def test_saved_lora_bytes_do_not_depend_on_metadata_order(tmp_path):
+    """safetensors writes its metadata in hash-map order, which changes between processes: save_lora sorts the
+    header, so equal weights and metadata give the same file (and sha256) in every process."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    code = ("import sys, torch; from pathlib import Path; from rapm_bench.lora import save_lora\n"
+            "state = {'down_blocks.0.attn.to_q.lora_A.weight': torch.arange(8.).view(2, 4)}\n"
+            "save_lora(Path(sys.argv[1]), state, 2, metadata={'b': '1', 'a': '2', 'rapm_bench': '{}'})\n")
+    files = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for f in files:  # separate processes: separate hash seeds
+        subprocess.run([sys.executable, "-c", code, str(f)], check=True, timeout=120)
+    assert len({f.read_bytes() for f in files}) == 1
+    assert load_file(str(files[0]))["unet.down_blocks.0.attn.to_q.lora_A.weight"].tolist()[1] == [4.0, 5.0, 6.0, 7.0]
