@@ -75,14 +75,7 @@ def resolve_generate(cfg: GenerateConfig) -> GenerateConfig:
     from .models import get_model
 
     preset = get_preset(cfg.world.preset)
-    spec = get_model(cfg.model)
-    if cfg.lora:
-        from pathlib import Path
-
-        from .lora import resolve_lora_path
-        from .models import with_lora
-
-        spec = with_lora(spec, resolve_lora_path(Path(cfg.lora)))  # a LoRA trained here: its steps and sampler
+    spec = get_model(cfg.model, cfg.lora)  # a LoRA trained here brings its steps and sampler
     steps, guidance = spec.resolve(cfg.steps, cfg.guidance)
     batch = cfg.batch_size or preset.batch_size
     if batch < 1:

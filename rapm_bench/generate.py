@@ -20,7 +20,7 @@ from .config import GenerateConfig, get_preset, resolve_generate
 from .errors import UserError
 from .files import TMP_SUFFIX, atomic_write_bytes, is_stale_tmp, remove_stale_tmp, sha256_file  # noqa: F401 - re-exported
 from .lora import resolve_lora_path
-from .models import get_model, with_lora
+from .models import get_model
 from .sampling import SamplerRecipe, cfg_denoiser, sample, seeded_noise
 from .worlds import World, load_world
 
@@ -183,9 +183,7 @@ def _generate(cfg: GenerateConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     cfg = resolve_generate(cfg)
-    spec = get_model(cfg.model)
-    if cfg.lora:
-        spec = with_lora(spec, resolve_lora_path(Path(cfg.lora)))  # a LoRA trained here: its own sampler
+    spec = get_model(cfg.model, cfg.lora)  # a LoRA trained here: its own sampler
     preset = get_preset(cfg.world.preset)
     if cfg.prompts is not None:
         prompts = read_prompts(Path(cfg.prompts))

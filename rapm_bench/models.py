@@ -195,11 +195,14 @@ def lora_model(path: str) -> ModelSpec:
     return with_lora(spec, p) if p.exists() else spec  # a missing file fails where its weights are needed
 
 
-def get_model(name: str) -> ModelSpec:
-    """A model spec by name (or `lora:PATH`), or a one-line error listing the known names."""
+def get_model(name: str, lora: str | Path | None = None) -> ModelSpec:
+    """A model spec by name (or `lora:PATH`), or a one-line error listing the known names; `lora` (an `--lora`
+    override) applies that file's own record (`with_lora`)."""
     if name.startswith("lora:"):
-        return lora_model(name.removeprefix("lora:"))
-    models = registry()
-    if name not in models:
-        raise UserError(f"unknown model {name!r}; known: {', '.join(sorted(models))}")
-    return models[name]
+        spec = lora_model(name.removeprefix("lora:"))
+    else:
+        models = registry()
+        if name not in models:
+            raise UserError(f"unknown model {name!r}; known: {', '.join(sorted(models))}")
+        spec = models[name]
+    return spec if lora is None else with_lora(spec, Path(lora))
