@@ -311,12 +311,13 @@ def bench(
     peak_tflops: Annotated[float | None, typer.Option(help="Dense bf16 peak for the floors; default: the "
                                                            "table's entry for this GPU.")] = None,
     lora: Annotated[str | None, typer.Option(help="LoRA of the RAPM headline: `merged` (fastlora.FastLoRA, every "
-                                                  "pass through W + s·B·A: the engine's sdxl --lora-impl), `fast` "
-                                                  "(FastLoRA, gradient passes through the low-rank branch) or "
-                                                  "`peft` (the engine's --lora-impl peft).")] = None,
+                                                  "pass through W + s·B·A), `fast` (FastLoRA, gradient passes "
+                                                  "through the low-rank branch) or `peft`; default: the distill "
+                                                  "preset's --lora-impl.")] = None,
     rapm_variants: Annotated[str | None, typer.Option(help="Comma-separated RAPM variants: plain, fast, merged or "
                                                            "peft, each optionally with /ckpt, /unmerged (not for "
-                                                           "merged) and /chunkK slots per pass (default: the "
+                                                           "merged), /chunkK slots per pass and /graphs (the "
+                                                           "engine's --fast-nograd) (default: the "
                                                            "distill preset's), e.g. merged/ckpt/chunk1.")] = None,
     traj_batch: Annotated[int | None, typer.Option(help="Trajectories per teacher batch.")] = None,
     gen_batch: Annotated[int | None, typer.Option(help="Images per generation call.")] = None,

@@ -77,7 +77,14 @@ def distill(
     = None,
     grad_checkpointing: Annotated[bool | None, typer.Option(
         "--grad-checkpointing/--no-grad-checkpointing",
-        help="Recompute UNet activations in backward (less memory); default: on for sdxl.")] = None,
+        help="Recompute UNet activations in backward (less memory); default: off for tiny; sdxl: chosen from the "
+             "GPU's free memory (off when the passes fit), recorded in the run's config.json.")] = None,
+    fast_nograd: Annotated[bool | None, typer.Option(
+        "--fast-nograd/--no-fast-nograd",
+        help="GPU: replay RAPM's no-grad passes (roll-out, relative targets, real features) from CUDA graphs and "
+             "merge the first roll-out jump with the relative targets; default: on (the CPU path is eager).")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Iterations per train_log.jsonl row (interval means); "
+                                                       "default: the preset's (tiny 10, sdxl 50).")] = None,
     targets: Annotated[str | None, typer.Option(help="Comma-separated LoRA target module suffixes; default: "
                                                      "attention, FF, resnet convs, samplers, time embedding.")] = None,
     teacher: Annotated[str | None, typer.Option(help="Teacher: hub id or local diffusers folder; default: the "
@@ -94,9 +101,10 @@ def distill(
     = None,
     slot_chunk: Annotated[int | None, typer.Option(help="Slots per student forward: N is fastest, 1 uses least "
                                                         "memory (sdxl default 4: 22.6 GiB on an H100).")] = None,
-    lora_impl: Annotated[str | None, typer.Option(help="`peft` (diffusers/PEFT LoRA layers) or `merged` (every "
+    lora_impl: Annotated[str | None, typer.Option(help="`peft` (diffusers/PEFT LoRA layers), `merged` (every "
                                                        "pass one kernel with W + s·B·A, low-rank backward; rapm "
-                                                       "only). Default: the preset's (tiny peft, sdxl merged; "
+                                                       "only) or `fast` (base kernel + low-rank branch, no weight "
+                                                       "copy; rapm only). Default: the preset's (tiny peft, sdxl merged; "
                                                        "pcm/dmd2 peft).")] = None,
     log_with: Annotated[str | None, typer.Option(help="Also log every train_log.jsonl scalar and the sample grids "
                                                       "to `tensorboard`, `wandb` or `mlflow` (offline, under "
@@ -117,7 +125,7 @@ def distill(
         rank=rank, substeps=substeps, slots=slots, guidance=cfg, lambda_abs=lambda_abs, lambda_rel=lambda_rel,
         lambda_reg=lambda_reg, distance=distance, num_trajectories=num_trajectories,
         trajectory_batch=trajectory_batch, prompts=prompts, format=format,
-        grad_checkpointing=grad_checkpointing, lora_targets=_targets(targets), teacher=teacher, device=device,
+        grad_checkpointing=grad_checkpointing, fast_nograd=fast_nograd, log_every=log_every, lora_targets=_targets(targets), teacher=teacher, device=device,
         precision=precision, seed=seed, cache_dir=cache_dir, checkpoint_every=checkpoint_every,
         sample_every=sample_every, slot_chunk=slot_chunk, lora_impl=lora_impl, pcm_huber_c=pcm_huber_c, pcm_ema=pcm_ema,
         pcm_adv_weight=pcm_adv_weight, dmd2_fake_rank=dmd2_fake_rank, dmd2_fake_lr=dmd2_fake_lr,

@@ -14,7 +14,8 @@ Three ways of running a layer:
   on the autograd context: they live in the cache anyway).
 
 The cache holds one copy of every target weight in the UNet's dtype (SDXL, bf16: 5.1 GB),
-rebuilt once per optimiser step (one fp32 addmm per layer). The teacher (adapters disabled)
+rebuilt in place once per optimiser step (one fp32 addmm per layer; in place, so that a CUDA graph
+captured with it stays valid: `refresher` before a replay). The teacher (adapters disabled)
 runs W alone.
 
 The UNet looks like a PEFT model to the engine: `teacher_mode` calls `disable_adapters` /
@@ -24,7 +25,7 @@ The UNet looks like a PEFT model to the engine: `teacher_mode` calls `disable_ad
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -188,9 +189,14 @@ class LoRAWrap(nn.Module):
             with torch.no_grad():
                 merged = torch.addmm(w.reshape(w.shape[0], -1).float(), b.float(), a.reshape(a.shape[0], -1).float(),
                                      alpha=s)  # W + s·B·A in fp32, rounded once to W's dtype below
-                w_merged = torch.empty_like(w).copy_(merged.view(w.shape))  # never in place: w may be fp32
                 a_s, b_s = ((t.to(w.dtype, copy=True) if s == 1 else (t * s).to(w.dtype)) for t in (a, b))
-                self._cache = (w_merged, a_s, b_s)  # copies: never aliases of the masters the optimiser writes
+                if self._cache is not None and self._cache[0].dtype == w.dtype and self._cache[0].shape == w.shape:
+                    # in place: a CUDA graph captured with these buffers (rapm_bench.cudagraphs) reads the new W'
+                    for buf, value in zip(self._cache, (merged.view(w.shape), a_s, b_s), strict=True):
+                        buf.copy_(value)
+                else:
+                    w_merged = torch.empty_like(w).copy_(merged.view(w.shape))  # never W itself: w may be fp32
+                    self._cache = (w_merged, a_s, b_s)  # copies: never aliases of the masters the optimiser writes
             self._cache_key = key
         return self._cache
 
@@ -356,3 +362,17 @@ class FastLoRA:
             if v is not None:
                 self.unet.__dict__[k] = v
         self.layers = {}
+
+
+def refresher(unet: nn.Module) -> Callable[[], None] | None:
+    """A call that brings the merged weights of every FastLoRA layer in `unet` up to date (None: there are none)."""
+    layers = [m for m in unet.modules() if isinstance(m, LoRAWrap)]
+    if not layers:
+        return None
+
+    def refresh() -> None:
+        for w in layers:
+            if w.enabled and (w.merge_nograd or w.mode == "merged"):
+                w.cached()
+
+    return refresh

@@ -350,14 +350,14 @@ def test_cli_tiny_bench_writes_the_result_json(tmp_path: Path):
     data = json.loads(path.read_text())
     assert data["preset"] == "tiny" and data["device"]["slug"] == "cpu" and data["device"]["peak_tflops"] == 0.5
     assert data["device"]["threads"] == 1 and data["config"]["threads"] == 1
-    assert set(data["stages"]) == set(bm.STAGES)
+    assert set(data["stages"]) == set(bm.STAGES) - {"vae-precision", "feature-precision"}
     for name, stage in data["stages"].items():
         for row in stage["variants"]:
             assert row["seconds"] > 0 and row["flops_per_call"] > 0, (name, row["name"])
             assert row["ratio"] == pytest.approx(row["floor_seconds"] / row["seconds"])
     rapm = {r["name"]: r for r in data["stages"]["rapm-iteration"]["variants"]}
     assert set(rapm) == {"plain", "fast", "merged", "peft", "plain/chunk1"}
-    assert data["stages"]["rapm-iteration"]["headline"] == "merged"
+    assert data["stages"]["rapm-iteration"]["headline"] == "peft"  # the tiny distill preset's --lora-impl
     assert rapm["plain"]["slot_chunk"] == 4 and rapm["plain/chunk1"]["slot_chunk"] == 1  # the tiny preset chunks 4
     assert rapm["fast"]["vs_plain"] == pytest.approx(rapm["fast"]["seconds"] / rapm["plain"]["seconds"])
     for lora in ("fast", "merged"):

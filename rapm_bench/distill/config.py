@@ -17,7 +17,8 @@ from ..lora import LORA_FORMATS, LORA_TARGETS
 
 OBJECTIVES = ("rapm", "pcm", "dmd2")  # --objective: RAPM (ours), PCM (Wang et al. 2024), DMD2 (Yin et al. 2024)
 LOG_WITH = ("tensorboard", "wandb", "mlflow")  # --log-with: accelerate's trackers (distill/tracking.py)
-LORA_IMPLS = ("peft", "merged")  # --lora-impl: PEFT layers, or rapm_bench.fastlora's merged-weight layers
+LORA_IMPLS = ("peft", "merged", "fast")  # --lora-impl: PEFT layers, or rapm_bench.fastlora's layers: "merged"
+#                                           (W + s·B·A in one kernel, a cached copy), "fast" (the low-rank branch)
 
 
 def known_objectives() -> tuple[str, ...]:
@@ -50,11 +51,17 @@ class DistillConfig:
     # --- 2. student (docs/rapm.md §5) --------------------------------------------------------------
     rank: int = 1  # LoRA rank (paper: 1); tiny ablation: 4 is no better
     lora_targets: tuple[str, ...] = LORA_TARGETS  # module-name suffixes: attention, FF, resnets, samplers, time emb
-    grad_checkpointing: bool = False  # recompute UNet activations in backward (SDXL: 5.9 vs 13.9 GiB)
+    grad_checkpointing: bool | None = False  # recompute UNet activations in backward (SDXL bs 1: 5.9 vs 13.9 GiB);
+    #                                          None = auto: off when the passes fit the GPU's free memory (the
+    #                                          run's config.json records the choice, distill/memory.py)
     slot_chunk: int = 4  # slots per student forward: N batches the roll-out (speed), 1 saves memory
+    fast_nograd: bool = True  # GPU: RAPM's no-grad passes (roll-out, relative targets, real features) replayed
+    #                           from CUDA graphs, the first roll-out jump and the relative targets in one batch;
+    #                           the CPU path is eager either way (objectives.fast_nograd)
     lora_impl: str = "peft"  # "peft": diffusers/PEFT layers; "merged": fastlora.FastLoRA, every pass one kernel
     #                          with W + s·B·A and a low-rank backward (RAPM only; SDXL on an H100 at 4 slots per
-    #                          pass: ×0.97 of the bare UNet passes vs PEFT's ×1.91, results/bench/README.md)
+    #                          pass: ×0.97 of the bare UNet passes vs PEFT's ×1.91, results/bench/README.md);
+    #                          "fast": fastlora.FastLoRA through the low-rank branch (no weight copy; RAPM only)
 
     # --- 3. objective (docs/rapm.md §4) --------------------------------------------------------
     lambda_abs: float = 0.1  # adversarial weight, absolute position z̃_n (teacher point); tiny: 1.0 hurt in a first ablation (issue 5)
@@ -122,8 +129,8 @@ _SDXL = replace(
     prompts=None,  # required: COCO-2014 *train* captions (disjoint from the val-based protocols)
     trajectory_batch=8,
     store_dtype="fp16",
-    grad_checkpointing=True,
-    slot_chunk=4,  # the 4 slots in one batch-4 pass: 3× faster than 1 slot per pass, 22.6 GiB (fits 24 GB)
+    grad_checkpointing=None,  # auto: on where the passes do not fit (24-48 GB cards), off on an H100/H200
+    slot_chunk=4,  # the 4 slots in one batch-4 pass: 3× faster than 1 slot per pass, 22.6 GiB with checkpointing
     lora_impl="merged",  # H100: 1.17 s per iteration vs 2.30 s with PEFT (rapm-bench bench, rapm-iteration)
     disc_hidden=256,
     iters=20_000,  # the paper's 20K iterations
@@ -210,8 +217,8 @@ def validate(cfg: DistillConfig) -> None:
                         f"{cfg.dmd2_t_max}")
     if cfg.lora_impl not in LORA_IMPLS:
         raise UserError(f"--lora-impl must be one of {', '.join(LORA_IMPLS)}, got {cfg.lora_impl!r}")
-    if cfg.lora_impl == "merged" and cfg.objective != "rapm":
-        raise UserError(f"--lora-impl merged trains the rapm objective only; --objective {cfg.objective} needs "
+    if cfg.lora_impl in ("merged", "fast") and cfg.objective != "rapm":
+        raise UserError(f"--lora-impl {cfg.lora_impl} trains the rapm objective only; --objective {cfg.objective} needs "
                         "--lora-impl peft (its EMA target or second adapter works on PEFT layers)")
     if cfg.log_with is not None and cfg.log_with not in LOG_WITH:
         raise UserError(f"--log-with must be one of {', '.join(LOG_WITH)}, got {cfg.log_with!r}")

@@ -197,6 +197,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     from ..models import trained_record
     from ..worlds import load_world
     from .checkpoint import CHECKPOINT, load_checkpoint, module_state, save_checkpoint, unflatten_optimizer
+    from .memory import resolve_checkpointing
     from .objectives import Example, build_objective, use_adapter
     from .schedule import SlotSchedule
     from .tracking import check_tracker, open_tracker
@@ -210,6 +211,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     prompts = training_prompts(cfg.world.preset, cfg.num_trajectories, cfg.prompts, cfg.prompt_offset)
     state = PartialState(cpu=cfg.world.device == "cpu")  # several under `accelerate launch`, each on its own GPU
     world = load_world(cfg.world if state.num_processes == 1 else replace(cfg.world, device=str(state.device)))
+    cfg, ckpt_why = resolve_checkpointing(cfg, world, out)  # auto: from the free memory; config.json records it
     if state.is_main_process:
         open_run(out, cfg, resume)
     t_start = time.perf_counter()
@@ -231,10 +233,12 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     #    adds its own trainable parts: discriminator heads, DMD2's fake-score adapter, an EMA target.
     if cfg.grad_checkpointing:
         world.unet.enable_gradient_checkpointing()
-    if cfg.lora_impl == "merged":  # one kernel per layer with W + s·B·A, low-rank backward (rapm_bench/fastlora.py)
-        from ..fastlora import FastLoRA
+    if cfg.lora_impl in ("merged", "fast"):  # rapm_bench/fastlora.py: "merged" runs one kernel per layer with
+        from ..fastlora import FastLoRA  # W + s·B·A (a cached copy), "fast" the base kernel + low-rank branch
 
-        fast = FastLoRA(world.unet, cfg.rank, cfg.lora_targets, cfg.seed, mode="merged")
+        merged = cfg.lora_impl == "merged"
+        fast = FastLoRA(world.unet, cfg.rank, cfg.lora_targets, cfg.seed, merge_nograd=merged,
+                        mode="merged" if merged else "unmerged")
         lora_params = fast.parameters()
         student_state, load_student = fast.state_dict, fast.load_peft_state
     else:
@@ -326,13 +330,16 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
                 sums[key] = sums[key] + value if key in sums else value
 
         # 4c. NaN/inf guard: stop before the update, keep the last good checkpoint.
-        values = {k: float(v) for k, v in sums.items()}
         if any(p.grad is not None for p in lora_params):
-            grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            values["grad_norm"] = float(grad_norm)
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(lora_params,
+                                                               cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        critic_grads = [p.grad for p in critic_params if p.grad is not None]
+        critic_ok = torch.stack([torch.isfinite(g).all() for g in critic_grads]).all() if critic_grads else None
+        scalars = [v.detach().double().reshape(()) for v in sums.values()]  # exact; one host sync for all
+        read = torch.stack([*scalars, *([] if critic_ok is None else [critic_ok.double()])]).tolist()
+        values = dict(zip(sums, read[:len(scalars)], strict=True))
         bad = sorted(k for k, v in values.items() if not math.isfinite(v))
-        bad += ["critic grad"] if not all(
-            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in critic_params) else []
+        bad += ["critic grad"] if critic_ok is not None and read[-1] != 1.0 else []
         if bad:
             bar.close()
             kept = f"its last good checkpoint (iteration {last_good})" if last_good else "no checkpoint yet"
@@ -373,6 +380,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
         "train_seconds": round(time.perf_counter() - t_loop, 2),
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "machine": machine(device),
+        "grad_checkpointing": {"on": cfg.grad_checkpointing, "why": ckpt_why},
         "lora": {"path": str(lora_path), "format": cfg.format, "sha256": sha256_file(lora_path),
                  "params": sum(p.numel() for p in lora_params)},
         "sampler": {**objective.recipe.describe(), "steps": cfg.slots, "guidance": objective.sample_guidance},

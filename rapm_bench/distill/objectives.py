@@ -138,7 +138,25 @@ def build_rapm(cfg: DistillConfig, world: World, sched: SlotSchedule, probe: Con
         heads = {"heads_abs": heads_abs, "heads_rel": heads_rel}
     loss = RAPMLoss(world.predict, sched, world.noise_schedule.prediction_type, weights, features,
                     heads.get("heads_abs"), heads.get("heads_rel"))  # type: ignore[arg-type]
+    if cfg.fast_nograd:
+        fast_nograd(loss, world)
     return RAPMObjective(loss, heads, cfg.disc_lr)
+
+
+def fast_nograd(loss: RAPMLoss, world: World) -> bool:
+    """On a GPU: RAPM's no-grad passes replayed from CUDA graphs (roll-out and relative-target jumps with
+    the student's current weights, real-side features with the teacher's), the first roll-out jump merged
+    with the relative-target jumps into one batch. The CPU path stays eager. Returns whether it applies."""
+    from ..cudagraphs import Graphed, available
+    from ..fastlora import refresher
+
+    if not available(world.device):
+        return False
+    loss.nograd_student = Graphed(loss.student, prepare=refresher(world.unet))  # FastLoRA's W' up to date
+    if loss.features is not None:
+        loss.real_features = Graphed(loss.features)  # the teacher: adapters off inside, frozen weights
+    loss.merge_passes = True
+    return True
 
 
 class ObjectiveBuilder(Protocol):

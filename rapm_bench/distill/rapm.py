@@ -86,6 +86,10 @@ class RAPMLoss:
             raise ValueError("distance 'gan' needs the backbone features and both head sets")
         self.student, self.sched, self.pred, self.w = student, sched, prediction_type, weights
         self.features, self.heads_abs, self.heads_rel = features, heads_abs, heads_rel
+        # The no-grad passes' fast path (objectives.fast_nograd, issue 14): the same maths, other kernels.
+        self.nograd_student: Student = student  # roll-out and relative-target jumps (a CUDA-graphed `student`)
+        self.real_features: Callable[..., list[torch.Tensor]] | None = features  # the real side's features
+        self.merge_passes = False  # the first roll-out jump and the relative-target jumps as one batch
 
     # --- the student's DDIM jumps ----------------------------------------------------------------
     def jump(self, z: torch.Tensor, t_from: list[int], t_to: list[int], cond: Cond) -> torch.Tensor:
@@ -98,12 +102,14 @@ class RAPMLoss:
         return self.jump(z_in, [b[n + 1] for n in slots], [b[n] for n in slots], cond)
 
     @torch.no_grad()
+    def nograd_jump(self, z: torch.Tensor, t_from: list[int], t_to: list[int], cond: Cond) -> torch.Tensor:
+        """`jump` without grad, through the no-grad passes' student (CUDA graphs on a GPU)."""
+        return ddim_jump(self.nograd_student, self.sched, self.pred, z, t_from, t_to, cond)
+
+    @torch.no_grad()
     def roll_inputs(self, z: torch.Tensor, slots: list[int], cond: Cond) -> torch.Tensor:
         """The detached inputs z_{n+1} of consecutive slots, starting from z (no grad)."""
-        inputs = [z.detach()]
-        for n in slots[:-1]:
-            inputs.append(self.step(inputs[-1], [n], cond))
-        return torch.cat(inputs)
+        return self.nograd_passes(z, slots, None, cond)[0]
 
     @torch.no_grad()
     def relative_target(self, z_delta: torch.Tensor, slots: list[int], cond: Cond) -> torch.Tensor:
@@ -111,7 +117,33 @@ class RAPMLoss:
         b = self.sched.boundaries
         if self.sched.substeps == 1:
             return z_delta.clone()
-        return self.jump(z_delta, [self.sched.delta_timestep(n) for n in slots], [b[n] for n in slots], cond)
+        return self.nograd_jump(z_delta, [self.sched.delta_timestep(n) for n in slots], [b[n] for n in slots], cond)
+
+    @torch.no_grad()
+    def nograd_passes(
+        self, z: torch.Tensor, slots: list[int], z_delta: torch.Tensor | None, cond: Cond,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A chunk's roll-out inputs z_{n+1} (from z, detached) and, given ẑΔ, its relative targets ẑ_n.
+
+        Both only read the student, so with `merge_passes` the first roll-out jump and the chunk's
+        relative-target jumps run as one batch (1 + len(slots) latents): one pass fewer per chunk.
+        """
+        b, todo = self.sched.boundaries, slots[:-1]
+        inputs, rel = [z.detach()], None
+        if z_delta is not None and self.sched.substeps == 1:
+            rel = z_delta.clone()
+        elif z_delta is not None and self.merge_passes and todo:
+            n = todo[0]
+            out = self.nograd_jump(torch.cat([inputs[0], z_delta]),
+                                   [b[n + 1]] + [self.sched.delta_timestep(m) for m in slots],
+                                   [b[n]] + [b[m] for m in slots], cond)
+            inputs.append(out[:1])
+            rel, todo = out[1:], todo[1:]
+        for n in todo:
+            inputs.append(self.nograd_jump(inputs[-1], [b[n + 1]], [b[n]], cond))
+        if z_delta is not None and rel is None:
+            rel = self.relative_target(z_delta, slots, cond)
+        return torch.cat(inputs), rel
 
     # --- one trajectory ---------------------------------------------------------------------------
     def chunks(
@@ -125,9 +157,10 @@ class RAPMLoss:
         t_prime, eps = self.draw_renoise(gen, z_tilde[1:])  # drawn up front: chunking does not change the stream
         z = z_tilde[n_slots : n_slots + 1]  # z_N = z̃_N
         for slots in slot_chunks(n_slots, chunk):
-            z_in = self.roll_inputs(z, slots, cond)  # detach between slots: inputs carry no graph
+            # detach between slots: the inputs carry no graph; the relative targets ẑ_n need none either
+            z_in, rel = self.nograd_passes(z, slots, z_delta[slots].to(z) if self.w.lambda_rel > 0 else None, cond)
             fake = self.step(z_in, slots, cond)
-            yield self.terms(fake, slots, z_tilde[slots], z_delta[slots], cond, t_prime[slots], eps[slots])
+            yield self.terms(fake, slots, z_tilde[slots], z_delta[slots], cond, t_prime[slots], eps[slots], rel)
             z = fake[-1:].detach()
 
     def draw_renoise(self, gen: torch.Generator, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,12 +181,16 @@ class RAPMLoss:
 
     def terms(
         self, fake: torch.Tensor, slots: list[int], abs_target: torch.Tensor, z_delta: torch.Tensor, cond: Cond,
-        t_prime: torch.Tensor, eps: torch.Tensor,
+        t_prime: torch.Tensor, eps: torch.Tensor, rel_target: torch.Tensor | None = None,
     ) -> SlotTerms:
-        """Generator and discriminator losses of z^φ_n against z̃_n (absolute) and ẑ_n (relative)."""
+        """Generator and discriminator losses of z^φ_n against z̃_n (absolute) and ẑ_n (relative, computed here
+        unless given)."""
         w, scale = self.w, len(slots) / self.sched.slots
         abs_target = abs_target.to(fake).detach()
-        rel_target = self.relative_target(z_delta.to(fake), slots, cond) if w.lambda_rel > 0 else abs_target
+        if w.lambda_rel <= 0:
+            rel_target = abs_target
+        elif rel_target is None:
+            rel_target = self.relative_target(z_delta.to(fake), slots, cond)
         logs = {"mse_abs": (fake.detach() - abs_target).pow(2).mean(),
                 "mse_rel": (fake.detach() - rel_target).pow(2).mean()}
         g = fake.new_zeros(())
@@ -189,7 +226,8 @@ class RAPMLoss:
         f_fake = self.features(noisy(fake), t_dev, repeat_cond(cond, k))  # grad to the LoRA through the teacher
         with torch.no_grad():
             reals = torch.cat([noisy(abs_target), noisy(rel_target)])
-            f_real = self.features(reals, torch.cat([t_dev, t_dev]), repeat_cond(cond, 2 * k))
+            real_features = self.real_features or self.features
+            f_real = real_features(reals, torch.cat([t_dev, t_dev]), repeat_cond(cond, 2 * k))
         f_abs, f_rel = [f[:k] for f in f_real], [f[k:] for f in f_real]
         f_fake_d = [f.detach() for f in f_fake]
         g = fake.new_zeros(())

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import UserError
-from .features import check_uint8_images, crop_resize_pil, no_tf32, sha256_of, thread_map, to_hwc
+from ..precision import compute
+from .features import check_uint8_images, crop_resize_pil, sha256_of, thread_map, to_hwc
 from .protocols import Protocol as EvalProtocol
 
 
@@ -54,6 +55,7 @@ class OpenClipEmbedder:
         self.tokenizer = tokenizer
         self.image_resize = image_resize
         self.num_threads = num_threads
+        self.precision = "fp32"  # the protocol's feature_precision (rapm_bench.precision): fp32 = TF32 off
         self.weights_sha256: str | None = None
         self.source: str | None = None
 
@@ -99,7 +101,7 @@ class OpenClipEmbedder:
         """uint8 (N, 3, H, W) -> L2-normalised image embeddings (N, D), float32 on the CPU."""
         check_uint8_images(images)
         x = torch.stack(thread_map(self._prepare, list(images.cpu()), self.num_threads)).to(self.device)
-        with no_tf32():
+        with compute(self.precision, self.device):
             emb = self.model.encode_image(x)
         return F.normalize(emb.float(), dim=-1).cpu()
 
@@ -107,7 +109,7 @@ class OpenClipEmbedder:
     def text_embeddings(self, captions: Sequence[str]) -> torch.Tensor:
         """Captions -> L2-normalised text embeddings (N, D), float32 on the CPU."""
         tokens = self.tokenizer(list(captions)).to(self.device)
-        with no_tf32():
+        with compute(self.precision, self.device):
             emb = self.model.encode_text(tokens)
         return F.normalize(emb.float(), dim=-1).cpu()
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..config import EvalConfig, get_preset
+from ..cudagraphs import graphed_predict
 from ..errors import UserError
 from ..files import atomic_write_bytes, sha256_file
 from ..generate import batch_hint, generate_batch, oom_hint, png_bytes
@@ -154,6 +155,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
         world.load_lora(lora)
         if cfg.fuse:
             world.fuse_lora()
+    world.set_vae_precision(protocol.vae_precision)  # the protocol's decode precision (SDXL; tiny: no VAE)
     guidance = world.default_guidance if guidance_or_none is None else guidance_or_none
     scorer = load_scorer(protocol, world.device, cfg.inception, cfg.clip_checkpoint)
     reference = reference_stats(protocol, scorer, Path(cfg.data_dir) if cfg.data_dir else None)
@@ -169,7 +171,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     memory = "; on SDXL also --precision fp16" if preset.name == "sdxl" else ""
     t0 = time.perf_counter()
     with tqdm(total=sum(len(g) for g in mine), desc=f"eval {spec.name} {steps}-step", unit="img",
-              disable=not state.is_main_process) as bar:
+              disable=not state.is_main_process) as bar, graphed_predict(world):  # GPU: UNet passes from CUDA graphs
         for group in mine:
             imgs = []
             for start in range(group.start, group.stop, batch):

@@ -10,9 +10,8 @@ Two steps, the same for generated and real images:
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import UserError
+from ..precision import compute, no_tf32, tf32  # noqa: F401 - their home is rapm_bench.precision; re-exported here
 from .protocols import Protocol
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -33,22 +33,6 @@ INCEPTION_SIZE = 299
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 """uint8 images (N, 3, H, W) -> float features (N, dim). Optional attributes `name`, `dim` and
 `weights_sha256` (read with getattr) go into caches and results."""
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
-    """TF32 matmuls and convolutions on or off for the duration, then as they were."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def no_tf32() -> contextlib.AbstractContextManager[None]:
-    """Metric maths in true fp32: TF32 matmuls and convolutions off for the duration."""
-    return tf32(False)
 
 
 def check_uint8_images(images: torch.Tensor) -> None:
@@ -196,6 +180,7 @@ class CleanInception:
         self.fast_resize = fast_resize
         self.num_threads = num_threads
         self.name = name
+        self.precision = "fp32"  # the protocol's feature_precision (rapm_bench.precision): fp32 = TF32 off
 
     @classmethod
     def load(
@@ -224,7 +209,7 @@ class CleanInception:
             x = gpu_resize(images.to(self.device))
         else:
             x = clean_resize(images, self.num_threads).to(self.device)
-        with no_tf32():
+        with compute(self.precision, self.device):
             feats = self.network(x)
         return feats.reshape(feats.shape[0], -1).float().cpu()
 

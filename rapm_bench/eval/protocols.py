@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
+from ..precision import COMPUTE_PRECISIONS
 
 CAPTION_SOURCES = ("coco2014-val", "shapes-eval")
 CAPTION_SAMPLINGS = ("coco30k", "dmd2", "shapes-eval")
@@ -48,6 +49,9 @@ class Protocol:
     clip_prefix: str  # prepended to every caption for CLIP score ("A photo depicts " for DMD2)
     clip_scale: float  # 100 -> 100·cos; 1 -> raw cosine
     clip_clamp: bool  # max(cos, 0) per sample before scaling
+    # Added later, hashed only where they differ from these defaults (every earlier hash holds):
+    vae_precision: str = "fp32"  # SDXL VAE decode: "fp32" (TF32 off), "tf32" or "bf16" (rapm_bench.precision)
+    feature_precision: str = "fp32"  # FID and CLIP networks: "fp32" (TF32 off), "tf32" or "bf16"
 
     def __post_init__(self) -> None:
         """Reject values no code path implements."""
@@ -59,6 +63,8 @@ class Protocol:
             ("resize_filter", RESIZE_FILTERS),
             ("fid_extractor", FID_EXTRACTORS),
             ("fid_mode", FID_MODES),
+            ("vae_precision", COMPUTE_PRECISIONS),
+            ("feature_precision", COMPUTE_PRECISIONS),
         ):
             value = getattr(self, field)
             if value not in allowed:
@@ -71,8 +77,9 @@ class Protocol:
         return dataclasses.asdict(self)
 
     def canonical_json(self) -> str:
-        """Sorted, whitespace-free JSON: the bytes the hash is taken of."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        """Sorted, whitespace-free JSON: the bytes the hash is taken of (later fields only where not default)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in _LATER or v != _LATER[k]}
+        return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
     def hash(self) -> str:
         """Stable short id: the first 12 hex digits of sha256(canonical JSON)."""
@@ -84,6 +91,8 @@ class Protocol:
             raise UserError(f"--num-images must be between 1 and {self.num_pairs} for protocol {self.name}")
         return dataclasses.replace(self, num_pairs=num_pairs)
 
+
+_LATER = {f.name: f.default for f in dataclasses.fields(Protocol) if f.default is not dataclasses.MISSING}
 
 PROTOCOLS: dict[str, Protocol] = {
     # Default for sdxl: 30K val2014 images, one seeded caption each; reference = those 30K images.
@@ -107,6 +116,11 @@ PROTOCOLS: dict[str, Protocol] = {
         clip_prefix="",
         clip_scale=100.0,
         clip_clamp=True,
+        # TF32 instead of fp32, measured harmless on the SDXL architecture (results/bench/README.md, H200): the
+        # VAE's uint8 images move by at most 1 level (4 % of values), FID by 2e-4 relative, CLIP score by 1e-4;
+        # 3.7× faster decode, 4.2× faster features (issue 14)
+        vae_precision="tf32",
+        feature_precision="tf32",
     ),
     # DMD2's SDXL protocol (their 19.32): pandas recipe, seed 123, 10K pairs, 512 px LANCZOS, clean-fid;
     # CLIP: centre-crop + LANCZOS 256, "A photo depicts " prefix, mean raw cosine.

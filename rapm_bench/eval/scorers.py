@@ -20,6 +20,9 @@ class Scorer:
         self.protocol = protocol
         self.extractor = load_extractor(protocol, inception, device)
         self.clip = ClipScorer.for_protocol(protocol, clip_checkpoint, device)
+        for net in (self.extractor, self.clip.embedder):  # SDXL's networks run in the declared precision; the
+            if hasattr(net, "precision"):                 # tiny evaluator is fp32 (its protocol declares fp32)
+                net.precision = protocol.feature_precision
         self.feature_dim = int(self.extractor.dim)
         self.weights_sha256 = self.extractor.weights_sha256
         # The tiny evaluator also ranks captions: the sharper alignment number of docs/design.md §2.

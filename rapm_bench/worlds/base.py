@@ -91,6 +91,19 @@ class World(abc.ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> uint8 images (B, 3, H, W) on the CPU."""
 
+    def set_vae_precision(self, precision: str, channels_last: bool | None = None) -> None:
+        """Decode in `precision` (precision.COMPUTE_PRECISIONS: the protocol's `vae_precision`); a world
+        without a VAE (the tiny world decodes by identity) has nothing to set."""
+        from ..precision import COMPUTE_PRECISIONS
+
+        if precision not in COMPUTE_PRECISIONS:
+            raise UserError(f"unknown VAE precision {precision!r}; use one of {', '.join(COMPUTE_PRECISIONS)}")
+
+    def grad_activation_gib(self) -> float:
+        """GiB of activations a gradient pass of one latent through the UNet keeps without checkpointing
+        (distill/memory.py chooses checkpointing from it); 0 = negligible."""
+        return 0.0
+
     # --- LoRA -------------------------------------------------------------------------
     @abc.abstractmethod
     def load_lora(self, path: Path, adapter_name: str = "default", scale: float = 1.0) -> None:

@@ -23,6 +23,59 @@ HOW_TO_GET = (
     "and pass --teacher DIR (or unset HF_HUB_OFFLINE so the hub id can be fetched)"
 )
 
+ACTIVATION_GIB_1024 = 9.1  # one latent's UNet gradient pass at 1024 px, bf16: a train step's peak without
+#                            checkpointing (13.9 GiB, docs/reference.md) less the frozen weights (4.8 GiB)
+
+
+def activation_gib(resolution: int) -> float:
+    """`World.grad_activation_gib` of an SDXL-architecture UNet at `resolution` px (activations scale with pixels)."""
+    return ACTIVATION_GIB_1024 * (resolution / 1024) ** 2
+
+
+class VAEDecoder:
+    """The SDXL VAE decode in a declared precision (precision.COMPUTE_PRECISIONS; the protocol's
+    `vae_precision`): "fp32" with TF32 off, "tf32", or a bf16 copy of the VAE; channels_last optional."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        self.vae = vae
+        self.precision = "fp32"
+        self.channels_last = False
+        self._copies: dict[tuple[str, bool], torch.nn.Module] = {}
+
+    def network(self) -> torch.nn.Module:
+        """The VAE in this precision and memory format (copies made once; the fp32 NCHW one is the VAE itself)."""
+        import copy
+
+        key = ("bf16" if self.precision == "bf16" else "fp32", self.channels_last)
+        if key == ("fp32", False) or self.vae.dtype != torch.float32:  # an fp16-fixed VAE runs as given
+            return self.vae
+        if key not in self._copies:
+            net = copy.deepcopy(self.vae).to(torch.bfloat16 if key[0] == "bf16" else torch.float32)
+            self._copies[key] = net.to(memory_format=torch.channels_last) if key[1] else net
+        return self._copies[key]
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> uint8 images (B, 3, H, W) on the CPU (VaeImageProcessor.postprocess's rounding)."""
+        from ..precision import tf32
+
+        cfg = self.vae.config
+        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / cfg.scaling_factor + mean
+        else:
+            latents = latents / cfg.scaling_factor
+        net = self.network()
+        x = latents.to(net.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with tf32(self.precision == "tf32"):
+            image = net.decode(x, return_dict=False)[0].float()
+        # [-1, 1] -> [0, 1] -> round(255 x)
+        return (image / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+
 def _load_pipeline(source: str, dtype: torch.dtype) -> Any:
     """StableDiffusionXLPipeline from a local diffusers folder or a hub id (hub cache when offline)."""
     import warnings
@@ -81,6 +134,7 @@ class SDXLWorld(World):
         self.pipe.set_progress_bar_config(disable=True)
         self.unet = self.pipe.unet
         self.vae = self.pipe.vae
+        self.decoder = VAEDecoder(self.vae)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._resolution = resolution or self.unet.config.sample_size * self.vae_scale
         if self._resolution % self.vae_scale:
@@ -104,6 +158,9 @@ class SDXLWorld(World):
     @property
     def image_size(self) -> int:
         return self._resolution
+
+    def grad_activation_gib(self) -> float:
+        return activation_gib(self._resolution)
 
     # --- conditioning -------------------------------------------------------------------
     def _time_ids(self, n: int) -> torch.Tensor:
@@ -145,18 +202,14 @@ class SDXLWorld(World):
         )[0]
         return out.float()
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
-        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std / cfg.scaling_factor + mean
-        else:
-            latents = latents / cfg.scaling_factor
-        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()
-        # VaeImageProcessor.postprocess: [-1, 1] -> [0, 1] -> round(255 x)
-        return (image / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+        return self.decoder(latents)
+
+    def set_vae_precision(self, precision: str, channels_last: bool | None = None) -> None:
+        super().set_vae_precision(precision)
+        self.decoder.precision = precision
+        if channels_last is not None:
+            self.decoder.channels_last = channels_last
 
     # --- LoRA -----------------------------------------------------------------------------
     def load_lora(self, path: Path, adapter_name: str = "default", scale: float = 1.0) -> None:

@@ -1,0 +1,132 @@
+"""CUDA graphs for fixed-shape no-grad passes (issue 14: batch-1 UNet passes are launch-bound).
+
+A diffusers UNet call at batch 1 launches ~2,000 kernels from Python; on an H200 it runs at
+0.13 of its compute floor. `Graphed(fn)` captures `fn` once per input signature (shapes,
+dtypes, devices, non-tensor arguments, `state()`) and afterwards replays the captured kernels:
+the inputs are copied into the graph's static buffers, the graph is replayed, the outputs are
+cloned. Only no-grad calls on a CUDA device are graphed; every other call runs `fn` eagerly,
+so the CPU path is the eager path.
+
+The contract of a graph: between capture and replay the module structure stays fixed (no
+LoRA attached, fused or removed) and weights change only in place (an optimiser step does;
+`rapm_bench.fastlora` rebuilds its merged weights in place, and `prepare` brings them up to
+date before each replay). Python control flow is frozen at capture: whatever differs between
+calls (a student pass vs a teacher pass) must be in `state()`. The replayed kernels are the
+captured eager kernels, so outputs equal the eager call's (tests/test_cudagraphs.py, `gpu`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+_eager = 0  # > 0 inside `eager()`
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Every `Graphed` call inside the block runs `fn` eagerly (FLOP counting, which must see each kernel once)."""
+    global _eager
+    _eager += 1
+    try:
+        yield
+    finally:
+        _eager -= 1
+
+
+@dataclass
+class _Capture:
+    """One captured graph: its static inputs and outputs."""
+
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]
+    outputs: Any  # the pytree `fn` returned during capture (tensors in the graph's pool)
+
+
+class Graphed:
+    """`fn(*args)` replayed from a CUDA graph per input signature when grad is off and the inputs are on CUDA."""
+
+    def __init__(self, fn: Callable[..., Any], state: Callable[[], Any] | None = None,
+                 prepare: Callable[[], None] | None = None, warmup: int = 2, max_graphs: int = 16) -> None:
+        self.fn, self.state, self.prepare = fn, state, prepare
+        self.warmup, self.max_graphs = warmup, max_graphs
+        self.graphs: dict[Any, _Capture] = {}
+        self.pool: Any = None  # one memory pool for all graphs (replays never overlap: one stream)
+        self.replays = 0  # calls served from a graph (tests and the bench read it)
+
+    def _key(self, leaves: list[Any], spec: Any) -> Any:
+        """The signature a graph is valid for."""
+        sig = tuple((tuple(x.shape), x.dtype, x.device, x.stride()) if isinstance(x, torch.Tensor) else ("v", x)
+                    for x in leaves)
+        return spec, sig, None if self.state is None else self.state()
+
+    def __call__(self, *args: Any) -> Any:
+        leaves, spec = pytree.tree_flatten(args)
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if _eager or torch.is_grad_enabled() or not tensors or any(x.device.type != "cuda" for x in tensors):
+            return self.fn(*args)
+        if self.prepare is not None:
+            self.prepare()
+        key = self._key(leaves, spec)
+        cap = self.graphs.get(key)
+        if cap is None:
+            if len(self.graphs) >= self.max_graphs:  # a caller with ever-changing shapes: stay eager
+                return self.fn(*args)
+            cap = self.graphs[key] = self._capture(leaves, spec)
+        for static, x in zip(cap.inputs, tensors, strict=True):
+            static.copy_(x, non_blocking=True)
+        cap.graph.replay()
+        self.replays += 1
+        return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, cap.outputs)
+
+    def _capture(self, leaves: list[Any], spec: Any) -> _Capture:
+        """Warm `fn` up on a side stream (cuBLAS/cuDNN workspaces), then capture one call."""
+        statics = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+        inputs = [x for x in statics if isinstance(x, torch.Tensor)]
+        args = pytree.tree_unflatten(statics, spec)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.fn(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = self.fn(*args)
+        return _Capture(graph, inputs, outputs)
+
+    def release(self) -> None:
+        """Drop every graph and its memory."""
+        self.graphs.clear()
+        self.pool = None
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether graphs can run on `device` (a CUDA device)."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def graphed_predict(world: Any, enabled: bool = True) -> Iterator[Graphed | None]:
+    """Inside the block, the world's no-grad `predict` calls replay CUDA graphs (generation, trajectories).
+
+    The world's networks must not change inside the block (graphs are dropped at its end). Not for
+    callers that hook into the UNet's modules (the discriminator's feature hooks would not run).
+    """
+    if not enabled or not available(world.device) or "predict" in vars(world):
+        yield None
+        return
+    graphed = Graphed(world.predict)
+    world.predict = graphed  # an instance attribute shadows the method until the block ends
+    try:
+        yield graphed
+    finally:
+        del world.predict
+        graphed.release()

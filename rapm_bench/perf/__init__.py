@@ -1,0 +1,1 @@
+"""Performance measurements beside `rapm-bench bench`: the distillation engine timed on itself."""

@@ -1,0 +1,268 @@
+"""Issue 14's fast paths equal the paths they replace: merged no-grad passes, CUDA graphs, in-place merged
+weights, checkpointing chosen from memory, the VAE and feature precisions as protocol fields."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from rapm_bench.distill.schedule import SlotSchedule
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def small_world(device: str = "cpu"):
+    """A random-weight tiny-world teacher small enough for fast tests."""
+    from rapm_bench.worlds.tiny import TinyWorld
+    from rapm_bench.worlds.tiny_train import TeacherArch, build_teacher
+
+    torch.manual_seed(0)
+    unet, text_encoder = build_teacher(TeacherArch(block_out_channels=(16, 32), text_width=32, text_layers=1))
+    return TinyWorld(unet, text_encoder, device)
+
+
+def rapm_loss(world, merged_lora: bool = False):
+    """RAPMLoss (GAN + regression) on `world` with a rank-1 LoRA whose B is non-zero."""
+    from rapm_bench.distill.discriminator import EncoderFeatures, build_heads, feature_channels
+    from rapm_bench.distill.rapm import LossWeights, RAPMLoss
+    from rapm_bench.fastlora import FastLoRA
+    from rapm_bench.lora import attach_lora
+
+    if merged_lora:
+        params = FastLoRA(world.unet, 1, seed=0, mode="merged").parameters()
+    else:
+        params = attach_lora(world.unet, 1, seed=0)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    feats = EncoderFeatures(world)
+    heads = build_heads(feature_channels(feats, world.encode_prompts(["x"])), 16, 0, world.device)
+    sched = SlotSchedule(world.alphas_cumprod, 4, 2)
+    loss = RAPMLoss(world.predict, sched, world.noise_schedule.prediction_type, LossWeights(), feats, *heads)
+    return loss, params, heads
+
+
+def trajectory(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(5, 3, 32, 32, generator=g).to(device), torch.randn(4, 3, 32, 32, generator=g).to(device)
+
+
+def run_terms(loss, params, heads, world, chunk: int) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Losses and logs summed over chunks, and the LoRA and head gradients, for one trajectory."""
+    z_tilde, z_delta = trajectory(str(world.device))
+    cond = world.encode_prompts(["a red circle in the centre"])
+    heads_params = [p for h in heads for p in h.parameters()]
+    for p in [*params, *heads_params]:
+        p.grad = None
+    sums: dict[str, torch.Tensor] = {}
+    for t in loss.chunks(z_tilde, z_delta, cond, torch.Generator(world.device).manual_seed(0), chunk):
+        t.g_loss.backward(inputs=list(params))
+        t.d_loss.backward(inputs=heads_params)
+        for k, v in {"g": t.g_loss.detach(), "d": t.d_loss.detach(), **t.logs}.items():
+            sums[k] = sums.get(k, 0) + v
+    return sums, [p.grad.clone() for p in [*params, *heads_params]]
+
+
+def assert_close_terms(a, b, rtol: float, atol: float) -> None:
+    (sa, ga), (sb, gb) = a, b
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=atol, msg=k)
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("chunk", [4, 2])
+def test_merged_nograd_passes_equal_separate_passes(chunk):
+    """The first roll-out jump and the relative-target jumps in one batch give today's losses and gradients."""
+    world = small_world()
+    loss, params, heads = rapm_loss(world)
+    separate = run_terms(loss, params, heads, world, chunk)
+    loss.merge_passes = True
+    merged = run_terms(loss, params, heads, world, chunk)
+    # one batch of 1 + chunk latents instead of two: the same maths, float32 reductions of another blocking
+    assert_close_terms(merged, separate, rtol=1e-5, atol=1e-7)
+
+
+def test_fast_nograd_is_the_eager_path_on_the_cpu():
+    """`fast_nograd` applies on a GPU only: the CPU keeps the eager path, bit for bit (the CI baselines)."""
+    from rapm_bench.cudagraphs import Graphed
+    from rapm_bench.distill.objectives import fast_nograd
+
+    world = small_world()
+    loss, params, heads = rapm_loss(world)
+    assert fast_nograd(loss, world) is False
+    assert loss.nograd_student is loss.student and not loss.merge_passes
+    g = Graphed(lambda x: x * 2)
+    assert torch.equal(g(torch.ones(3)), torch.full((3,), 2.0)) and g.replays == 0 and not g.graphs
+
+
+def test_merged_weights_are_rebuilt_in_place():
+    """After an optimiser step FastLoRA's W + s·B·A is rebuilt into the same buffer (a CUDA graph reads it)."""
+    from rapm_bench.fastlora import FastLoRA, refresher
+
+    world = small_world()
+    lora = FastLoRA(world.unet, 1, seed=0, mode="merged")
+    wrap = next(iter(lora.layers.values()))
+    before = wrap.merged_weight()
+    ptr = before.data_ptr()
+    opt = torch.optim.SGD(lora.parameters(), lr=0.1)
+    for p in lora.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    refresh = refresher(world.unet)
+    assert refresh is not None
+    refresh()
+    after = wrap.cached()[0]
+    assert after.data_ptr() == ptr
+    w = wrap.base.weight
+    expected = (w.reshape(w.shape[0], -1).double()
+                + wrap.lora_B.double() @ wrap.lora_A.reshape(wrap.lora_A.shape[0], -1).double()).view(w.shape)
+    torch.testing.assert_close(after.double(), expected, rtol=1e-6, atol=1e-6)
+    assert refresher(small_world().unet) is None  # no FastLoRA layers: nothing to refresh
+
+
+def test_checkpointing_auto_is_decided_and_recorded(tmp_path):
+    """`grad_checkpointing=None` becomes a decision before the run starts; a resumed run keeps its own."""
+    from rapm_bench.distill.config import DistillConfig
+    from rapm_bench.distill.memory import choose_checkpointing, estimate_gib, resolve_checkpointing
+
+    world = small_world()
+    cfg = replace(DistillConfig(), grad_checkpointing=None)
+    on, why = choose_checkpointing(cfg, world)
+    assert on is False and "cpu" in why
+    resolved, _ = resolve_checkpointing(cfg, world, tmp_path)
+    assert resolved.grad_checkpointing is False
+    (tmp_path / "config.json").write_text(replace(cfg, grad_checkpointing=True).to_json())
+    kept, why = resolve_checkpointing(cfg, world, tmp_path)
+    assert kept.grad_checkpointing is True and "chose" in why
+    assert resolve_checkpointing(replace(cfg, grad_checkpointing=False), world, tmp_path)[0].grad_checkpointing is False
+    # the estimate grows with the slots of a pass and with the merged-weight copy
+    assert estimate_gib(replace(cfg, lora_impl="merged"), world) > estimate_gib(replace(cfg, lora_impl="peft"), world)
+    from rapm_bench.worlds.sdxl import activation_gib
+
+    assert activation_gib(1024) == pytest.approx(4 * activation_gib(512))
+
+
+def test_sdxl_preset_chooses_checkpointing_and_states_it():
+    """The sdxl preset leaves the choice to the free memory; the CLI's dry run shows it undecided (null)."""
+    from rapm_bench.distill.config import distill_preset
+
+    assert distill_preset("sdxl").grad_checkpointing is None
+    assert distill_preset("tiny").grad_checkpointing is False
+    assert json.loads(distill_preset("sdxl").to_json())["fast_nograd"] is True
+
+
+def test_protocol_precision_fields_keep_every_pinned_hash():
+    """The later fields are hashed only when they differ from their defaults: every earlier result stays
+    comparable; declaring TF32 makes another protocol."""
+    from rapm_bench.eval.protocols import PROTOCOLS
+
+    base = PROTOCOLS["tiny"]  # fp32 throughout: the hash of the record before these fields existed
+    assert base.vae_precision == base.feature_precision == "fp32"
+    assert "vae_precision" not in base.canonical_json() and "feature_precision" not in base.canonical_json()
+    for field in ("vae_precision", "feature_precision"):
+        for value in ("tf32", "bf16"):
+            assert replace(base, **{field: value}).hash() != base.hash()
+    coco = PROTOCOLS["coco30k"]
+    assert coco.vae_precision == coco.feature_precision == "tf32" and '"vae_precision":"tf32"' in coco.canonical_json()
+    with pytest.raises(ValueError, match="vae_precision"):
+        replace(base, vae_precision="fp8")
+
+
+def test_vae_decoder_precisions_on_the_sdxl_architecture():
+    """The VAE decode in fp32 equals the plain decode; TF32 is fp32 on the CPU; bf16 stays within a few levels."""
+    from rapm_bench.bench import build_sdxl_vae, uint8_difference
+    from rapm_bench.worlds.sdxl import VAEDecoder
+
+    vae = build_sdxl_vae(True, torch.device("cpu"))
+    dec = VAEDecoder(vae)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    plain = (plain / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+    assert torch.equal(dec(latents), plain)
+    dec.precision = "tf32"
+    assert torch.equal(dec(latents), plain)
+    dec.channels_last = True
+    assert uint8_difference(dec(latents), plain)["max"] <= 1
+    dec.precision, dec.channels_last = "bf16", False
+    d = uint8_difference(dec(latents), plain)
+    assert d["max"] <= 16 and d["mean"] < 2
+    assert dec.network() is not vae and next(dec.network().parameters()).dtype == torch.bfloat16
+
+
+# --- CUDA: graphs replay the eager kernels -------------------------------------------------------------------
+@pytest.mark.gpu
+@cuda
+def test_graphed_predict_equals_eager():
+    """A replayed UNet call equals the eager one; another input shape captures another graph."""
+    from rapm_bench.cudagraphs import Graphed
+
+    world = small_world("cuda")
+    cond = world.encode_prompts(["a red circle", "a blue square"])
+    g = Graphed(world.predict)
+    for step in range(3):
+        x = torch.randn(2, 3, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+        t = torch.tensor([999 - 100 * step, 500], device="cuda")
+        with torch.no_grad():
+            torch.testing.assert_close(g(x, t, cond), world.predict(x, t, cond), rtol=0, atol=0)
+    assert g.replays == 3 and len(g.graphs) == 1
+    with torch.no_grad():
+        g(torch.zeros(1, 3, 32, 32, device="cuda"), torch.tensor([10], device="cuda"),
+          {k: v[:1] for k, v in cond.items()})
+    assert len(g.graphs) == 2
+    x = torch.randn(2, 3, 32, 32, device="cuda", requires_grad=True)
+    g(x, torch.tensor([1, 2], device="cuda"), cond).sum().backward()  # grad on: eager, differentiable
+    assert x.grad is not None and g.replays == 4
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("merged_lora", [True, False])
+def test_fast_nograd_iterations_equal_eager(merged_lora):
+    """Three RAPM iterations (optimiser steps between) with graphs and merged passes equal the eager path's
+    within float32 round-off: the graphs see every update of the LoRA (in place, FastLoRA refreshed)."""
+    from rapm_bench.distill.objectives import fast_nograd
+
+    results = []
+    for fast in (False, True):
+        world = small_world("cuda")
+        loss, params, heads = rapm_loss(world, merged_lora)
+        if fast:
+            assert fast_nograd(loss, world)
+        opt = torch.optim.AdamW([*params, *[p for h in heads for p in h.parameters()]], lr=1e-2)
+        run = []
+        for _ in range(3):
+            run.append(run_terms(loss, params, heads, world, 4))
+            opt.step()
+        if fast:
+            assert loss.nograd_student.replays > 0 and loss.real_features.replays > 0
+        results.append(run)
+    for a, b in zip(*results, strict=True):
+        assert_close_terms(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@cuda
+def test_graphed_generation_equals_eager_and_ignores_batch_size():
+    """Generation inside `graphed_predict` gives the eager images; an image does not depend on its batch."""
+    from rapm_bench.cudagraphs import graphed_predict
+    from rapm_bench.generate import generate_batch
+    from rapm_bench.sampling import DDIM_TRAILING
+
+    world = small_world("cuda")
+    prompts, seeds = ["a red circle", "a blue square", "a green triangle", "two stars"], [0, 1, 2, 3]
+    eager = generate_batch(world, prompts, seeds, DDIM_TRAILING, 4, 1.0)
+    with graphed_predict(world) as g:
+        graphed = generate_batch(world, prompts, seeds, DDIM_TRAILING, 4, 1.0)
+        singles = torch.cat([generate_batch(world, [p], [s], DDIM_TRAILING, 4, 1.0)
+                             for p, s in zip(prompts, seeds, strict=True)])
+        assert g is not None and g.replays > 0
+    assert "predict" not in vars(world)  # the block restores the method
+    assert torch.equal(graphed, eager)
+    d = (singles.int() - graphed.int()).abs()
+    assert int(d.max()) <= 1 and float((d > 0).float().mean()) < 0.01  # GPU kernels vary with the batch
