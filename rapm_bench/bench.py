@@ -45,9 +45,9 @@ from torch import nn
 from .errors import UserError
 from .fastlora import FastLoRA, LoRAWrap  # noqa: F401 (bench.FastLoRA, bench.LoRAWrap: their old home)
 from .worlds.base import Cond, NoiseSchedule, UNetWorld, World, pick_device
+from .worlds.registry import get_world_spec
 
 STAGES: tuple[str, ...] = ("matmul", "unet-forward", "rapm-iteration", "trajectories", "generate", "eval-features")
-PRESETS: tuple[str, ...] = ("tiny", "sdxl")
 SCALES: tuple[str, ...] = ("full", "small")
 LORA_IMPLS: tuple[str, ...] = ("plain", "fast", "merged", "peft")  # RAPM variants' LoRA (RapmVariant.lora)
 HEADLINE_LORAS: tuple[str, ...] = ("fast", "merged", "peft")  # --lora
@@ -218,13 +218,10 @@ def resolve_bench(preset: str = "tiny", scale: str = "full", **overrides: Any) -
     Flat keys `merge_lora`, `cfg_batch`, `channels_last`, `sdpa`, `compile`, `lora` go to
     `opts`; `rapm_variants`, `traj_batch`, `gen_batch`, `eval_batch` to their stages.
     """
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    world = get_world_spec(preset)
     if scale not in SCALES:
         raise UserError(f"unknown --scale {scale!r}; use one of {', '.join(SCALES)}")
-    if preset == "tiny" and scale != "full":
-        raise UserError("--scale small is for --preset sdxl (the tiny world is already small)")
-    cfg = BENCH_PRESETS[preset if scale == "full" else f"{preset}-{scale}"]
+    cfg = world.bench_config(scale)
     given = {k: v for k, v in overrides.items() if v is not None}
     opts = replace(cfg.opts, **{k: given.pop(k) for k in list(given) if k in Optimisations.__dataclass_fields__})
     stage_keys = {"rapm_variants": ("rapm", "variants"), "traj_batch": ("traj", "batch"),
@@ -269,10 +266,7 @@ def validate(cfg: BenchConfig) -> None:
         if p not in EVAL_PRECISIONS:
             raise UserError(f"unknown eval precision {p!r}; use any of {', '.join(EVAL_PRECISIONS)}")
     if cfg.resolution is not None:
-        if cfg.preset == "tiny" and cfg.resolution != 32:
-            raise UserError(f"the tiny world is 32 px; --resolution {cfg.resolution} is not possible")
-        if cfg.preset == "sdxl" and (cfg.resolution < 64 or cfg.resolution % 64):
-            raise UserError(f"--resolution must be a positive multiple of 64 for sdxl, got {cfg.resolution}")
+        get_world_spec(cfg.preset).check_resolution(cfg.resolution)
     device = cfg.device
     if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
@@ -606,10 +600,10 @@ def compute_dtype(cfg: BenchConfig, device: torch.device) -> torch.dtype:
 
 def build_world(cfg: BenchConfig, device: torch.device) -> TunedWorld:
     """The preset's world with the bench's optimisations applied."""
-    if cfg.preset == "tiny":
-        from .worlds.tiny import load_tiny_world
+    if get_world_spec(cfg.preset).bench_weights == "shipped":
+        from .config import WorldConfig
 
-        inner: World = load_tiny_world(device)
+        inner: World = get_world_spec(cfg.preset).load(WorldConfig(preset=cfg.preset, device=str(device)))
         inner.unet.requires_grad_(False)
     else:
         inner = RandomSDXLWorld(cfg.scale == "small", device, compute_dtype(cfg, device), cfg.resolution, cfg.seed)
@@ -812,7 +806,7 @@ def stage_rapm_iteration(b: Bench) -> dict[str, Any]:
         try:
             steps = iter(range(10**9))
             ms.append(b.measure(v.name, lambda s=s, it=steps: rapm_iteration(b.world, s, next(it)), "iteration", 1,
-                                warmup=min(b.cfg.warmup, 0 if b.cfg.preset == "sdxl" else 1),  # counted one warms
+                                warmup=min(b.cfg.warmup, get_world_spec(b.cfg.preset).bench_rapm_warmup),
                                 lora=v.lora, grad_checkpointing=v.ckpt,
                                 merged_nograd=v.merged and v.lora in ("fast", "merged"),
                                 merged_grad=v.lora == "merged",
@@ -946,7 +940,9 @@ def stage_eval_features(b: Bench) -> dict[str, Any]:
     cfg, device = b.cfg, b.device
     n = cfg.eval.batch
     gen = torch.Generator().manual_seed(cfg.seed)
-    if cfg.preset == "tiny":
+    from .eval.protocols import default_protocol
+
+    if default_protocol(cfg.preset).fid_extractor == "tiny-evaluator":  # the world's protocol's networks
         from .eval.tiny_evaluator import load_tiny_evaluator
         from .worlds.shapes import eval_captions
 
@@ -1171,7 +1167,7 @@ def _run_stages(cfg: BenchConfig, argv: Sequence[str] | None, progress: Callable
         if progress:
             progress("\n".join(stage_lines(name, stages[name])))
     est = estimates(cfg, stages)
-    applies = cfg.preset == "sdxl" and cfg.scale == "full" and device.type == "cuda"
+    applies = get_world_spec(cfg.preset).bench_goals and cfg.scale == "full" and device.type == "cuda"
     values = goal_values(stages, est)
     result = {
         "schema": 1, "preset": cfg.name, "device": info | {"peak_tflops": peak, "peak_source": peak_source},
