@@ -44,11 +44,11 @@ from torch import nn
 from .errors import UserError
 from .fastlora import FastLoRA, LoRAWrap  # noqa: F401 (bench.FastLoRA, bench.LoRAWrap: their old home)
 from .worlds.base import Cond, NoiseSchedule, UNetWorld, World, pick_device
+from .worlds.registry import get_world_spec
 from .worlds.sdxl import VAEDecoder
 
 STAGES: tuple[str, ...] = ("matmul", "unet-forward", "rapm-iteration", "trajectories", "generate", "eval-features",
                            "vae-precision", "feature-precision")
-PRESETS: tuple[str, ...] = ("tiny", "sdxl")
 SCALES: tuple[str, ...] = ("full", "small")
 LORA_IMPLS: tuple[str, ...] = ("plain", "fast", "merged", "peft")  # RAPM variants' LoRA (RapmVariant.lora)
 HEADLINE_LORAS: tuple[str, ...] = ("fast", "merged", "peft")  # --lora
@@ -225,13 +225,10 @@ def resolve_bench(preset: str = "tiny", scale: str = "full", **overrides: Any) -
     Flat keys `merge_lora`, `cfg_batch`, `channels_last`, `sdpa`, `compile`, `lora` go to
     `opts`; `rapm_variants`, `traj_batch`, `gen_batch`, `eval_batch` to their stages.
     """
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    world = get_world_spec(preset)
     if scale not in SCALES:
         raise UserError(f"unknown --scale {scale!r}; use one of {', '.join(SCALES)}")
-    if preset == "tiny" and scale != "full":
-        raise UserError("--scale small is for --preset sdxl (the tiny world is already small)")
-    cfg = BENCH_PRESETS[preset if scale == "full" else f"{preset}-{scale}"]
+    cfg = world.bench_config(scale)
     given = {k: v for k, v in overrides.items() if v is not None}
     opts = replace(cfg.opts, **{k: given.pop(k) for k in list(given) if k in Optimisations.__dataclass_fields__})
     stage_keys = {"rapm_variants": ("rapm", "variants"), "traj_batch": ("traj", "batch"),
@@ -276,10 +273,7 @@ def validate(cfg: BenchConfig) -> None:
         if p not in EVAL_PRECISIONS:
             raise UserError(f"unknown eval precision {p!r}; use any of {', '.join(EVAL_PRECISIONS)}")
     if cfg.resolution is not None:
-        if cfg.preset == "tiny" and cfg.resolution != 32:
-            raise UserError(f"the tiny world is 32 px; --resolution {cfg.resolution} is not possible")
-        if cfg.preset == "sdxl" and (cfg.resolution < 64 or cfg.resolution % 64):
-            raise UserError(f"--resolution must be a positive multiple of 64 for sdxl, got {cfg.resolution}")
+        get_world_spec(cfg.preset).check_resolution(cfg.resolution)
     device = cfg.device
     if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
@@ -631,10 +625,10 @@ def compute_dtype(cfg: BenchConfig, device: torch.device) -> torch.dtype:
 
 def build_world(cfg: BenchConfig, device: torch.device) -> TunedWorld:
     """The preset's world with the bench's optimisations applied."""
-    if cfg.preset == "tiny":
-        from .worlds.tiny import load_tiny_world
+    if get_world_spec(cfg.preset).bench_weights == "shipped":
+        from .config import WorldConfig
 
-        inner: World = load_tiny_world(device)
+        inner: World = get_world_spec(cfg.preset).load(WorldConfig(preset=cfg.preset, device=str(device)))
         inner.unet.requires_grad_(False)
     else:
         inner = RandomSDXLWorld(cfg.scale == "small", device, compute_dtype(cfg, device), cfg.resolution, cfg.seed)
@@ -840,7 +834,7 @@ def stage_rapm_iteration(b: Bench) -> dict[str, Any]:
         try:
             steps = iter(range(10**9))
             ms.append(b.measure(v.name, lambda s=s, it=steps: rapm_iteration(b.world, s, next(it)), "iteration", 1,
-                                warmup=min(b.cfg.warmup, 0 if b.cfg.preset == "sdxl" and not v.graphs else 1),
+                                warmup=min(b.cfg.warmup, 1 if v.graphs else get_world_spec(b.cfg.preset).bench_rapm_warmup),
                                 # the counted call warms up, but eagerly: graphs are captured in the warm-up
                                 lora=v.lora, grad_checkpointing=v.ckpt, graphs=v.graphs,
                                 merged_nograd=v.merged and v.lora in ("fast", "merged"),
@@ -1013,7 +1007,7 @@ def stage_feature_precision(b: Bench) -> dict[str, Any]:
     precisions = [p for p in cfg.eval.precisions if device.type == "cuda" or p == "fp32"]
     n = cfg.eval.precision_images
     out: dict[str, Any] = {}
-    if cfg.preset == "tiny" or device.type == "cuda":  # the tiny protocol's evaluator: shapes renders
+    if get_world_spec(cfg.preset).bench_weights == "shipped" or device.type == "cuda":  # the tiny evaluator: shapes
         from .eval.tiny_evaluator import load_tiny_evaluator
         from .worlds.shapes import captions, render_images
 
@@ -1026,7 +1020,7 @@ def stage_feature_precision(b: Bench) -> dict[str, Any]:
             features=lambda x: ev.image_features(x), real=real, fake=fake,
             clip=lambda: ev.clip_score(fake, text).mean().item() * 100, compute=compute,
             stats=(FeatureStats, fid_from_stats))
-    if cfg.preset != "tiny":
+    if get_world_spec(cfg.preset).bench_weights == "random":  # SDXL: Inception and ViT-g-14, random weights
         small = cfg.scale == "small"
         inception, clip = build_inception(device), build_clip(small, device)
         size = clip.visual.image_size
@@ -1116,7 +1110,9 @@ def stage_eval_features(b: Bench) -> dict[str, Any]:
     cfg, device = b.cfg, b.device
     n = cfg.eval.batch
     gen = torch.Generator().manual_seed(cfg.seed)
-    if cfg.preset == "tiny":
+    from .eval.protocols import default_protocol
+
+    if default_protocol(cfg.preset).fid_extractor == "tiny-evaluator":  # the world's protocol's networks
         from .eval.tiny_evaluator import load_tiny_evaluator
         from .worlds.shapes import eval_captions
 
@@ -1347,7 +1343,7 @@ def _run_stages(cfg: BenchConfig, argv: Sequence[str] | None, progress: Callable
         if progress:
             progress("\n".join(stage_lines(name, stages[name])))
     est = estimates(cfg, stages)
-    applies = cfg.preset == "sdxl" and cfg.scale == "full" and device.type == "cuda"
+    applies = get_world_spec(cfg.preset).bench_goals and cfg.scale == "full" and device.type == "cuda"
     from .eval.protocols import default_protocol
 
     values = goal_values(stages, est, default_protocol(cfg.preset).feature_precision)

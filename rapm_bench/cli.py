@@ -24,7 +24,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-Preset = Annotated[str, typer.Option(help="World: `tiny` (embedded shapes world, CPU, offline) or `sdxl`.")]
+
+def _known_world(name: str) -> str:
+    """--preset's check, before the command runs: a registered world (rapm_bench/worlds/registry.py), else the
+    one-line error and exit code 2."""
+    from .worlds.registry import get_world_spec
+
+    return _run(get_world_spec, name).name
+
+
+Preset = Annotated[str, typer.Option(help="World: `tiny` (embedded shapes world, CPU, offline) or `sdxl`.",
+                                     callback=_known_world)]
 
 
 def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

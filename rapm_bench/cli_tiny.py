@@ -43,7 +43,7 @@ def train_teacher_cmd(
     device: str = typer.Option(None, help="torch device [default: cuda if present, else cpu]."),
 ) -> None:
     """Train the tiny teacher (text encoder + UNet, v-prediction, zero terminal SNR) on rendered pairs."""
-    from .worlds.tiny_train import TeacherTrainConfig, train_teacher
+    from .tiny.train import TeacherTrainConfig, train_teacher
 
     cfg = replace(TeacherTrainConfig(), **_overrides(
         steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, max_minutes=max_minutes, init=init,
@@ -65,7 +65,7 @@ def train_evaluator_cmd(
     device: str = typer.Option(None, help="torch device [default: cuda if present, else cpu]."),
 ) -> None:
     """Train the tiny CLIP evaluator contrastively on rendered pairs."""
-    from .worlds.tiny_train import EvaluatorTrainConfig, train_evaluator
+    from .tiny.train import EvaluatorTrainConfig, train_evaluator
 
     cfg = replace(EvaluatorTrainConfig(), **_overrides(steps=steps, batch_size=batch_size, lr=lr,
                                                        max_minutes=max_minutes, eval_images=eval_images, seed=seed))
@@ -90,7 +90,7 @@ def report_cmd(
     device: str = typer.Option(None, help="torch device [default: cuda if present, else cpu]."),
 ) -> None:
     """Measure the teacher at several DDIM step counts (FID, CLIP score, retrieval) against real renders."""
-    from .worlds.tiny_train import ReportConfig, world_report
+    from .tiny.train import ReportConfig, world_report
 
     cfg = replace(ReportConfig(out=out), **_overrides(
         steps=_ints(steps), guidance=guidance, num_generated=num_generated, num_reference=num_reference,

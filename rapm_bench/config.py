@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .worlds.registry import WorldSpec
 
 
 @dataclass(frozen=True)
@@ -25,27 +28,12 @@ class WorldConfig:
     vae: str | None = None  # optional fp16-fixed VAE folder (SDXL only)
 
 
-@dataclass(frozen=True)
-class Preset:
-    """Per-world defaults."""
+def get_preset(name: str) -> WorldSpec:
+    """The world a `--preset` names (its WorldSpec: teacher, batch size, ...), or a one-line error listing the
+    known ones (rapm_bench/worlds/registry.py)."""
+    from .worlds.registry import get_world_spec
 
-    name: str
-    teacher: str | None  # None = weights shipped in the package
-    batch_size: int  # images per generation batch
-    num_images: int  # images `generate` makes without a prompt file (grammar captions; tiny only)
-
-
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset("tiny", teacher=None, batch_size=64, num_images=16),
-    "sdxl": Preset("sdxl", teacher="stabilityai/stable-diffusion-xl-base-1.0", batch_size=4, num_images=0),
-}
-
-
-def get_preset(name: str) -> Preset:
-    """A preset by name, or a one-line error listing the known ones."""
-    if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return get_world_spec(name)
 
 
 @dataclass(frozen=True)

@@ -82,12 +82,11 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def default_prompts(preset: str, n: int) -> list[str]:
-    """Grammar captions from the tiny world's eval split (no prompt file needed)."""
-    if preset != "tiny":
+    """The world's own captions when no prompt file is given (tiny: grammar captions of the eval split)."""
+    source = get_preset(preset).sample_prompts
+    if source is None:
         raise UserError(f"preset {preset!r} needs --prompts FILE (one caption a line)")
-    from .worlds.shapes import eval_captions
-
-    return eval_captions(n)
+    return source(n)
 
 
 def batch_hint(batch_size: int, more: str = "") -> str:
@@ -167,7 +166,7 @@ def _image_done(path: Path, sha256: str | None) -> bool:
 
 def _memory_hint(preset: str) -> str:
     """What else reduces GPU memory in a world (after --batch-size)."""
-    return "; on SDXL also --precision fp16 or a smaller --resolution" if preset == "sdxl" else ""
+    return get_preset(preset).generate_memory_hint
 
 
 def generate(cfg: GenerateConfig) -> dict[str, Any]:

@@ -188,10 +188,11 @@ def lora_model(path: str) -> ModelSpec:
     """`lora:PATH`: any few-step LoRA, sampled with the RAPM recipe (DDIM trailing, guidance 1, 4 steps), or with
     the steps, sampler and guidance its metadata records when `rapm-bench distill` trained it."""
     from .sampling import DDIM_TRAILING
+    from .worlds.registry import world_names
 
     p = Path(path)
     spec = ModelSpec(name=f"lora-{p.stem}", description=f"LoRA file {path}", recipe=DDIM_TRAILING,
-                     default_steps=4, guidance=1.0, lora={"tiny": str(p.resolve()), "sdxl": str(p.resolve())})
+                     default_steps=4, guidance=1.0, lora=dict.fromkeys(world_names(), str(p.resolve())))
     return with_lora(spec, p) if p.exists() else spec  # a missing file fails where its weights are needed
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .worlds.registry import Costs, get_world_spec
 
 OBJECTIVES = ("rapm", "pcm", "dmd2")
 
@@ -62,6 +63,7 @@ class Plan:
     num_images: int | None  # None = the protocol's
     grid_prompts: int = 8  # captions in the side-by-side sample grid (0: none)
     protocol: str | None = None  # None = the preset's default protocol
+    trained_subdir: str = ""  # results of the students trained here, under <out>/<this> ("": beside the rest)
 
 
 TEACHER_STEPS_TINY = (1, 2, 4, 16)  # the README's default: within ~12 min on 2 CPU cores
@@ -83,16 +85,22 @@ def tiny_plan(quick: bool, seeds: int = 1, steps: tuple[int, ...] | None = None,
     return Plan("tiny", distills, evals, num_images=256 if quick else 512, grid_prompts=6 if quick else 8)
 
 
-def sdxl_plan(quick: bool) -> Plan:
+def sdxl_plan(quick: bool, seeds: int = 1, steps: tuple[int, ...] | None = None, sweep: bool = False) -> Plan:
     """SDXL: RAPM distilled here; the published RAPM, PCM, DMD2 LoRAs and the teacher on coco30k."""
     from .models import get_model
+
+    if seeds != 1 or steps is not None or sweep:
+        raise UserError("--seeds, --steps and --sweep apply to the tiny preset (one SDXL distillation takes "
+                        "hours)")
 
     PCM_STEPS = get_model("pcm").steps  # the step counts its published LoRAs ship
     distills = (DistillStep("rapm", "rapm", {"iters": 2000} if quick else {}),)
     evals = (EvalStep("rapm", 4, trained=True), EvalStep("rapm", 4), *(EvalStep("pcm", s) for s in PCM_STEPS),
              EvalStep("dmd2", 4), EvalStep("teacher", 4), EvalStep("teacher", 25))
     # no sample grid: it would load the teacher once per row again; `rapm-bench generate` makes one
-    return Plan("sdxl", distills, evals, num_images=5000 if quick else None, grid_prompts=0)
+    # the trained RAPM's result goes to <out>/trained, beside the published LoRAs' rows (same model name)
+    return Plan("sdxl", distills, evals, num_images=5000 if quick else None, grid_prompts=0,
+                trained_subdir="trained")
 
 
 def make_plan(preset: str, quick: bool = False, seeds: int = 1, steps: tuple[int, ...] | None = None,
@@ -102,49 +110,26 @@ def make_plan(preset: str, quick: bool = False, seeds: int = 1, steps: tuple[int
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     if steps is not None and (not steps or min(steps) < 1):
         raise UserError(f"--steps must list step counts of at least 1, got {','.join(map(str, steps)) or 'none'}")
-    if preset == "tiny":
-        return tiny_plan(quick, seeds, steps, sweep)
-    if preset == "sdxl":
-        if seeds != 1 or steps is not None or sweep:
-            raise UserError("--seeds, --steps and --sweep apply to the tiny preset (one SDXL distillation takes "
-                            "hours)")
-        return sdxl_plan(quick)
-    raise UserError(f"unknown preset {preset!r}; use tiny or sdxl")
+    world = get_world_spec(preset)
+    if world.plan is None:
+        raise UserError(f"preset {preset!r} has no reproduce plan")
+    return world.plan(quick, seeds, steps, sweep)
 
 
 # --- cost estimates ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Costs:
-    """Seconds per unit of work, measured (tiny: a 2-core CPU, results/tiny/rapm.md) or derived (SDXL:
-    one H100/H200 from docs/reference.md's measured timings, eager bf16)."""
-
-    trajectory_forward: float  # one teacher image-forward inside the batched trajectory precompute
-    iteration: dict[str, float]  # one training iteration per objective
-    image_forward: float  # one image-forward while generating for an evaluation (batched)
-    image_overhead: float  # per image: decode, features, CLIP
-    trajectory_mb: float  # disk per trajectory
-    lora_mb: float
-
-
-COSTS = {
-    # tiny, measured by `rapm-bench reproduce` on an idle 2-core CPU (results/tiny/README.md): 256
-    # trajectories × 16 sub-steps × 2 (CFG) in 75 s; 200 iterations RAPM 79 s, PCM 39 s, DMD2 80 s;
-    # 512 images at 4 / 32 image-forwards in 18.4 / 133 s.
-    "tiny": Costs(trajectory_forward=75 / (256 * 16 * 2), iteration={"rapm": 0.40, "pcm": 0.20, "dmd2": 0.40},
-                  image_forward=0.0080, image_overhead=0.0040, trajectory_mb=9 * 3 * 32 * 32 * 4 / 1e6, lora_mb=0.25),
-    # SDXL on one H100 (results/bench/README.md): UNet forward ≈ 19 ms per image at batch 8 (146 ms); a RAPM
-    # iteration of the engine 1.3 s (--lora-impl merged, 4 slots a pass; PCM/DMD2 on PEFT layers: guesses); a
-    # 4-step evaluation 0.241 s per image with the fp32 VAE, Inception and ViT-g-14 (scaling, one GPU).
-    "sdxl": Costs(trajectory_forward=0.019, iteration={"rapm": 1.3, "pcm": 2.0, "dmd2": 4.0},
-                  image_forward=0.019, image_overhead=0.165, trajectory_mb=9 * 4 * 128 * 128 * 2 / 1e6, lora_mb=6.0),
-}
+def costs(preset: str) -> Costs:
+    """A world's seconds and megabytes per unit of work (its WorldSpec's `costs`)."""
+    c = get_world_spec(preset).costs
+    if c is None:
+        raise UserError(f"preset {preset!r} has no cost estimates for reproduce")
+    return c
 
 
 def estimate(plan: Plan, distill_cfgs: dict[str, Any], num_images: int) -> list[tuple[str, float, float]]:
     """(step description, seconds, MB on disk) for every step of the plan."""
     from .models import get_model
 
-    c = COSTS[plan.preset]
+    c = costs(plan.preset)
     rows: list[tuple[str, float, float]] = []
     seen_traj: set[tuple[Any, ...]] = set()
     for step in plan.distills:
@@ -246,7 +231,7 @@ def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
     plan = make_plan(cfg.preset, cfg.quick, cfg.seeds, cfg.steps, cfg.sweep)
     out = Path(cfg.out) if cfg.out else Path("results") / plan.preset / ("sweep" if cfg.sweep else "")
     runs = Path(cfg.runs) if cfg.runs else Path("runs") / "reproduce" / plan.preset
-    trained_out = out if plan.preset == "tiny" else out / "trained"  # SDXL: beside the published LoRAs' rows
+    trained_out = out / plan.trained_subdir  # SDXL: beside the published LoRAs' rows
     protocol = get_protocol(plan.protocol) if plan.protocol else default_protocol(plan.preset)
     num_images = cfg.num_images or plan.num_images or protocol.num_pairs
     if num_images < 2:
@@ -260,8 +245,7 @@ def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
          f"{len(plan.evals)} evaluations of {num_images} images; results -> {out}, runs -> {runs}")
     for what, s, mb in est:
         echo(f"  {what:<48} ~{_duration(s):>8}  ~{mb:,.1f} MB")
-    device_note = "a 2-core CPU" if plan.preset == "tiny" else "one H100"
-    echo(f"  estimated total: ~{_duration(total_s)} on {device_note} with --jobs 1 (finished steps are skipped), "
+    echo(f"  estimated total: ~{_duration(total_s)} on {costs(plan.preset).device} with --jobs 1 (finished steps are skipped), "
          f"~{total_mb:,.0f} MB on disk")
     if cfg.dry_run:
         return {"plan": plan, "estimate": est, "ran": []}

@@ -63,8 +63,8 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved random-weight tiny teacher (the shipped layout), small enough that a job takes seconds."""
     import json
 
+    from rapm_bench.tiny.train import TeacherArch, build_teacher
     from rapm_bench.worlds.tiny import WORLD_JSON, world_metadata
-    from rapm_bench.worlds.tiny_train import TeacherArch, build_teacher
 
     folder = tmp_path_factory.mktemp("teacher")
     torch.manual_seed(0)

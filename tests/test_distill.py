@@ -26,7 +26,7 @@ ZSNR_V = NoiseSchedule(beta_schedule="squaredcos_cap_v2", prediction_type="v_pre
 # --- fixtures ----------------------------------------------------------------------------------------
 def small_teacher(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A random-weight tiny-world teacher, small enough for fast CPU tests."""
-    from rapm_bench.worlds.tiny_train import TeacherArch, build_teacher
+    from rapm_bench.tiny.train import TeacherArch, build_teacher
 
     torch.manual_seed(seed)
     return build_teacher(TeacherArch(block_out_channels=(16, 32), text_width=32, text_layers=1))

@@ -16,8 +16,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 def small_world(device: str = "cpu"):
     """A random-weight tiny-world teacher small enough for fast tests."""
+    from rapm_bench.tiny.train import TeacherArch, build_teacher
     from rapm_bench.worlds.tiny import TinyWorld
-    from rapm_bench.worlds.tiny_train import TeacherArch, build_teacher
 
     torch.manual_seed(0)
     unet, text_encoder = build_teacher(TeacherArch(block_out_channels=(16, 32), text_width=32, text_layers=1))

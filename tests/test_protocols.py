@@ -67,7 +67,7 @@ def test_unknown_name_is_a_one_line_user_error() -> None:
 def test_defaults_per_preset() -> None:
     assert default_protocol("sdxl").name == "coco30k"
     assert default_protocol("tiny").name == "tiny"
-    with pytest.raises(UserError, match="no default protocol for preset 'sd15'"):
+    with pytest.raises(UserError, match="unknown preset 'sd15'; known worlds: tiny, sdxl"):  # the registry's
         default_protocol("sd15")
 
 

@@ -323,9 +323,9 @@ def comparison_grid(lora: Path, path: Path, n: int = 10, device: str = "cpu") ->
     """Eval captions 0..n-1, seeds 0..n-1: the teacher at 50 and 4 steps (CFG 3, no CFG) and the student."""
     from ..generate import generate_batch
     from ..sampling import DDIM_TRAILING
+    from ..tiny.train import save_grid_png
     from ..worlds.shapes import eval_captions
     from ..worlds.tiny import load_tiny_world
-    from ..worlds.tiny_train import save_grid_png
 
     world = load_tiny_world(device)
     prompts, seeds = eval_captions(n), list(range(n))

@@ -1,8 +1,9 @@
-"""`rapm-bench distill`: one frozen config, two named presets (docs/design.md §1).
+"""`rapm-bench distill`: one frozen config, one preset per world (docs/design.md §1).
 
-Every field carries its default and why. The `tiny` defaults were chosen by the ablation in
-results/tiny/rapm.md; `sdxl` keeps the objective's defaults and scales the run to the
-paper's (1000 trajectories, 20K iterations, batch 1, rank 1).
+Every field carries its default and why. The defaults are the `tiny` world's, chosen by the ablation in
+results/tiny/rapm.md; a world's preset changes the fields its WorldSpec names (rapm_bench/worlds/registry.py:
+`sdxl` keeps the objective's defaults and scales the run to the paper's: 1000 trajectories, 20K iterations,
+batch 1, rank 1).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from ..config import WorldConfig, get_preset
+from ..config import WorldConfig
 from ..errors import UserError
 from ..lora import LORA_FORMATS, LORA_TARGETS
+from ..worlds.registry import get_world_spec
 
 OBJECTIVES = ("rapm", "pcm", "dmd2")  # --objective: RAPM (ours), PCM (Wang et al. 2024), DMD2 (Yin et al. 2024)
 LOG_WITH = ("tensorboard", "wandb", "mlflow")  # --log-with: accelerate's trackers (distill/tracking.py)
@@ -118,39 +120,12 @@ class DistillConfig:
         return DistillConfig(**d)
 
 
-_TINY = DistillConfig()
-
-_SDXL = replace(
-    _TINY,
-    world=WorldConfig(preset="sdxl", precision="bf16"),  # frozen weights bf16, LoRA fp32 (docs/design.md §8)
-    out="runs/distill/sdxl",
-    num_trajectories=1000,  # the paper's overhead: 1000 teacher trajectories
-    guidance=None,  # the world's default CFG (SDXL 5.0)
-    prompts=None,  # required: COCO-2014 *train* captions (disjoint from the val-based protocols)
-    trajectory_batch=8,
-    store_dtype="fp16",
-    grad_checkpointing=None,  # auto: on where the passes do not fit (24-48 GB cards), off on an H100/H200
-    slot_chunk=4,  # the 4 slots in one batch-4 pass: 3× faster than 1 slot per pass, 22.6 GiB with checkpointing
-    lora_impl="merged",  # H100: 1.17 s per iteration vs 2.30 s with PEFT (rapm-bench bench, rapm-iteration)
-    disc_hidden=256,
-    iters=20_000,  # the paper's 20K iterations
-    lr=1e-4,  # 1e-3 suits the 4M-param tiny UNet; SDXL LoRAs train at ~1e-4
-    disc_lr=1e-4,
-    warmup=200,
-    checkpoint_every=500,
-    log_every=50,
-    sample_every=1000,
-    sample_count=4,
-    save_dtype="fp16",  # ~6 MB rank-1 file, like the published one
-)
-
-DISTILL_PRESETS: dict[str, DistillConfig] = {"tiny": _TINY, "sdxl": _SDXL}
-
-
 def distill_preset(name: str) -> DistillConfig:
-    """The named preset's config."""
-    get_preset(name)  # one error message for unknown presets
-    return DISTILL_PRESETS[name]
+    """The named world's distill preset: DistillConfig's defaults (tiny's) with the world's own fields
+    (`WorldSpec.distill`, `WorldSpec.distill_world`; rapm_bench/worlds/registry.py)."""
+    spec = get_world_spec(name)  # one error message for unknown presets
+    base = DistillConfig()
+    return replace(base, world=replace(base.world, preset=spec.name, **spec.distill_world), **spec.distill)
 
 
 def resolve_distill(preset: str = "tiny", **overrides: Any) -> DistillConfig:
@@ -234,6 +209,6 @@ def validate(cfg: DistillConfig) -> None:
     if cfg.substeps > 1000 // cfg.slots:
         raise UserError(f"--steps {cfg.slots} leaves {1000 // cfg.slots} timesteps per slot, fewer than --M "
                         f"{cfg.substeps} teacher sub-steps: lower --steps or --M")
-    if cfg.world.preset == "sdxl" and cfg.prompts is None:
-        raise UserError("--preset sdxl needs --prompts FILE: COCO-2014 train captions (captions_train2014.json) "
-                        "or a text file, one caption a line")
+    world = get_world_spec(cfg.world.preset)
+    if world.training_prompts is None and cfg.prompts is None:
+        raise UserError(f"--preset {world.name} needs --prompts FILE: {world.prompts_help}")

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..worlds.registry import get_world_spec
 from .checkpoint import CHECKPOINT
 from .config import DistillConfig, validate
 from .objectives import STUDENT as ADAPTER  # the student's PEFT adapter name
@@ -93,12 +94,10 @@ def open_run(out: Path, cfg: DistillConfig, resume: bool) -> None:
 
 
 def sample_prompts(cfg: DistillConfig, train_prompts: tuple[str, ...]) -> list[str]:
-    """Captions of the periodic sample grids: eval-split captions (tiny) or the first training prompts."""
-    if cfg.world.preset == "tiny":
-        from ..worlds.shapes import eval_captions
-
-        return eval_captions(cfg.sample_count)
-    return list(train_prompts[: cfg.sample_count])
+    """Captions of the periodic sample grids: the world's own (tiny: eval-split captions) or the first training
+    prompts."""
+    source = get_world_spec(cfg.world.preset).sample_prompts
+    return source(cfg.sample_count) if source is not None else list(train_prompts[: cfg.sample_count])
 
 
 def save_samples(world: Any, prompts: list[str], steps: int, path: Path, recipe: Any = None,
@@ -385,8 +384,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
                  "params": sum(p.numel() for p in lora_params)},
         "sampler": {**objective.recipe.describe(), "steps": cfg.slots, "guidance": objective.sample_guidance},
         "last_log": json.loads((out / LOG).read_text().splitlines()[-1]) if (out / LOG).read_text() else None,
-        "eval": objective.eval_command(str(lora_path), cfg.slots,
-                                       "" if cfg.world.preset == "tiny" else f" --preset {cfg.world.preset}"),
+        "eval": objective.eval_command(str(lora_path), cfg.slots, get_world_spec(cfg.world.preset).preset_flag()),
     }
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     if tracker is not None:

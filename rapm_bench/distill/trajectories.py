@@ -222,13 +222,15 @@ def _fill(world: World, prompts: Sequence[str], spec: TrajectorySpec, folder: Pa
 
 
 def training_prompts(preset: str, num: int, prompts_file: str | None, offset: int = 0) -> list[str]:
-    """K distillation prompts: the shapes *train* split (tiny) or a caption file (txt or COCO json)."""
+    """K distillation prompts: the world's own (tiny: the shapes *train* split) or a caption file (txt or COCO
+    json)."""
     if prompts_file is None:
-        if preset != "tiny":
-            raise UserError(f"preset {preset!r} needs --prompts FILE (COCO-2014 train captions)")
-        from ..worlds.shapes import captions, split_indices
+        from ..worlds.registry import get_world_spec
 
-        return captions(split_indices("train", num, offset))
+        world = get_world_spec(preset)
+        if world.training_prompts is None:
+            raise UserError(f"preset {preset!r} needs --prompts FILE: {world.prompts_help}")
+        return world.training_prompts(num, offset)
     path = Path(prompts_file)
     if path.suffix == ".json":
         items = coco_captions(path)

@@ -168,7 +168,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     acc = Accumulator.empty(n, scorer.feature_dim)
     if images_out is not None:
         atomic_write_bytes(images_out / "config.json", _images_config(cfg, steps, protocol).encode())
-    memory = "; on SDXL also --precision fp16" if preset.name == "sdxl" else ""
+    memory = preset.eval_memory_hint
     t0 = time.perf_counter()
     with tqdm(total=sum(len(g) for g in mine), desc=f"eval {spec.name} {steps}-step", unit="img",
               disable=not state.is_main_process) as bar, graphed_predict(world):  # GPU: UNet passes from CUDA graphs

@@ -169,9 +169,6 @@ PROTOCOLS: dict[str, Protocol] = {
     ),
 }
 
-DEFAULT_PROTOCOLS = {"sdxl": "coco30k", "tiny": "tiny"}
-
-
 def get_protocol(name: str) -> Protocol:
     """The shipped protocol called `name`."""
     if name not in PROTOCOLS:
@@ -180,7 +177,7 @@ def get_protocol(name: str) -> Protocol:
 
 
 def default_protocol(preset: str) -> Protocol:
-    """The protocol a preset evaluates on when none is named."""
-    if preset not in DEFAULT_PROTOCOLS:
-        raise UserError(f"no default protocol for preset {preset!r}; pass --protocol ({', '.join(PROTOCOLS)})")
-    return PROTOCOLS[DEFAULT_PROTOCOLS[preset]]
+    """The protocol a world evaluates on when none is named (its WorldSpec's `default_protocol`)."""
+    from ..worlds.registry import get_world_spec
+
+    return get_protocol(get_world_spec(preset).default_protocol)

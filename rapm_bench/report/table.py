@@ -39,8 +39,8 @@ def _kid_cell(kid: Any) -> str:
     return f"{kid['mean']:.4f} ± {kid.get('std', 0.0):.4f}"
 
 
-def rows(results: list[dict[str, Any]], preset: str, reported: bool = True) -> list[dict[str, str]]:
-    """Measured rows sorted by model and steps, then the reported rows of the same preset."""
+def rows(results: list[dict[str, Any]], world: str, reported: bool = True) -> list[dict[str, str]]:
+    """Measured rows sorted by model and steps, then the reported rows of the same world (`--preset`)."""
     out = []
     for r in sorted(results, key=lambda r: (r["model"], r["steps"], r["protocol"])):
         out.append({
@@ -54,7 +54,7 @@ def rows(results: list[dict[str, Any]], preset: str, reported: bool = True) -> l
     if reported:
         for spec in registry().values():
             for rep in spec.reported:
-                if rep.preset != preset:
+                if world != rep.preset:
                     continue
                 out.append({
                     "source": f"reported: {rep.source}", "model": spec.name, "steps": _fmt(rep.steps),

@@ -1,25 +1,15 @@
-"""World adapters: `load_world` is the only place that knows which worlds exist."""
+"""World adapters; `registry` is the only place that knows which worlds exist (one WorldSpec each)."""
 
 from __future__ import annotations
 
-from ..config import WorldConfig, get_preset
-from .base import Cond, NoiseSchedule, World, pick_device, pick_dtype
+from ..config import WorldConfig
+from .base import Cond, NoiseSchedule, World
+from .registry import WorldSpec, get_world_spec, register_world, world_names
 
-__all__ = ["Cond", "NoiseSchedule", "World", "load_world"]
+__all__ = ["Cond", "NoiseSchedule", "World", "WorldSpec", "get_world_spec", "load_world", "register_world",
+           "world_names"]
 
 
 def load_world(cfg: WorldConfig) -> World:
     """Build the world a config names (weights from the package, a folder, or the hub cache)."""
-    preset = get_preset(cfg.preset)
-    if preset.name == "sdxl":
-        from .sdxl import SDXLWorld
-
-        return SDXLWorld(cfg.teacher or preset.teacher, device=cfg.device, precision=cfg.precision,
-                         resolution=cfg.resolution, vae=cfg.vae)
-    from pathlib import Path
-
-    from .tiny import load_tiny_world
-
-    device = pick_device(cfg.device)
-    pick_dtype(cfg.precision, device)  # an unknown --precision is an error here too (the tiny world is fp32)
-    return load_tiny_world(device=device, assets=Path(cfg.teacher) if cfg.teacher else None)
+    return get_world_spec(cfg.preset).load(cfg)

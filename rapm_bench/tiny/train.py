@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from . import shapes
-from .tiny import (
+from ..worlds import shapes
+from ..worlds.tiny import (
     CONTEXT_LENGTH,
     NOISE_SCHEDULE,
     WORLD_JSON,
@@ -648,7 +648,7 @@ def world_report(cfg: ReportConfig, progress: Callable[[str], None] = print) -> 
     """Measure the teacher at each step count against real renders; write world.md/json + grid."""
     from ..eval.fid import FeatureStats
     from ..eval.tiny_evaluator import load_tiny_evaluator
-    from .tiny import load_tiny_world
+    from ..worlds.tiny import load_tiny_world
 
     n, n_ref = cfg.num_generated, cfg.num_reference
     if n < 2 or n + n_ref > len(shapes.SPLITS["eval"]):
@@ -698,7 +698,7 @@ def _weight_hashes(cfg: ReportConfig) -> dict[str, str]:
     """sha256 of the teacher's and the evaluator's weight files (provenance of the numbers)."""
     from ..eval.tiny_evaluator import WEIGHTS, default_evaluator_dir
     from ..files import sha256_file
-    from .tiny import default_teacher_dir
+    from ..worlds.tiny import default_teacher_dir
 
     teacher = Path(cfg.teacher) if cfg.teacher else default_teacher_dir()
     evaluator = Path(cfg.evaluator) if cfg.evaluator else default_evaluator_dir()
