@@ -31,6 +31,7 @@ from .config import DistillConfig, validate
 from .objectives import STUDENT as ADAPTER  # the student's PEFT adapter name
 
 LOG = "train_log.jsonl"
+COND_CACHE = 2048  # prompt encodings kept on the device (SDXL: 0.3 MB each, 1000 trajectories ~ 0.3 GB)
 LORA_FILE = "lora.safetensors"
 
 
@@ -298,6 +299,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     t_loop = time.perf_counter()
     step = start
     bar = tqdm(total=cfg.iters, initial=start, desc=f"{cfg.objective} distill", unit="it", disable=not progress)
+    conds: dict[int, dict[str, torch.Tensor]] = {}
     for step in range(start, cfg.iters):
         # 4a. This iteration's randomness and data: functions of (seed, step) only.
         gen = torch.Generator(device).manual_seed(derived_seed(cfg.seed, "step", step))
@@ -305,7 +307,11 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
         k = trajectory_index(cfg.seed, step, len(trajs))
         ex = Example(trajs.z_tilde[k].to(device, torch.float32), trajs.z_delta[k].to(device, torch.float32),
                      None if trajs.z_fine is None else trajs.z_fine[k].to(device, torch.float32), step)
-        cond = world.encode_prompts([trajs.prompts[k]])
+        cond = conds.get(k)  # the text encoders run once per trajectory prompt, not once per iteration
+        if cond is None:
+            cond = world.encode_prompts([trajs.prompts[k]])
+            if len(conds) < COND_CACHE:
+                conds[k] = cond
         for name, opt in optimizers.items():
             for group, base in zip(opt.param_groups, base_lrs[name], strict=True):
                 group["lr"] = lr_at(step, base, cfg.warmup)
