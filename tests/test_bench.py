@@ -18,36 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tolerances import GRAD_ATOL, GRAD_RTOL, rel
 from typer.testing import CliRunner
 
 from rapm_bench import bench as bm
 from rapm_bench.cli import app
 from rapm_bench.errors import UserError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: a shared 2-core machine runs these small networks far faster without OpenMP contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-GRAD_RTOL = 1e-4
-GRAD_ATOL = 1e-5
-"""LoRA gradients of two implementations agree to GRAD_RTOL of each layer's largest entry plus an
-absolute floor of GRAD_ATOL times the largest gradient of any layer. The floor is float32 round-off:
-a LoRA gradient is a reduction over ~10^3-10^4 products (batch x positions x channels) whose partial
-sums are as large as the largest gradient, and the two implementations reduce in different orders
-(other kernels, other thread splits), so they differ by up to ~sqrt(n) x 6e-8 (float32's unit
-round-off) x that scale, whatever the layer's own gradient size. Measured on the CPU: up to 2.3e-6 x
-scale at 2 threads; a layer whose own gradient is 2.7e-5 differed by 3.6e-9, far above 1e-4 of it."""
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative RMS difference."""
-    return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt().clamp_min(1e-12))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

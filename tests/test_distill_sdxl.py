@@ -7,24 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.distill import distill_app
 from typer.testing import CliRunner
 
 from rapm_bench.cli import app as main_app
 
 PROMPTS = ["a photo of a cat", "two red apples on a wooden table", "a city street at night, rain"]
 SEEDS = [0, 1, 2]
-
-
-def distill_app():
-    """`distill` as a sub-command (the lead's cli.py registers the same function)."""
-    import typer
-
-    from rapm_bench.cli_distill import distill
-
-    app = typer.Typer()
-    app.command()(distill)
-    app.callback()(lambda: None)
-    return app
 
 
 @pytest.fixture(scope="module")

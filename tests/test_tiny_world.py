@@ -81,7 +81,7 @@ def test_missing_assets_is_a_user_error(tmp_path) -> None:
 
 
 def test_lora_load_fuse_unload(world: TinyWorld, tmp_path) -> None:
-    from sdxl_fixture import random_unet_lora
+    from helpers.sdxl import random_unet_lora
 
     path = random_unet_lora(copy.deepcopy(world.unet), tmp_path)
     cond = world.encode_prompts(["a large green square on the left on a gray background"])

@@ -6,21 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers.distill import distill_app
 from typer.testing import CliRunner
 
 from rapm_bench.distill.config import DistillConfig, resolve_distill
-
-
-def app():
-    """A Typer app holding `distill` (cli.py registers the same function)."""
-    import typer
-
-    from rapm_bench.cli_distill import distill
-
-    a = typer.Typer()
-    a.command()(distill)
-    a.command("noop")(lambda: None)  # two commands: `distill` stays a sub-command
-    return a
 
 
 def short_args(teacher: Path, tmp_path: Path) -> list[str]:
@@ -67,7 +56,7 @@ def test_missing_tracker_package_is_one_line_naming_the_pip_command(teacher, tmp
     import accelerate.utils
 
     monkeypatch.setattr(accelerate.utils, available, lambda: False)
-    r = CliRunner().invoke(app(), [*short_args(teacher, tmp_path), "--log-with", tracker])
+    r = CliRunner().invoke(distill_app(), [*short_args(teacher, tmp_path), "--log-with", tracker])
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and f"pip install {tracker}" in lines[0], r.output
@@ -75,7 +64,7 @@ def test_missing_tracker_package_is_one_line_naming_the_pip_command(teacher, tmp
 
 
 def test_unknown_tracker_is_one_line(teacher, tmp_path):
-    r = CliRunner().invoke(app(), [*short_args(teacher, tmp_path), "--log-with", "neptune"])
+    r = CliRunner().invoke(distill_app(), [*short_args(teacher, tmp_path), "--log-with", "neptune"])
     assert r.exit_code == 2 and "--log-with must be one of tensorboard, wandb, mlflow" in r.output
     assert not (tmp_path / "run").exists()
 
