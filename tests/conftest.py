@@ -1,6 +1,11 @@
 """Every fixture shared by more than one test module (builders they call live in tests/helpers/):
 random-weight SDXL pipeline and LoRA, random tiny teacher, subprocess environment, small CLIP,
-synthetic COCO and its prepared statistics, one-thread mode."""
+synthetic COCO and its prepared statistics, one-thread mode.
+
+Tiers (pyproject.toml's markers): unit tests (no mark), `e2e` (a CLI command or a whole stage end to
+end), `slow`, `gpu`. The default run is `not slow and not gpu`: unit + e2e, every command end to end.
+`nox -s unit` runs the unit tier alone; `nox -s threads1` runs it with OMP_NUM_THREADS=1 (the
+tolerances hold at 1 and at 2 threads)."""
 
 from __future__ import annotations
 
@@ -23,6 +28,12 @@ if "RAPM_BENCH_CACHE" not in os.environ:  # reference statistics go to a private
     atexit.register(shutil.rmtree, os.environ["RAPM_BENCH_CACHE"], ignore_errors=True)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The thread count the tolerances were checked at (`nox -s threads1` runs the unit tier at 1)."""
+    return (f"torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
+            "tiers: unit, e2e (default: both), slow, gpu")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -28,6 +28,8 @@ from safetensors.torch import save_file
 
 from rapm_bench.errors import UserError
 
+pytestmark = pytest.mark.e2e  # every case runs `python -m rapm_bench` in a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 MARK = Path("/tmp/rapm-bench-bad-input-pwned")
 

@@ -300,6 +300,7 @@ def test_cli_bad_input_exits_2_with_one_line(args, needle):
     assert len(lines) == 1 and lines[0].startswith("rapm-bench: error:") and needle in lines[0], result.output
 
 
+@pytest.mark.e2e
 def test_cli_error_in_a_real_process_has_no_traceback(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "rapm_bench.cli", "bench", "--stages", "bogus"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
@@ -316,6 +317,7 @@ def test_cli_dry_run_prints_the_config(tmp_path: Path):
 
 
 # --- end to end on the tiny world -----------------------------------------------------------------------
+@pytest.mark.e2e
 def test_cli_tiny_bench_writes_the_result_json(tmp_path: Path):
     out = tmp_path / "bench"
     args = ["bench", "--out", str(out), "--repeats", "1", "--warmup", "0", "--peak-tflops", "0.5", "--threads", "1",

@@ -83,6 +83,7 @@ def test_dmd2_pairs_equal_the_pandas_recipe(coco: tuple[Path, Path]) -> None:
     assert pairs[0].caption.endswith(" \n")  # DMD2 keeps captions untouched
 
 
+@pytest.mark.e2e
 def test_prepare_coco_writes_pairs_and_stats_then_reuses(coco: tuple[Path, Path], tmp_path: Path) -> None:
     ann, img_dir = coco
     protocol = dataclasses.replace(_proto("dmd2-coco10k", 10), eval_resolution=32)
@@ -197,6 +198,7 @@ def test_non_coco_protocol_refused(coco: tuple[Path, Path], tmp_path: Path) -> N
         prepare_coco(ann, img_dir, get_protocol("tiny"), tmp_path, MeanPool(), progress=False)
 
 
+@pytest.mark.e2e
 def test_cli_data_coco(coco: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 

@@ -145,6 +145,7 @@ def test_trajectory_shards_go_round_robin(tiny_world, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / spec.key()).glob("shard_*")) == [tr._shard_name(1), tr._shard_name(3)]
 
 
+@pytest.mark.e2e
 def test_two_processes_split_the_trajectory_cache(teacher, tmp_path):
     """`distill` under torchrun with 2 CPU processes: the shards split across them, only the main one trains, and
     the cache equals a one-process fill tensor for tensor (one CPU thread per process on both sides: CPU kernels
@@ -340,6 +341,7 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
+@pytest.mark.e2e
 def test_resume_is_bit_identical(teacher, tmp_path, monkeypatch):
     """Interrupted at iteration 5 (checkpoint at 4) and rerun == uninterrupted; so is --resume --iters."""
     from rapm_bench.distill import engine
@@ -367,6 +369,7 @@ def test_resume_is_bit_identical(teacher, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.e2e
 def test_merged_lora_impl_trains_like_peft_resumes_and_exports(teacher, tmp_path):
     """--lora-impl merged (rapm_bench.fastlora): the first iteration's losses equal PEFT's (B = 0: the student is the
     teacher whatever A is), an interrupted run resumes bit-identically, and the LoRA file has PEFT's keys and shapes."""
@@ -400,6 +403,7 @@ def test_merged_lora_impl_trains_like_peft_resumes_and_exports(teacher, tmp_path
     assert (before.int() - generate_batch(world, ["a red circle"], [0], DDIM_TRAILING, 4, 1.0).int()).abs().max() > 0
 
 
+@pytest.mark.e2e
 def test_out_of_gpu_memory_names_what_uses_less(teacher, tmp_path, monkeypatch):
     """A GPU OOM in iteration 3 (checkpoint at 2) ends in one UserError: the checkpoint kept, --resume, and the
     switches that use less memory; the checkpoint is intact and the run resumes from it."""
@@ -427,6 +431,7 @@ def test_out_of_gpu_memory_names_what_uses_less(teacher, tmp_path, monkeypatch):
     assert engine.distill(cfg, resume=True, progress=False)["resumed_from"] == 2
 
 
+@pytest.mark.e2e
 def test_nan_guard_keeps_last_good_checkpoint(teacher, tmp_path, monkeypatch):
     """A NaN at iteration 4 stops the run with a message; the step-2 checkpoint and its LoRA stay."""
     from rapm_bench.distill import engine
@@ -452,6 +457,7 @@ def test_nan_guard_keeps_last_good_checkpoint(teacher, tmp_path, monkeypatch):
     assert (tmp_path / "run" / "lora.safetensors").is_file()
 
 
+@pytest.mark.e2e
 def test_run_folder_rules(teacher, tmp_path):
     """Another config in --out is refused; --resume may change --iters only; config.json is written first."""
     from rapm_bench.distill import engine
@@ -487,6 +493,7 @@ def test_cli_dry_run_and_errors():
         assert result.exit_code == 2 and match in result.output, result.output
 
 
+@pytest.mark.e2e
 def test_cli_distils_the_tiny_world(teacher, tmp_path):
     """`distill` end to end through the CLI on a random tiny teacher; the LoRA loads into the tiny world."""
     from rapm_bench.generate import generate_batch

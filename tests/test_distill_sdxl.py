@@ -52,6 +52,7 @@ def diffusers_images(folder: Path, lora_dir: Path | None, output_type: str = "np
     return (out * 255).round().astype(np.uint8)
 
 
+@pytest.mark.e2e
 def test_distilled_lora_round_trips_through_diffusers(tmp_path, tiny_sdxl, distilled):
     """load_lora_weights(DIR) + RAPM recipe == rapm-bench generate --lora DIR/lora.safetensors (max uint8 diff ≤ 1)."""
     from PIL import Image
@@ -78,6 +79,7 @@ def test_distilled_lora_round_trips_through_diffusers(tmp_path, tiny_sdxl, disti
     assert np.abs(plain - tuned).max() > 1e-3
 
 
+@pytest.mark.e2e
 def test_kohya_export_equals_diffusers_export(tiny_sdxl, distilled):
     """`--format kohya` read by diffusers' kohya converter gives the same UNet LoRA weights and images."""
     from diffusers import StableDiffusionXLPipeline

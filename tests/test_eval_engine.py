@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from rapm_bench.cli import app
 
+pytestmark = pytest.mark.e2e  # `eval`, `check`, `plot` end to end
+
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("model", "steps", "guidance", "preset", "protocol", "protocol_hash", "num_images", "fid", "clip_score",
           "seconds", "images_per_second", "device", "versions", "git_commit", "seed", "retrieval_accuracy", "timing")

@@ -29,6 +29,8 @@ import pytest
 import torch
 from helpers.jobs import TIMEOUT, assert_nothing_half_written, cli, run_to_end
 
+pytestmark = pytest.mark.e2e  # each job is a subprocess, killed and rerun
+
 # --- running, killing --------------------------------------------------------------------------------
 Ready = Callable[[], bool]
 

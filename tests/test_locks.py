@@ -22,6 +22,8 @@ from helpers.jobs import assert_nothing_half_written, cli
 
 from rapm_bench.locks import INFO, LOCK, hold
 
+pytestmark = pytest.mark.e2e  # two subprocesses each
+
 TIMEOUT = 300
 
 

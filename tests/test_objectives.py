@@ -338,6 +338,7 @@ def assert_same_checkpoint(a: Path, b: Path, modules: tuple[str, ...]) -> None:
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("objective", "extra", "modules"), [
     ("pcm", {"pcm_ema": 0.5}, ("lora", "ema", "opt.g")),
     ("dmd2", {"dmd2_fake_steps": 2}, ("lora", "fake_score", "heads", "opt.g", "opt.d")),
@@ -383,6 +384,7 @@ def test_objective_runs_resume_bit_identical_and_export(teacher, tmp_path, objec
     assert (before.int() - after.int()).abs().max() > 0
 
 
+@pytest.mark.e2e
 def test_nan_in_the_fake_score_stops_dmd2(teacher, tmp_path, monkeypatch):
     """The NaN guard covers the critic: a non-finite fake-score loss at iteration 3 stops the run, the
     iteration-2 checkpoint and its LoRA stay."""

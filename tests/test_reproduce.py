@@ -30,6 +30,7 @@ def small_tiny_plan(objectives: tuple[str, ...], seeds: int = 1) -> rep.Plan:
                     num_images=130, grid_prompts=2)
 
 
+@pytest.mark.e2e
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     result = subprocess.run([sys.executable, "-m", "rapm_bench", "reproduce", "--dry-run", "--out",
                              str(tmp_path / "res"), "--runs", str(tmp_path / "runs")],
@@ -80,6 +81,7 @@ def test_welch_verdicts():
     assert welch([3.0], [4.0])["p"] is None and "one seed" in welch([3.0], [4.0])["verdict"]
 
 
+@pytest.mark.e2e
 def test_tiny_reproduce_runs_then_reuses_everything(tmp_path, monkeypatch):
     """Two methods at two training seeds and 1 step, RAPM at 2 steps: the table (seed 0), the comparison per step
     count with Welch verdicts, per-step sample grids, then a rerun that runs nothing."""
@@ -123,6 +125,7 @@ def test_tiny_reproduce_runs_then_reuses_everything(tmp_path, monkeypatch):
     assert (res / "comparison.md").read_bytes() == before
 
 
+@pytest.mark.e2e
 def test_sdxl_reproduce_rehearsed_offline(tmp_path, monkeypatch, tiny_sdxl, prepared_coco,
                                           clip_checkpoint, rehearsal_protocol):
     inception, cache = prepared_coco

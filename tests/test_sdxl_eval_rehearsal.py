@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 
 from rapm_bench.cli import app
 
+pytestmark = pytest.mark.e2e  # `data coco` then `eval` on the SDXL path
+
 
 def test_data_then_eval_on_the_sdxl_path(tmp_path, tiny_sdxl, prepared_coco, clip_checkpoint,
                                         rehearsal_protocol):

@@ -32,6 +32,7 @@ def students(teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tu
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("objective", ["rapm", "pcm", "dmd2"])
 @pytest.mark.parametrize("n", [1, 2])
 def test_lora_records_its_steps_and_sampler(students, objective, n):
@@ -54,6 +55,7 @@ def _eval(args: list[str], teacher: Path, out: Path) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("objective", ["rapm", "dmd2"])
 def test_eval_samples_a_lora_at_its_steps(students, teacher, tmp_path, objective):
     """`eval --model lora:PATH` takes N and the sampler from the file; `--model dmd2 --lora` at N = 1 too."""
@@ -69,6 +71,7 @@ def test_eval_samples_a_lora_at_its_steps(students, teacher, tmp_path, objective
         assert (tmp_path / "b" / "dmd2-1step-tiny.json").is_file()
 
 
+@pytest.mark.e2e
 def test_eval_refuses_another_step_count(students, teacher, tmp_path):
     """A LoRA trained for 2 steps sampled at 4: one line naming both, exit 2, nothing written."""
     lora = students[("pcm", 2)]

@@ -116,6 +116,7 @@ def test_evaluator_batch_independent(evaluator) -> None:
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.e2e
 def test_train_evaluator_command_writes_a_loadable_model(tmp_path) -> None:
     from typer.testing import CliRunner
 

@@ -18,6 +18,7 @@ def short_args(teacher: Path, tmp_path: Path) -> list[str]:
             "2", "--iters", "6", "--checkpoint-every", "3", "--sample-every", "3", "--warmup", "2"]
 
 
+@pytest.mark.e2e
 def test_tensorboard_gets_every_jsonl_scalar_once_per_log_step_and_the_sample_grids(teacher, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -48,6 +49,7 @@ def test_tensorboard_gets_every_jsonl_scalar_once_per_log_step_and_the_sample_gr
     assert len(list((run / "samples").glob("step_*.png"))) == 3
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("tracker, available", [("wandb", "is_wandb_available"), ("mlflow", "is_mlflow_available"),
                                                 ("tensorboard", "is_tensorboard_available")])
 def test_missing_tracker_package_is_one_line_naming_the_pip_command(teacher, tmp_path, monkeypatch, tracker,
@@ -63,6 +65,7 @@ def test_missing_tracker_package_is_one_line_naming_the_pip_command(teacher, tmp
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.e2e
 def test_unknown_tracker_is_one_line(teacher, tmp_path):
     r = CliRunner().invoke(distill_app(), [*short_args(teacher, tmp_path), "--log-with", "neptune"])
     assert r.exit_code == 2 and "--log-with must be one of tensorboard, wandb, mlflow" in r.output
