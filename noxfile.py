@@ -17,6 +17,20 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def unit(session: nox.Session) -> None:
+    """The fast unit tier: the default suite less the end-to-end (`e2e`) tests."""
+    session.run(PY, "-m", "pytest", "-q", "-m", "not slow and not gpu and not e2e", *session.posargs)
+
+
+@nox.session
+def threads1(session: nox.Session) -> None:
+    """The unit tier at one OpenMP thread: the tolerances must hold at 1 thread as at 2 (other reduction
+    orders, other round-off)."""
+    session.run(PY, "-m", "pytest", "-q", "-m", "not slow and not gpu and not e2e", *session.posargs,
+                env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff over the package, baselines, tests and this file."""
     session.run(PY, "-m", "ruff", "check", "rapm_bench", "baselines", "tests", "noxfile.py")

@@ -28,6 +28,8 @@ from safetensors.torch import save_file
 
 from rapm_bench.errors import UserError
 
+pytestmark = pytest.mark.e2e  # every case runs `python -m rapm_bench` in a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 MARK = Path("/tmp/rapm-bench-bad-input-pwned")
 
@@ -43,15 +45,11 @@ SDXL_MODULES = {
 
 
 # --- running the command line ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Offline, a private cache, one thread per process (the CPU is shared)."""
-    cache = tmp_path_factory.mktemp("cache")
-    return os.environ | {"HF_HUB_OFFLINE": "1", "RAPM_BENCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-
-
 def run_cli(args: list[str], cwd: Path, env: dict[str, str], code: str | None = None) -> subprocess.CompletedProcess:
-    """`python -m rapm_bench ARGS` (or `python -c CODE ARGS`) in a subprocess: what a user sees."""
+    """`python -m rapm_bench ARGS` (or `python -c CODE ARGS`) in a subprocess: what a user sees. `env` is
+    conftest's, less its PYTHONWARNINGS=ignore: a warning printed beside the error is part of what is checked."""
+    env = {k: v for k, v in env.items() if k != "PYTHONWARNINGS"} | (
+        {"PYTHONWARNINGS": os.environ["PYTHONWARNINGS"]} if "PYTHONWARNINGS" in os.environ else {})
     head = ["-c", code] if code else ["-m", "rapm_bench"]
     return subprocess.run([sys.executable, *head, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -18,36 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tolerances import GRAD_ATOL, GRAD_RTOL, rel
 from typer.testing import CliRunner
 
 from rapm_bench import bench as bm
 from rapm_bench.cli import app
 from rapm_bench.errors import UserError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: a shared 2-core machine runs these small networks far faster without OpenMP contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-GRAD_RTOL = 1e-4
-GRAD_ATOL = 1e-5
-"""LoRA gradients of two implementations agree to GRAD_RTOL of each layer's largest entry plus an
-absolute floor of GRAD_ATOL times the largest gradient of any layer. The floor is float32 round-off:
-a LoRA gradient is a reduction over ~10^3-10^4 products (batch x positions x channels) whose partial
-sums are as large as the largest gradient, and the two implementations reduce in different orders
-(other kernels, other thread splits), so they differ by up to ~sqrt(n) x 6e-8 (float32's unit
-round-off) x that scale, whatever the layer's own gradient size. Measured on the CPU: up to 2.3e-6 x
-scale at 2 threads; a layer whose own gradient is 2.7e-5 differed by 3.6e-9, far above 1e-4 of it."""
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative RMS difference."""
-    return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt().clamp_min(1e-12))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -322,6 +300,7 @@ def test_cli_bad_input_exits_2_with_one_line(args, needle):
     assert len(lines) == 1 and lines[0].startswith("rapm-bench: error:") and needle in lines[0], result.output
 
 
+@pytest.mark.e2e
 def test_cli_error_in_a_real_process_has_no_traceback(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "rapm_bench.cli", "bench", "--stages", "bogus"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
@@ -338,6 +317,7 @@ def test_cli_dry_run_prints_the_config(tmp_path: Path):
 
 
 # --- end to end on the tiny world -----------------------------------------------------------------------
+@pytest.mark.e2e
 def test_cli_tiny_bench_writes_the_result_json(tmp_path: Path):
     out = tmp_path / "bench"
     args = ["bench", "--out", str(out), "--repeats", "1", "--warmup", "0", "--peak-tflops", "0.5", "--threads", "1",

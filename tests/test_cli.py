@@ -42,6 +42,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> Non
     assert lines[0].startswith("rapm-bench: error:") and needle in lines[0], lines[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -71,6 +72,7 @@ def test_generate_bad_input(tmp_path, args, needle):
     assert not out.exists(), "bad input must leave no output folder behind"
 
 
+@pytest.mark.e2e
 def test_out_folder_of_another_run_is_refused(tmp_path, tiny_sdxl):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")

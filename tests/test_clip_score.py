@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.clip import MODEL
 from PIL import Image
 
 from rapm_bench.errors import UserError
@@ -17,12 +17,6 @@ from rapm_bench.eval.clip_score import ClipLike, ClipScorer, ClipScoreStats, Ope
 from rapm_bench.eval.folders import clip_score_from_folder
 from rapm_bench.eval.protocols import get_protocol
 
-MODEL = "rapm-test-clip"
-CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
-}
 CAPTIONS = [
     "a cat sitting on a red sofa",
     "Two people riding bikes down a busy street.\n",
@@ -34,21 +28,6 @@ CAPTIONS = [
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-weight open_clip model registered under MODEL and saved as a local checkpoint."""
-    import open_clip
-
-    root = tmp_path_factory.mktemp("clip")
-    (root / f"{MODEL}.json").write_text(json.dumps(CONFIG))
-    open_clip.add_model_config(root / f"{MODEL}.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model(MODEL, pretrained=None)
-    path = root / "weights.pt"
-    torch.save(model.state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (len(CAPTIONS), 3, 1, 1))
@@ -56,12 +35,12 @@ def images() -> torch.Tensor:
     return torch.from_numpy((base + noise).clip(0, 255).astype(np.uint8))
 
 
-def _direct(checkpoint: Path, images: torch.Tensor, captions: list[str], resize: int | None, prefix: str) -> np.ndarray:
+def _direct(clip_checkpoint: Path, images: torch.Tensor, captions: list[str], resize: int | None, prefix: str) -> np.ndarray:
     """Cosines computed straight with open_clip: PIL crop + LANCZOS, the model's preprocess, tokenizer."""
     import open_clip
     from torchvision.transforms.functional import center_crop
 
-    model, _, preprocess = open_clip.create_model_and_transforms(MODEL, pretrained=str(checkpoint))
+    model, _, preprocess = open_clip.create_model_and_transforms(MODEL, pretrained=str(clip_checkpoint))
     model.eval()
     tokenizer = open_clip.get_tokenizer(MODEL)
     pils = []
@@ -80,27 +59,27 @@ def _protocol(name: str, **kw: object):
     return dataclasses.replace(get_protocol(name), clip_model=MODEL, **kw)
 
 
-def test_dmd2_scorer_equals_direct_open_clip(checkpoint: Path, images: torch.Tensor) -> None:
+def test_dmd2_scorer_equals_direct_open_clip(clip_checkpoint: Path, images: torch.Tensor) -> None:
     protocol = _protocol("dmd2-coco10k")
-    scorer = ClipScorer.for_protocol(protocol, checkpoint=checkpoint)
+    scorer = ClipScorer.for_protocol(protocol, checkpoint=clip_checkpoint)
     got = scorer.scores(images, CAPTIONS).numpy()
-    expected = _direct(checkpoint, images, CAPTIONS, resize=256, prefix="A photo depicts ")
+    expected = _direct(clip_checkpoint, images, CAPTIONS, resize=256, prefix="A photo depicts ")
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)  # scale 1, no clamp: raw cosine
     assert scorer.prefix == "A photo depicts " and scorer.scale == 1.0 and not scorer.clamp
     assert (got < 0).any()  # raw cosines pass through unclamped
 
 
-def test_coco30k_scorer_is_100_max_cos_0(checkpoint: Path, images: torch.Tensor) -> None:
-    scorer = ClipScorer.for_protocol(_protocol("coco30k"), checkpoint=checkpoint)
+def test_coco30k_scorer_is_100_max_cos_0(clip_checkpoint: Path, images: torch.Tensor) -> None:
+    scorer = ClipScorer.for_protocol(_protocol("coco30k"), checkpoint=clip_checkpoint)
     got = scorer.scores(images, CAPTIONS).numpy()
-    cos = _direct(checkpoint, images, CAPTIONS, resize=None, prefix="")
+    cos = _direct(clip_checkpoint, images, CAPTIONS, resize=None, prefix="")
     assert (cos < 0).any() and (cos > 0).any()  # the clamp is exercised
     np.testing.assert_allclose(got, 100 * np.maximum(cos, 0), rtol=1e-5, atol=1e-4)
     unclamped = ClipScorer(scorer.embedder, "", 100.0, clamp=False).scores(images, CAPTIONS).numpy()
     np.testing.assert_allclose(unclamped, 100 * cos, rtol=1e-5, atol=1e-4)
 
 
-def test_prefix_text_equals_dmd2_token_splice(checkpoint: Path) -> None:
+def test_prefix_text_equals_dmd2_token_splice(clip_checkpoint: Path) -> None:
     """DMD2 splices the tokens of "a photo depicts" after <sot> and re-truncates; prefixing the text is the same."""
     import open_clip
 
@@ -114,9 +93,9 @@ def test_prefix_text_equals_dmd2_token_splice(checkpoint: Path) -> None:
     assert torch.equal(spliced, tok(["A photo depicts " + c for c in CAPTIONS]))
 
 
-def test_streaming_mean_and_shard_merge(checkpoint: Path, images: torch.Tensor) -> None:
+def test_streaming_mean_and_shard_merge(clip_checkpoint: Path, images: torch.Tensor) -> None:
     protocol = _protocol("coco30k")
-    whole = ClipScorer.for_protocol(protocol, checkpoint=checkpoint)
+    whole = ClipScorer.for_protocol(protocol, checkpoint=clip_checkpoint)
     per_sample = whole.update(images, CAPTIONS)
     shard_a, shard_b = ClipScorer(whole.embedder, whole.prefix, 100.0, True), ClipScorer(whole.embedder, "", 100.0, True)
     parts = [shard_a.update(images[:2], CAPTIONS[:2]), shard_b.update(images[2:4], CAPTIONS[2:4]),
@@ -128,8 +107,8 @@ def test_streaming_mean_and_shard_merge(checkpoint: Path, images: torch.Tensor) 
     assert merged.mean() == pytest.approx(whole.mean(), rel=1e-5)  # fp32 embeddings vary with batch shape
 
 
-def test_clip_score_from_folder(checkpoint: Path, images: torch.Tensor, tmp_path: Path) -> None:
-    scorer = ClipScorer.for_protocol(_protocol("dmd2-coco10k"), checkpoint=checkpoint)
+def test_clip_score_from_folder(clip_checkpoint: Path, images: torch.Tensor, tmp_path: Path) -> None:
+    scorer = ClipScorer.for_protocol(_protocol("dmd2-coco10k"), checkpoint=clip_checkpoint)
     for i, im in enumerate(images):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / f"{i:06d}.png")
     value = clip_score_from_folder(tmp_path, CAPTIONS, scorer, batch_size=4)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.coco import N_IMAGES, coco_file_name
 from PIL import Image
 
 from rapm_bench.errors import UserError
@@ -25,36 +26,6 @@ from rapm_bench.eval.coco import (
 from rapm_bench.eval.features import eval_preprocess
 from rapm_bench.eval.fid import FeatureStats
 from rapm_bench.eval.protocols import get_protocol
-
-N_IMAGES = 16
-
-
-def _name(image_id: int) -> str:
-    return f"COCO_val2014_{image_id:012d}.jpg"
-
-
-@pytest.fixture()
-def coco(tmp_path: Path) -> tuple[Path, Path]:
-    """A captions file (16 images, 1-7 captions each, some messy) and the images, of mixed sizes and modes."""
-    rng = np.random.default_rng(0)
-    ids = sorted(rng.choice(600_000, N_IMAGES, replace=False).tolist())
-    images, annotations, ann_id = [], [], 1000
-    img_dir = tmp_path / "val2014"
-    img_dir.mkdir()
-    for k, image_id in enumerate(ids):
-        w, h = (40, 30) if k % 3 else (24, 36)
-        images.append({"id": image_id, "file_name": _name(image_id), "width": w, "height": h})
-        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        im = Image.fromarray(arr) if k % 5 else Image.fromarray(arr[..., 0])  # some grayscale, like COCO
-        im.save(img_dir / _name(image_id), quality=90)
-        for c in range(int(rng.integers(1, 8))):
-            ann_id += int(rng.integers(1, 5))
-            annotations.append({"id": ann_id, "image_id": image_id, "caption": f"A photo {k} caption {c} \n"})
-    rng.shuffle(annotations)
-    ann = tmp_path / "annotations" / "captions_val2014.json"
-    ann.parent.mkdir()
-    ann.write_text(json.dumps({"info": {}, "images": images, "annotations": annotations}))
-    return ann, img_dir
 
 
 def _proto(name: str, n: int):
@@ -84,7 +55,7 @@ def test_coco30k_pairs_deterministic_one_caption_per_image(coco: tuple[Path, Pat
     for a in data["annotations"]:
         captions.setdefault(a["image_id"], set()).add(" ".join(a["caption"].split()))
     for p in pairs:
-        assert p.file_name == _name(p.image_id) and p.caption in captions[p.image_id]
+        assert p.file_name == coco_file_name(p.image_id) and p.caption in captions[p.image_id]
     assert build_pairs(ann, _proto("coco30k", 5)) == pairs[:5]  # the first K pairs are the same for any N
     reseeded = build_pairs(ann, dataclasses.replace(_proto("coco30k", 12), caption_seed=7))
     assert [p.image_id for p in reseeded] != [p.image_id for p in pairs]
@@ -108,10 +79,11 @@ def test_dmd2_pairs_equal_the_pandas_recipe(coco: tuple[Path, Path]) -> None:
 
     pairs = build_pairs(ann, _proto("dmd2-coco10k", 10))
     assert [(p.file_name, p.caption) for p in pairs] == expected
-    assert all(p.file_name == _name(p.image_id) for p in pairs)
+    assert all(p.file_name == coco_file_name(p.image_id) for p in pairs)
     assert pairs[0].caption.endswith(" \n")  # DMD2 keeps captions untouched
 
 
+@pytest.mark.e2e
 def test_prepare_coco_writes_pairs_and_stats_then_reuses(coco: tuple[Path, Path], tmp_path: Path) -> None:
     ann, img_dir = coco
     protocol = dataclasses.replace(_proto("dmd2-coco10k", 10), eval_resolution=32)
@@ -226,6 +198,7 @@ def test_non_coco_protocol_refused(coco: tuple[Path, Path], tmp_path: Path) -> N
         prepare_coco(ann, img_dir, get_protocol("tiny"), tmp_path, MeanPool(), progress=False)
 
 
+@pytest.mark.e2e
 def test_cli_data_coco(coco: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.distill import distill_app, killed_at_chunk, small_teacher, tiny_cfg
 from typer.testing import CliRunner
 
 from rapm_bench.distill.config import resolve_distill
@@ -24,27 +23,6 @@ ZSNR_V = NoiseSchedule(beta_schedule="squaredcos_cap_v2", prediction_type="v_pre
 
 
 # --- fixtures ----------------------------------------------------------------------------------------
-def small_teacher(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """A random-weight tiny-world teacher, small enough for fast CPU tests."""
-    from rapm_bench.tiny.train import TeacherArch, build_teacher
-
-    torch.manual_seed(seed)
-    return build_teacher(TeacherArch(block_out_channels=(16, 32), text_width=32, text_layers=1))
-
-
-@pytest.fixture(scope="session")
-def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder of a saved random-weight tiny teacher (the shipped layout: unet/, text_encoder/, world.json)."""
-    from rapm_bench.worlds.tiny import WORLD_JSON, world_metadata
-
-    folder = tmp_path_factory.mktemp("tiny-teacher")
-    unet, text_encoder = small_teacher()
-    unet.save_pretrained(folder / "unet")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    (folder / WORLD_JSON).write_text(json.dumps(world_metadata(3.0)))
-    return folder
-
-
 @pytest.fixture()
 def tiny_world():
     """An in-memory random-weight TinyWorld (v-prediction, zero terminal SNR)."""
@@ -52,14 +30,6 @@ def tiny_world():
 
     unet, text_encoder = small_teacher()
     return TinyWorld(unet, text_encoder, "cpu")
-
-
-def tiny_cfg(teacher: Path, tmp_path: Path, **kw):
-    """A seconds-long tiny distillation config."""
-    base = dict(teacher=str(teacher), device="cpu", out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
-                num_trajectories=4, trajectory_batch=2, substeps=2, iters=6, checkpoint_every=2, log_every=1,
-                sample_every=0, sample_count=2, warmup=2)
-    return resolve_distill("tiny", **(base | kw))
 
 
 # --- schedule and DDIM step ------------------------------------------------------------------------------
@@ -175,7 +145,8 @@ def test_trajectory_shards_go_round_robin(tiny_world, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / spec.key()).glob("shard_*")) == [tr._shard_name(1), tr._shard_name(3)]
 
 
-def test_two_processes_split_the_trajectory_cache(tiny_teacher, tmp_path):
+@pytest.mark.e2e
+def test_two_processes_split_the_trajectory_cache(teacher, tmp_path):
     """`distill` under torchrun with 2 CPU processes: the shards split across them, only the main one trains, and
     the cache equals a one-process fill tensor for tensor (one CPU thread per process on both sides: CPU kernels
     reduce in another order with another thread count)."""
@@ -186,7 +157,7 @@ def test_two_processes_split_the_trajectory_cache(tiny_teacher, tmp_path):
     from rapm_bench.distill.trajectories import load_or_build, make_spec, training_prompts
     from rapm_bench.worlds import load_world
 
-    args = ["--teacher", str(tiny_teacher), "--device", "cpu", "--num-trajectories", "4", "--trajectory-batch",
+    args = ["--teacher", str(teacher), "--device", "cpu", "--num-trajectories", "4", "--trajectory-batch",
             "1", "--M", "2", "--iters", "1", "--warmup", "0", "--sample-every", "0"]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
@@ -196,7 +167,7 @@ def test_two_processes_split_the_trajectory_cache(tiny_teacher, tmp_path):
     assert proc.stdout.count("distilled 1 iterations") == 1  # the main process trained, the other returned
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
 
-    cfg = resolve_distill("tiny", teacher=str(tiny_teacher), device="cpu", num_trajectories=4, trajectory_batch=1,
+    cfg = resolve_distill("tiny", teacher=str(teacher), device="cpu", num_trajectories=4, trajectory_batch=1,
                           substeps=2)
     world = load_world(cfg.world)
     prompts = training_prompts("tiny", 4, None)
@@ -362,26 +333,6 @@ def checkpoint_tensors(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoint.safetensors"))
 
 
-@contextmanager
-def killed_at_chunk(cls: type, call: int) -> Iterator[None]:
-    """Inside the block, the objective's `call`-th `chunks` call raises KeyboardInterrupt (a kill mid-iteration);
-    the block must end with it."""
-    real, calls = cls.chunks, []
-
-    def interrupt(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:
-            raise KeyboardInterrupt
-        yield from real(self, *args, **kwargs)
-
-    cls.chunks = interrupt
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            yield
-    finally:
-        cls.chunks = real
-
-
 def assert_same_checkpoint(a: Path, b: Path) -> None:
     ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
     assert ta.keys() == tb.keys()
@@ -390,12 +341,13 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
-def test_resume_is_bit_identical(tiny_teacher, tmp_path, monkeypatch):
+@pytest.mark.e2e
+def test_resume_is_bit_identical(teacher, tmp_path, monkeypatch):
     """Interrupted at iteration 5 (checkpoint at 4) and rerun == uninterrupted; so is --resume --iters."""
     from rapm_bench.distill import engine
     from rapm_bench.distill.rapm import RAPMLoss
 
-    whole = tiny_cfg(tiny_teacher, tmp_path, out=str(tmp_path / "whole"))
+    whole = tiny_cfg(teacher, tmp_path, out=str(tmp_path / "whole"))
     engine.distill(whole, progress=False)
 
     cut = replace(whole, out=str(tmp_path / "cut"))
@@ -417,7 +369,8 @@ def test_resume_is_bit_identical(tiny_teacher, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_merged_lora_impl_trains_like_peft_resumes_and_exports(tiny_teacher, tmp_path):
+@pytest.mark.e2e
+def test_merged_lora_impl_trains_like_peft_resumes_and_exports(teacher, tmp_path):
     """--lora-impl merged (rapm_bench.fastlora): the first iteration's losses equal PEFT's (B = 0: the student is the
     teacher whatever A is), an interrupted run resumes bit-identically, and the LoRA file has PEFT's keys and shapes."""
     from safetensors.torch import load_file
@@ -428,7 +381,7 @@ def test_merged_lora_impl_trains_like_peft_resumes_and_exports(tiny_teacher, tmp
     from rapm_bench.sampling import DDIM_TRAILING
     from rapm_bench.worlds.tiny import load_tiny_world
 
-    peft = tiny_cfg(tiny_teacher, tmp_path, out=str(tmp_path / "peft"), iters=4)
+    peft = tiny_cfg(teacher, tmp_path, out=str(tmp_path / "peft"), iters=4)
     merged = replace(peft, out=str(tmp_path / "merged"), lora_impl="merged")
     engine.distill(peft, progress=False)
     engine.distill(merged, progress=False)
@@ -444,19 +397,20 @@ def test_merged_lora_impl_trains_like_peft_resumes_and_exports(tiny_teacher, tmp
     assert engine.distill(cut, progress=False)["resumed_from"] == 2
     assert_same_checkpoint(tmp_path / "merged", tmp_path / "cut")
 
-    world = load_tiny_world("cpu", tiny_teacher)
+    world = load_tiny_world("cpu", teacher)
     before = generate_batch(world, ["a red circle"], [0], DDIM_TRAILING, 4, 1.0)
     world.load_lora(tmp_path / "merged" / "lora.safetensors")
     assert (before.int() - generate_batch(world, ["a red circle"], [0], DDIM_TRAILING, 4, 1.0).int()).abs().max() > 0
 
 
-def test_out_of_gpu_memory_names_what_uses_less(tiny_teacher, tmp_path, monkeypatch):
+@pytest.mark.e2e
+def test_out_of_gpu_memory_names_what_uses_less(teacher, tmp_path, monkeypatch):
     """A GPU OOM in iteration 3 (checkpoint at 2) ends in one UserError: the checkpoint kept, --resume, and the
     switches that use less memory; the checkpoint is intact and the run resumes from it."""
     from rapm_bench.distill import engine
     from rapm_bench.distill.rapm import RAPMLoss
 
-    cfg = tiny_cfg(tiny_teacher, tmp_path, iters=4, lora_impl="merged")
+    cfg = tiny_cfg(teacher, tmp_path, iters=4, lora_impl="merged")
     real, calls = RAPMLoss.chunks, []
 
     def oom(self, *args, **kwargs):
@@ -477,7 +431,8 @@ def test_out_of_gpu_memory_names_what_uses_less(tiny_teacher, tmp_path, monkeypa
     assert engine.distill(cfg, resume=True, progress=False)["resumed_from"] == 2
 
 
-def test_nan_guard_keeps_last_good_checkpoint(tiny_teacher, tmp_path, monkeypatch):
+@pytest.mark.e2e
+def test_nan_guard_keeps_last_good_checkpoint(teacher, tmp_path, monkeypatch):
     """A NaN at iteration 4 stops the run with a message; the step-2 checkpoint and its LoRA stay."""
     from rapm_bench.distill import engine
     from rapm_bench.distill.rapm import RAPMLoss
@@ -492,7 +447,7 @@ def test_nan_guard_keeps_last_good_checkpoint(tiny_teacher, tmp_path, monkeypatc
         return t
 
     monkeypatch.setattr(RAPMLoss, "terms", poisoned)
-    cfg = tiny_cfg(tiny_teacher, tmp_path)
+    cfg = tiny_cfg(teacher, tmp_path)
     with pytest.raises(engine.DivergedError, match=r"non-finite g_loss.* at iteration 4.*last good checkpoint \(iteration 2\)"):
         engine.distill(cfg, progress=False)
     from rapm_bench.distill.checkpoint import load_checkpoint
@@ -502,11 +457,12 @@ def test_nan_guard_keeps_last_good_checkpoint(tiny_teacher, tmp_path, monkeypatc
     assert (tmp_path / "run" / "lora.safetensors").is_file()
 
 
-def test_run_folder_rules(tiny_teacher, tmp_path):
+@pytest.mark.e2e
+def test_run_folder_rules(teacher, tmp_path):
     """Another config in --out is refused; --resume may change --iters only; config.json is written first."""
     from rapm_bench.distill import engine
 
-    cfg = tiny_cfg(tiny_teacher, tmp_path, iters=2, distance="l2", lambda_reg=0.0)
+    cfg = tiny_cfg(teacher, tmp_path, iters=2, distance="l2", lambda_reg=0.0)
     summary = engine.distill(cfg, progress=False)
     run = tmp_path / "run"
     assert json.loads((run / "config.json").read_text())["distance"] == "l2"
@@ -522,22 +478,10 @@ def test_run_folder_rules(tiny_teacher, tmp_path):
 
 
 # --- the command line ------------------------------------------------------------------------------------
-def cli():
-    """A Typer app holding `distill` as a sub-command (the lead's cli.py registers the same function)."""
-    import typer
-
-    from rapm_bench.cli_distill import distill
-
-    app = typer.Typer()
-    app.command()(distill)
-    app.callback()(lambda: None)
-    return app
-
-
 def test_cli_dry_run_and_errors():
     """--dry-run prints the resolved config; bad input is one line and exit code 2."""
     runner = CliRunner()
-    result = runner.invoke(cli(), ["distill", "--dry-run", "--M", "3", "--cfg", "2.5", "--rank", "2",
+    result = runner.invoke(distill_app(), ["distill", "--dry-run", "--M", "3", "--cfg", "2.5", "--rank", "2",
                                    "--lambda-rel", "0", "--format", "kohya", "--targets", "to_q,to_k"])
     assert result.exit_code == 0, result.output
     cfg = json.loads(result.output)
@@ -545,26 +489,27 @@ def test_cli_dry_run_and_errors():
     assert cfg["lora_targets"] == ["to_q", "to_k"] and cfg["world"]["preset"] == "tiny"
     for args, match in ((["--rank", "0"], "--rank must be at least 1"), (["--format", "ckpt"], "--format must be"),
                         (["--preset", "nope"], "unknown preset"), (["--preset", "sdxl"], "needs --prompts")):
-        result = runner.invoke(cli(), ["distill", "--dry-run", *args])
+        result = runner.invoke(distill_app(), ["distill", "--dry-run", *args])
         assert result.exit_code == 2 and match in result.output, result.output
 
 
-def test_cli_distils_the_tiny_world(tiny_teacher, tmp_path):
+@pytest.mark.e2e
+def test_cli_distils_the_tiny_world(teacher, tmp_path):
     """`distill` end to end through the CLI on a random tiny teacher; the LoRA loads into the tiny world."""
     from rapm_bench.generate import generate_batch
     from rapm_bench.sampling import DDIM_TRAILING
     from rapm_bench.worlds.tiny import load_tiny_world
 
     out = tmp_path / "run"
-    result = CliRunner().invoke(cli(), [
-        "distill", "--teacher", str(tiny_teacher), "--device", "cpu", "--out", str(out), "--cache-dir",
+    result = CliRunner().invoke(distill_app(), [
+        "distill", "--teacher", str(teacher), "--device", "cpu", "--out", str(out), "--cache-dir",
         str(tmp_path / "cache"), "--num-trajectories", "2", "--M", "2", "--iters", "2", "--lr", "0.05",
         "--warmup", "0", "--sample-every", "1"])
     assert result.exit_code == 0, result.output
     assert "evaluate: rapm-bench eval --model lora:" in result.output
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000.png", "step_000001.png",
                                                                    "step_000002.png"]
-    world = load_tiny_world("cpu", tiny_teacher)
+    world = load_tiny_world("cpu", teacher)
     before = generate_batch(world, ["a red circle"], [0], DDIM_TRAILING, 4, 1.0)
     world.load_lora(out / "lora.safetensors")
     after = generate_batch(world, ["a red circle"], [0], DDIM_TRAILING, 4, 1.0)

@@ -7,24 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.distill import distill_app
 from typer.testing import CliRunner
 
 from rapm_bench.cli import app as main_app
 
 PROMPTS = ["a photo of a cat", "two red apples on a wooden table", "a city street at night, rain"]
 SEEDS = [0, 1, 2]
-
-
-def distill_app():
-    """`distill` as a sub-command (the lead's cli.py registers the same function)."""
-    import typer
-
-    from rapm_bench.cli_distill import distill
-
-    app = typer.Typer()
-    app.command()(distill)
-    app.callback()(lambda: None)
-    return app
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +52,7 @@ def diffusers_images(folder: Path, lora_dir: Path | None, output_type: str = "np
     return (out * 255).round().astype(np.uint8)
 
 
+@pytest.mark.e2e
 def test_distilled_lora_round_trips_through_diffusers(tmp_path, tiny_sdxl, distilled):
     """load_lora_weights(DIR) + RAPM recipe == rapm-bench generate --lora DIR/lora.safetensors (max uint8 diff ≤ 1)."""
     from PIL import Image
@@ -89,6 +79,7 @@ def test_distilled_lora_round_trips_through_diffusers(tmp_path, tiny_sdxl, disti
     assert np.abs(plain - tuned).max() > 1e-3
 
 
+@pytest.mark.e2e
 def test_kohya_export_equals_diffusers_export(tiny_sdxl, distilled):
     """`--format kohya` read by diffusers' kohya converter gives the same UNet LoRA weights and images."""
     from diffusers import StableDiffusionXLPipeline

@@ -16,8 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.loaders.peft import PeftAdapterMixin
-from test_bench import GRAD_ATOL, GRAD_RTOL, rel
-from test_bench import one_thread as one_thread  # noqa: F401 - an autouse fixture
+from helpers.tolerances import GRAD_ATOL, GRAD_RTOL, rel
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -25,6 +24,8 @@ from rapm_bench import bench as bm
 from rapm_bench.errors import UserError
 from rapm_bench.fastlora import MODES, FastLoRA, LoRAWrap
 from rapm_bench.lora import LORA_TARGETS, attach_lora, lora_state_dict
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def max_err(got: torch.Tensor, want: torch.Tensor, floor: float = 0.0) -> float:
@@ -35,7 +36,7 @@ def max_err(got: torch.Tensor, want: torch.Tensor, floor: float = 0.0) -> float:
 
 def grad_err(got: torch.Tensor, want: torch.Tensor, scale: float) -> float:
     """Largest difference over its tolerance: GRAD_RTOL of `want`'s largest entry plus the float32
-    round-off floor GRAD_ATOL x `scale` (the largest gradient of any layer; test_bench.GRAD_ATOL says why)."""
+    round-off floor GRAD_ATOL x `scale` (the largest gradient of any layer; helpers/tolerances.py says why)."""
     err = float((got.reshape(want.shape).float() - want.float()).abs().max())
     return err / (GRAD_RTOL * float(want.abs().max()) + GRAD_ATOL * scale)
 

@@ -27,17 +27,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.jobs import TIMEOUT, assert_nothing_half_written, cli, run_to_end
 
-from rapm_bench.generate import is_stale_tmp, png_ok
-
-TIMEOUT = 600
-
+pytestmark = pytest.mark.e2e  # each job is a subprocess, killed and rerun
 
 # --- running, killing --------------------------------------------------------------------------------
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rapm_bench", *args]
-
-
 Ready = Callable[[], bool]
 
 
@@ -100,40 +94,6 @@ def kill_first(cmd: list[str], env: dict[str, str], cwd: Path, ready: Ready | No
             shutil.rmtree(path, ignore_errors=True)
         delay /= 3
     pytest.fail("the job always ended before the kill: nothing was tested")
-
-
-def run_to_end(cmd: list[str], env: dict[str, str], cwd: Path) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-# --- what a killed job may leave ------------------------------------------------------------------
-def assert_nothing_half_written(*folders: Path) -> list[Path]:
-    """Every file is complete (decodes, parses, loads); returns the atomic writer's leftover temporaries."""
-    import numpy as np
-    from safetensors.torch import load_file
-
-    leftovers = []
-    for folder in folders:
-        for p in sorted(folder.rglob("*")) if folder.exists() else []:
-            if not p.is_file() or p.name.startswith("log-"):
-                continue
-            if is_stale_tmp(p):
-                leftovers.append(p)
-            elif p.suffix == ".png":
-                assert png_ok(p), f"{p} is a truncated or corrupt PNG"
-            elif p.suffix == ".json":
-                json.loads(p.read_text())
-            elif p.suffix == ".jsonl":
-                for line in p.read_text().splitlines():
-                    json.loads(line)
-                assert not p.read_text() or p.read_text().endswith("\n"), f"{p} ends in a partial line"
-            elif p.suffix == ".safetensors":
-                load_file(str(p))
-            elif p.suffix == ".npz":
-                with np.load(p) as z:
-                    [z[k] for k in z.files]
-    return leftovers
 
 
 def png_bytes_of(folder: Path) -> dict[str, bytes]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.inception import FakeTorchscriptInception
 from PIL import Image
 from scipy import linalg
 
@@ -231,22 +232,11 @@ def test_missing_inception_weights_say_where_to_get_them(tmp_path: Path) -> None
         CleanInception.load(tmp_path)
 
 
-class _FakeTorchscriptInception(torch.nn.Module):
-    """The shape of clean-fid's torchscript file: a `layers` submodule that maps (N, 3, 299, 299) to 2048-d."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(8), torch.nn.Flatten(), torch.nn.Linear(192, 2048))
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        return self.layers(x)
-
-
 def test_clean_inception_loads_a_local_torchscript_file(tmp_path: Path) -> None:
     from rapm_bench.files import sha256_file
 
     torch.manual_seed(0)
-    fake = _FakeTorchscriptInception()
+    fake = FakeTorchscriptInception()
     path = tmp_path / "inception-2015-12-05.pt"
     torch.jit.script(fake).save(str(path))
     extractor = CleanInception.load(tmp_path)  # a folder works, and so does the file itself

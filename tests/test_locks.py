@@ -18,15 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_fault_injection import assert_nothing_half_written
+from helpers.jobs import assert_nothing_half_written, cli
 
 from rapm_bench.locks import INFO, LOCK, hold
 
+pytestmark = pytest.mark.e2e  # two subprocesses each
+
 TIMEOUT = 300
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rapm_bench", *args]
 
 
 def start(cmd: list[str], env: dict[str, str], cwd: Path, name: str) -> subprocess.Popen:

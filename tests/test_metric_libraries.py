@@ -152,6 +152,7 @@ def test_shards_placed_by_index_sum_to_the_single_process_tensors():
     assert torch.equal(merged.features, whole.features) and torch.equal(merged.clip, whole.clip)
 
 
+@pytest.mark.e2e
 def test_coco_without_reference_features_names_the_command(tmp_path):
     from rapm_bench.eval.engine import reference_features
     from rapm_bench.eval.protocols import get_protocol
@@ -175,6 +176,7 @@ def two_batch_sizes(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dic
     return out[0], out[1]
 
 
+@pytest.mark.e2e
 def test_eval_writes_intervals_and_kid(two_batch_sizes):
     rec = two_batch_sizes[0]
     for metric in ("fid", "clip_score", "retrieval_accuracy"):
@@ -192,6 +194,7 @@ def test_eval_writes_intervals_and_kid(two_batch_sizes):
     assert on_disk["fid_ci"] == rec["fid_ci"] and on_disk["kid"] == rec["kid"]
 
 
+@pytest.mark.e2e
 def test_intervals_do_not_depend_on_batch_size(two_batch_sizes):
     a, b = two_batch_sizes
     assert a["fid"] == pytest.approx(b["fid"], rel=1e-9)

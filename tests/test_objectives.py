@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distill import killed_at_chunk
-from test_distill import tiny_teacher as tiny_teacher  # noqa: F401 - a fixture
+from helpers.distill import distill_app, killed_at_chunk, small_teacher
 from typer.testing import CliRunner
 
 from rapm_bench.distill.config import DistillConfig, resolve_distill
@@ -22,16 +21,8 @@ PROMPT = "a red circle in the centre on a black background"
 
 # --- fixtures ------------------------------------------------------------------------------------------------
 @pytest.fixture()
-def teacher_dir(tiny_teacher: Path) -> Path:
-    """A saved random-weight tiny teacher (the shipped layout): test_distill's, built once per session."""
-    return tiny_teacher
-
-
-@pytest.fixture()
 def world():
     """An in-memory random-weight TinyWorld (v-prediction, zero terminal SNR) with a random student LoRA."""
-    from test_distill import small_teacher
-
     from rapm_bench.lora import attach_lora
     from rapm_bench.worlds.tiny import TinyWorld
 
@@ -96,21 +87,19 @@ def test_config_objective_fields_and_messages(tmp_path):
 
 def test_cli_objective_options():
     """--objective and the baselines' options reach the config; a bad objective is one line, exit code 2."""
-    from test_distill import cli
-
     runner = CliRunner()
-    result = runner.invoke(cli(), ["distill", "--dry-run", "--objective", "pcm", "--pcm-ema", "0.9", "--pcm-adv-weight",
+    result = runner.invoke(distill_app(), ["distill", "--dry-run", "--objective", "pcm", "--pcm-ema", "0.9", "--pcm-adv-weight",
                                    "0.1", "--M", "3", "--rank", "2", "--iters", "7", "--format", "kohya"])
     assert result.exit_code == 0, result.output
     cfg = json.loads(result.output)
     assert (cfg["objective"], cfg["pcm_ema"], cfg["pcm_adv_weight"], cfg["substeps"], cfg["rank"], cfg["iters"],
             cfg["out"]) == ("pcm", 0.9, 0.1, 3, 2, 7, "runs/distill/tiny-pcm")
-    result = runner.invoke(cli(), ["distill", "--dry-run", "--objective", "dmd2", "--dmd2-fake-rank", "4",
+    result = runner.invoke(distill_app(), ["distill", "--dry-run", "--objective", "dmd2", "--dmd2-fake-rank", "4",
                                    "--dmd2-fake-lr", "3e-4", "--dmd2-fake-steps", "2", "--dmd2-gan-weight", "0"])
     cfg = json.loads(result.output)
     assert (cfg["dmd2_fake_rank"], cfg["dmd2_fake_lr"], cfg["dmd2_fake_steps"], cfg["dmd2_gan_weight"]) == \
         (4, 3e-4, 2, 0.0)
-    result = runner.invoke(cli(), ["distill", "--dry-run", "--objective", "lcm"])
+    result = runner.invoke(distill_app(), ["distill", "--dry-run", "--objective", "lcm"])
     assert result.exit_code == 2 and "--objective must be one of rapm, pcm, dmd2" in result.output
 
 
@@ -349,11 +338,12 @@ def assert_same_checkpoint(a: Path, b: Path, modules: tuple[str, ...]) -> None:
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("objective", "extra", "modules"), [
     ("pcm", {"pcm_ema": 0.5}, ("lora", "ema", "opt.g")),
     ("dmd2", {"dmd2_fake_steps": 2}, ("lora", "fake_score", "heads", "opt.g", "opt.d")),
 ], ids=["pcm", "dmd2"])
-def test_objective_runs_resume_bit_identical_and_export(teacher_dir, tmp_path, objective, extra, modules):
+def test_objective_runs_resume_bit_identical_and_export(teacher, tmp_path, objective, extra, modules):
     """Interrupted in iteration 3 (checkpoint at 2) and rerun == uninterrupted, every module and optimiser
     included; the exported LoRA loads into the tiny world and changes its samples under the objective's own
     sampler (PCM: DDIM trailing, guidance 1; DMD2: LCM [999, 749, 499, 249], no CFG)."""
@@ -365,7 +355,7 @@ def test_objective_runs_resume_bit_identical_and_export(teacher_dir, tmp_path, o
     from rapm_bench.worlds.tiny import load_tiny_world
 
     cls: type[Objective] = {"pcm": baselines.pcm.PCMLoss, "dmd2": baselines.dmd2.DMD2Loss}[objective]
-    whole = run_cfg(teacher_dir, tmp_path, objective, **extra)
+    whole = run_cfg(teacher, tmp_path, objective, **extra)
     summary = engine.distill(whole, progress=False)
     run = Path(whole.out)
     assert summary["objective"] == objective and summary["iters"] == 4
@@ -385,7 +375,7 @@ def test_objective_runs_resume_bit_identical_and_export(teacher_dir, tmp_path, o
     assert engine.distill(cut, progress=False)["resumed_from"] == 2
     assert_same_checkpoint(run, tmp_path / "cut", modules)
 
-    tiny = load_tiny_world("cpu", teacher_dir)
+    tiny = load_tiny_world("cpu", teacher)
     recipe, guidance = (baselines.dmd2.LCM_DMD2, 0.0) if objective == "dmd2" else (baselines.pcm.DDIM_TRAILING, 1.0)
     assert summary["sampler"]["scheduler"] == recipe.scheduler and summary["sampler"]["guidance"] == guidance
     before = generate_batch(tiny, [PROMPT], [0], recipe, 4, guidance)
@@ -394,7 +384,8 @@ def test_objective_runs_resume_bit_identical_and_export(teacher_dir, tmp_path, o
     assert (before.int() - after.int()).abs().max() > 0
 
 
-def test_nan_in_the_fake_score_stops_dmd2(teacher_dir, tmp_path, monkeypatch):
+@pytest.mark.e2e
+def test_nan_in_the_fake_score_stops_dmd2(teacher, tmp_path, monkeypatch):
     """The NaN guard covers the critic: a non-finite fake-score loss at iteration 3 stops the run, the
     iteration-2 checkpoint and its LoRA stay."""
     from baselines.dmd2 import DMD2Loss
@@ -411,7 +402,7 @@ def test_nan_in_the_fake_score_stops_dmd2(teacher_dir, tmp_path, monkeypatch):
         return t
 
     monkeypatch.setattr(DMD2Loss, "fake_terms", poisoned)
-    cfg = run_cfg(teacher_dir, tmp_path, "dmd2", dmd2_gan_weight=0.0, slot_chunk=4)
+    cfg = run_cfg(teacher, tmp_path, "dmd2", dmd2_gan_weight=0.0, slot_chunk=4)
     with pytest.raises(engine.DivergedError, match=r"non-finite d_loss.* at iteration 3.*\(iteration 2\)"):
         engine.distill(cfg, progress=False)
     step, tensors, _ = load_checkpoint(Path(cfg.out) / "checkpoint.safetensors")

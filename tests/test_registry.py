@@ -51,6 +51,7 @@ def test_tcd_uses_gamma_03_and_reported_numbers_cite_a_source():
             assert rep.source and rep.protocol and rep.preset in ("sdxl", "tiny")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("model", "steps", "shipped"), [("pcm", 3, "2, 4, 8, 16"), ("dmd2", 8, "4"),
                                                           ("lightning", 1, "2, 4, 8"), ("rapm", 2, "4")])
 def test_eval_rejects_unshipped_step_counts(tmp_path, model, steps, shipped):

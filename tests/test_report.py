@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from rapm_bench.cli import app
@@ -22,6 +23,7 @@ def fake_result(folder: Path, model: str, steps: int, fid: float, clip: float, p
     return path
 
 
+@pytest.mark.e2e
 def test_table_writes_three_formats_with_reported_rows_for_sdxl(tmp_path):
     fake_result(tmp_path / "res", "teacher", 4, 12.5, 28.1)
     fake_result(tmp_path / "res", "teacher", 50, 3.25, 30.2)
@@ -42,6 +44,7 @@ def test_table_writes_three_formats_with_reported_rows_for_sdxl(tmp_path):
     assert "reported: RAPM README" in result.output and "19.21" in result.output and "22.84" in result.output
 
 
+@pytest.mark.e2e
 def test_check_passes_within_tolerance_and_fails_past_it(tmp_path):
     base = fake_result(tmp_path / "base", "teacher", 4, 12.5, 28.1)
     near = fake_result(tmp_path / "near", "teacher", 4, 12.7, 28.0)
@@ -56,6 +59,7 @@ def test_check_passes_within_tolerance_and_fails_past_it(tmp_path):
     assert tight.exit_code == 1
 
 
+@pytest.mark.e2e
 def test_check_refuses_a_result_from_another_protocol(tmp_path):
     base = fake_result(tmp_path / "base", "teacher", 4, 12.5, 28.1)
     other = fake_result(tmp_path / "other", "teacher", 4, 12.5, 28.1, protocol_hash="fff000fff000")
@@ -64,6 +68,7 @@ def test_check_refuses_a_result_from_another_protocol(tmp_path):
     assert "not comparable" in result.output
 
 
+@pytest.mark.e2e
 def test_bad_result_file_is_one_line(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -72,6 +77,7 @@ def test_bad_result_file_is_one_line(tmp_path):
     assert "not valid JSON" in result.output
 
 
+@pytest.mark.e2e
 def test_plot_writes_pngs(tmp_path):
     """FID vs steps and FID vs CLIP from results (the sample grid needs generation: see test_eval_engine)."""
     fake_result(tmp_path / "res", "teacher", 4, 12.5, 28.1)
@@ -95,6 +101,7 @@ def _with_intervals(path: Path, kid: float | None) -> Path:
     return path
 
 
+@pytest.mark.e2e
 def test_table_shows_intervals_and_kid_where_results_have_them(tmp_path):
     _with_intervals(fake_result(tmp_path / "res", "teacher", 4, 3.15, 28.1), kid=0.0123)
     fake_result(tmp_path / "res", "teacher", 8, 2.5, 28.5)  # an older result: plain numbers, no KID
@@ -106,6 +113,7 @@ def test_table_shows_intervals_and_kid_where_results_have_them(tmp_path):
     assert "| 2.50 | – | 28.50 | 0.800 |" in md
 
 
+@pytest.mark.e2e
 def test_check_compares_kid_and_skips_baselines_without_it(tmp_path):
     base = _with_intervals(fake_result(tmp_path / "base", "teacher", 4, 12.5, 28.1), kid=0.050)
     near = _with_intervals(fake_result(tmp_path / "near", "teacher", 4, 12.5, 28.1), kid=0.052)

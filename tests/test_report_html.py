@@ -85,6 +85,7 @@ def tiny_results(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.e2e
 def test_report_holds_every_table_row_images_and_provenance(tiny_results):
     """No browser needed: the page holds every table.md row, each PNG inlined, a provenance row per result."""
     r = CliRunner().invoke(app, ["report", str(tiny_results)])
@@ -104,6 +105,7 @@ def test_report_holds_every_table_row_images_and_provenance(tiny_results):
     assert "Equal-budget comparison" in html and "<table>" in html  # comparison.md rendered, its table too
 
 
+@pytest.mark.e2e
 def test_report_shows_intervals_kid_and_marks_reported_rows(tmp_path):
     """Interval and KID fields show when present (not required); the papers' rows are marked as reported."""
     folder = tmp_path / "r"
@@ -125,6 +127,7 @@ def test_report_shows_intervals_kid_and_marks_reported_rows(tmp_path):
     assert reported and all(row[0].startswith("reportedreported: ") for row in reported)  # badge, then source
 
 
+@pytest.mark.e2e
 def test_report_of_a_folder_without_results_is_one_line(tmp_path):
     """No result JSONs: exit 2, one line, nothing written."""
     r = CliRunner().invoke(app, ["report", str(tmp_path)])
@@ -139,6 +142,7 @@ def browser() -> str | None:
     return next((b for b in map(shutil.which, BROWSERS) if b), None)
 
 
+@pytest.mark.e2e
 def test_report_in_headless_chromium(tiny_results, tmp_path):
     """Chromium renders the page: its DOM holds every table.md row, and its screenshot is not blank."""
     exe = browser()

@@ -10,10 +10,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_clip_score import checkpoint as checkpoint  # noqa: F401 - a fixture
-from test_coco import coco as coco  # noqa: F401 - a fixture
-from test_sdxl_eval_rehearsal import prepared_coco as prepared_coco  # noqa: F401 - a fixture
-from test_sdxl_eval_rehearsal import rehearsal_protocol as rehearsal_protocol  # noqa: F401 - a fixture
 from typer.testing import CliRunner
 
 from rapm_bench import reproduce as rep
@@ -34,6 +30,7 @@ def small_tiny_plan(objectives: tuple[str, ...], seeds: int = 1) -> rep.Plan:
                     num_images=130, grid_prompts=2)
 
 
+@pytest.mark.e2e
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     result = subprocess.run([sys.executable, "-m", "rapm_bench", "reproduce", "--dry-run", "--out",
                              str(tmp_path / "res"), "--runs", str(tmp_path / "runs")],
@@ -84,6 +81,7 @@ def test_welch_verdicts():
     assert welch([3.0], [4.0])["p"] is None and "one seed" in welch([3.0], [4.0])["verdict"]
 
 
+@pytest.mark.e2e
 def test_tiny_reproduce_runs_then_reuses_everything(tmp_path, monkeypatch):
     """Two methods at two training seeds and 1 step, RAPM at 2 steps: the table (seed 0), the comparison per step
     count with Welch verdicts, per-step sample grids, then a rerun that runs nothing."""
@@ -127,8 +125,9 @@ def test_tiny_reproduce_runs_then_reuses_everything(tmp_path, monkeypatch):
     assert (res / "comparison.md").read_bytes() == before
 
 
-def test_sdxl_reproduce_rehearsed_offline(tmp_path, monkeypatch, tiny_sdxl, prepared_coco, checkpoint,  # noqa: F811
-                                          rehearsal_protocol):  # noqa: F811
+@pytest.mark.e2e
+def test_sdxl_reproduce_rehearsed_offline(tmp_path, monkeypatch, tiny_sdxl, prepared_coco,
+                                          clip_checkpoint, rehearsal_protocol):
     inception, cache = prepared_coco
     prompts = tmp_path / "train_captions.txt"
     prompts.write_text("a dog on a beach\na bowl of soup\n")
@@ -139,7 +138,7 @@ def test_sdxl_reproduce_rehearsed_offline(tmp_path, monkeypatch, tiny_sdxl, prep
                     num_images=12, grid_prompts=0, protocol=rehearsal_protocol)
     monkeypatch.setattr(rep, "make_plan", lambda preset, quick=False, seeds=1, steps=None, sweep=False: plan)
     args = ["reproduce", "--preset", "sdxl", "--teacher", str(tiny_sdxl), "--prompts", str(prompts),
-            "--data-dir", str(cache), "--inception", str(inception), "--clip-checkpoint", str(checkpoint),
+            "--data-dir", str(cache), "--inception", str(inception), "--clip-checkpoint", str(clip_checkpoint),
             "--device", "cpu", "--out", str(tmp_path / "res"), "--runs", str(tmp_path / "runs")]
     with pytest.warns(UserWarning, match="unreliable"):  # 12 images, 2048-d features
         result = CliRunner().invoke(app, args)

@@ -37,10 +37,12 @@ def test_full_size_text_encoders_fit_the_sdxl_unet():
                                                                   + 6 * SDXL_UNET["addition_time_embed_dim"])
 
 
+@pytest.mark.e2e
 def test_settings_round_trip_through_the_worker_arguments(built):
     assert scaling.settings(scaling.parse_args(built.argv())) == built
 
 
+@pytest.mark.e2e
 def test_small_build_is_reused_and_loads_through_the_real_loaders(built, monkeypatch):
     """teacher -> SDXL world; `data coco` -> reference statistics; Inception and CLIP -> the protocol's scorer."""
     from rapm_bench.config import WorldConfig

@@ -48,6 +48,7 @@ def ours(tmp_path: Path, folder: Path, args: list[str]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(out / f"{i:06d}.png")) for i in range(len(PROMPTS))])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("lora", "fuse", "steps", "guidance"),
     [(False, False, 4, 1.0), (True, False, 4, 1.0), (True, True, 4, 1.0), (False, False, 3, 5.0)],
@@ -67,6 +68,7 @@ def test_generate_equals_diffusers_pipeline(tmp_path, tiny_sdxl, tiny_sdxl_lora,
     assert diff <= 1, f"max abs uint8 difference {diff}"
 
 
+@pytest.mark.e2e
 def test_lora_changes_images(tmp_path, tiny_sdxl, tiny_sdxl_lora):
     """The LoRA in the fixture is not a no-op (otherwise the LoRA cases above prove nothing)."""
     plain = reference_images(tiny_sdxl, 4, 1.0, None, False)

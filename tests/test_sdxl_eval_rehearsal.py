@@ -2,54 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
-import torch
-from test_clip_score import MODEL
-from test_clip_score import checkpoint as checkpoint  # noqa: F401 - a fixture
-from test_coco import coco as coco  # noqa: F401 - a fixture
-from test_fid_agreement import _FakeTorchscriptInception
 from typer.testing import CliRunner
 
 from rapm_bench.cli import app
-from rapm_bench.eval import protocols
+
+pytestmark = pytest.mark.e2e  # `data coco` then `eval` on the SDXL path
 
 
-@pytest.fixture()
-def rehearsal_protocol(monkeypatch: pytest.MonkeyPatch) -> str:
-    """coco30k at 12 pairs, 32-px generation, with the small test CLIP in ViT-g-14's place."""
-    proto = dataclasses.replace(protocols.get_protocol("coco30k"), name="coco-rehearsal", num_pairs=12,
-                                generation_resolution=32, clip_model=MODEL, clip_pretrained=None)
-    monkeypatch.setitem(protocols.PROTOCOLS, proto.name, proto)
-    return proto.name
-
-
-@pytest.fixture()
-def prepared_coco(tmp_path: Path, coco: tuple[Path, Path], rehearsal_protocol: str) -> tuple[Path, Path]:  # noqa: F811
-    """(stand-in Inception file, data cache) after `rapm-bench data coco` on the synthetic COCO set."""
-    annotations, images = coco
-    torch.manual_seed(0)
-    inception = tmp_path / "inception-2015-12-05.pt"
-    torch.jit.script(_FakeTorchscriptInception()).save(str(inception))
-    cache = tmp_path / "cache"
-    prep = CliRunner().invoke(app, ["data", "coco", "--protocol", rehearsal_protocol, "--annotations",
-                                    str(annotations), "--images", str(images), "--cache-dir", str(cache),
-                                    "--inception", str(inception), "--device", "cpu"])
-    assert prep.exit_code == 0, prep.output
-    return inception, cache
-
-
-def test_data_then_eval_on_the_sdxl_path(tmp_path, tiny_sdxl, prepared_coco, checkpoint,  # noqa: F811
+def test_data_then_eval_on_the_sdxl_path(tmp_path, tiny_sdxl, prepared_coco, clip_checkpoint,
                                         rehearsal_protocol):
     inception, cache = prepared_coco
     with pytest.warns(UserWarning, match="unreliable"):  # 12 images, 2048-d features
         result = CliRunner().invoke(app, [
             "eval", "--preset", "sdxl", "--teacher", str(tiny_sdxl), "--model", "teacher", "--steps", "2",
             "--protocol", rehearsal_protocol, "--data-dir", str(cache), "--inception", str(inception),
-            "--clip-checkpoint", str(checkpoint), "--device", "cpu", "--out", str(tmp_path / "res"), "--json"])
+            "--clip-checkpoint", str(clip_checkpoint), "--device", "cpu", "--out", str(tmp_path / "res"), "--json"])
     assert result.exit_code == 0, result.output
     rec = json.loads(result.output[result.output.index("{"):])
     assert rec["protocol"] == rehearsal_protocol and rec["num_images"] == 12 and rec["preset"] == "sdxl"

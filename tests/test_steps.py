@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_distill import tiny_cfg
-from test_distill import tiny_teacher as tiny_teacher  # noqa: F401 - a fixture
+from helpers.distill import tiny_cfg
 from typer.testing import CliRunner
 
 from rapm_bench.cli import app
@@ -17,7 +16,7 @@ from rapm_bench.models import read_trained_record
 
 
 @pytest.fixture(scope="module")
-def students(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path]:
+def students(teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path]:
     """Seconds-long 1- and 2-step distillations of every objective on the random tiny teacher."""
     from rapm_bench.distill.engine import distill
 
@@ -25,7 +24,7 @@ def students(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     out = {}
     for objective in ("rapm", "pcm", "dmd2"):
         for n in (1, 2):
-            cfg = tiny_cfg(tiny_teacher, root / f"{objective}-{n}", objective=objective, slots=n, iters=3,
+            cfg = tiny_cfg(teacher, root / f"{objective}-{n}", objective=objective, slots=n, iters=3,
                            checkpoint_every=3, cache_dir=str(root / "cache"))
             summary = distill(cfg, progress=False)
             assert summary is not None and summary["sampler"]["steps"] == n
@@ -33,6 +32,7 @@ def students(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("objective", ["rapm", "pcm", "dmd2"])
 @pytest.mark.parametrize("n", [1, 2])
 def test_lora_records_its_steps_and_sampler(students, objective, n):
@@ -55,26 +55,28 @@ def _eval(args: list[str], teacher: Path, out: Path) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("objective", ["rapm", "dmd2"])
-def test_eval_samples_a_lora_at_its_steps(students, tiny_teacher, tmp_path, objective):
+def test_eval_samples_a_lora_at_its_steps(students, teacher, tmp_path, objective):
     """`eval --model lora:PATH` takes N and the sampler from the file; `--model dmd2 --lora` at N = 1 too."""
     lora = students[(objective, 1)]
-    code, output = _eval(["--model", f"lora:{lora}", "--json"], tiny_teacher, tmp_path / "a")
+    code, output = _eval(["--model", f"lora:{lora}", "--json"], teacher, tmp_path / "a")
     assert code == 0, output
     result = json.loads(output[output.index("{"):])
     assert result["steps"] == 1
     assert result["sampler"]["scheduler"] == ("lcm" if objective == "dmd2" else "ddim")
     if objective == "dmd2":
-        code, output = _eval(["--model", "dmd2", "--lora", str(lora), "--steps", "1"], tiny_teacher, tmp_path / "b")
+        code, output = _eval(["--model", "dmd2", "--lora", str(lora), "--steps", "1"], teacher, tmp_path / "b")
         assert code == 0, output
         assert (tmp_path / "b" / "dmd2-1step-tiny.json").is_file()
 
 
-def test_eval_refuses_another_step_count(students, tiny_teacher, tmp_path):
+@pytest.mark.e2e
+def test_eval_refuses_another_step_count(students, teacher, tmp_path):
     """A LoRA trained for 2 steps sampled at 4: one line naming both, exit 2, nothing written."""
     lora = students[("pcm", 2)]
     for args in (["--model", f"lora:{lora}", "--steps", "4"], ["--model", "pcm", "--lora", str(lora), "--steps", "4"]):
-        code, output = _eval(args, tiny_teacher, tmp_path / "x")
+        code, output = _eval(args, teacher, tmp_path / "x")
         assert code == 2, output
         assert "trained for 2-step sampling" in output and "--steps 2" in output
         assert len(output.strip().splitlines()) == 1

@@ -81,7 +81,7 @@ def test_missing_assets_is_a_user_error(tmp_path) -> None:
 
 
 def test_lora_load_fuse_unload(world: TinyWorld, tmp_path) -> None:
-    from sdxl_fixture import random_unet_lora
+    from helpers.sdxl import random_unet_lora
 
     path = random_unet_lora(copy.deepcopy(world.unet), tmp_path)
     cond = world.encode_prompts(["a large green square on the left on a gray background"])
@@ -116,6 +116,7 @@ def test_evaluator_batch_independent(evaluator) -> None:
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.e2e
 def test_train_evaluator_command_writes_a_loadable_model(tmp_path) -> None:
     from typer.testing import CliRunner
 

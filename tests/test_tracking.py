@@ -6,21 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers.distill import distill_app
 from typer.testing import CliRunner
 
 from rapm_bench.distill.config import DistillConfig, resolve_distill
-
-
-def app():
-    """A Typer app holding `distill` (cli.py registers the same function)."""
-    import typer
-
-    from rapm_bench.cli_distill import distill
-
-    a = typer.Typer()
-    a.command()(distill)
-    a.command("noop")(lambda: None)  # two commands: `distill` stays a sub-command
-    return a
 
 
 def short_args(teacher: Path, tmp_path: Path) -> list[str]:
@@ -29,6 +18,7 @@ def short_args(teacher: Path, tmp_path: Path) -> list[str]:
             "2", "--iters", "6", "--checkpoint-every", "3", "--sample-every", "3", "--warmup", "2"]
 
 
+@pytest.mark.e2e
 def test_tensorboard_gets_every_jsonl_scalar_once_per_log_step_and_the_sample_grids(teacher, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -59,6 +49,7 @@ def test_tensorboard_gets_every_jsonl_scalar_once_per_log_step_and_the_sample_gr
     assert len(list((run / "samples").glob("step_*.png"))) == 3
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("tracker, available", [("wandb", "is_wandb_available"), ("mlflow", "is_mlflow_available"),
                                                 ("tensorboard", "is_tensorboard_available")])
 def test_missing_tracker_package_is_one_line_naming_the_pip_command(teacher, tmp_path, monkeypatch, tracker,
@@ -67,15 +58,16 @@ def test_missing_tracker_package_is_one_line_naming_the_pip_command(teacher, tmp
     import accelerate.utils
 
     monkeypatch.setattr(accelerate.utils, available, lambda: False)
-    r = CliRunner().invoke(app(), [*short_args(teacher, tmp_path), "--log-with", tracker])
+    r = CliRunner().invoke(distill_app(), [*short_args(teacher, tmp_path), "--log-with", tracker])
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and f"pip install {tracker}" in lines[0], r.output
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.e2e
 def test_unknown_tracker_is_one_line(teacher, tmp_path):
-    r = CliRunner().invoke(app(), [*short_args(teacher, tmp_path), "--log-with", "neptune"])
+    r = CliRunner().invoke(distill_app(), [*short_args(teacher, tmp_path), "--log-with", "neptune"])
     assert r.exit_code == 2 and "--log-with must be one of tensorboard, wandb, mlflow" in r.output
     assert not (tmp_path / "run").exists()
 
