@@ -360,8 +360,9 @@ DISTILL = [
     ("cfg-out-of-range", ["--cfg", "100"], ["--cfg must be between 0 and 50"]),
     ("lr-negative", ["--lr", "-1"], ["learning rates must be positive"]),
     ("format-unknown", ["--format", "ckpt"], ["--format must be"]),
-    ("lora-impl-unknown", ["--lora-impl", "fast"], ["--lora-impl must be one of peft, merged"]),
+    ("lora-impl-unknown", ["--lora-impl", "lowrank"], ["--lora-impl must be one of peft, merged, fast"]),
     ("lora-impl-merged-pcm", ["--objective", "pcm", "--lora-impl", "merged"], ["trains the rapm objective only"]),
+    ("lora-impl-fast-dmd2", ["--objective", "dmd2", "--lora-impl", "fast"], ["--lora-impl fast trains the rapm"]),
 ]
 
 

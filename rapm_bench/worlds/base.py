@@ -92,12 +92,18 @@ class World(abc.ABC):
         """Latents -> uint8 images (B, 3, H, W) on the CPU."""
 
     def set_vae_precision(self, precision: str, channels_last: bool | None = None) -> None:
-        """Decode in `precision` (precision.COMPUTE_PRECISIONS: the protocol's `vae_precision`); a world
-        without a VAE (the tiny world decodes by identity) has nothing to set."""
+        """Decode in `precision` (precision.COMPUTE_PRECISIONS: the protocol's `vae_precision`) through the
+        world's `decoder` (worlds/sdxl.py, VAEDecoder); a world without one (the tiny world decodes by
+        identity) has nothing to set."""
         from ..precision import COMPUTE_PRECISIONS
 
         if precision not in COMPUTE_PRECISIONS:
             raise UserError(f"unknown VAE precision {precision!r}; use one of {', '.join(COMPUTE_PRECISIONS)}")
+        decoder = getattr(self, "decoder", None)
+        if decoder is not None:
+            decoder.precision = precision
+            if channels_last is not None:
+                decoder.channels_last = channels_last
 
     def grad_activation_gib(self) -> float:
         """GiB of activations a gradient pass of one latent through the UNet keeps without checkpointing

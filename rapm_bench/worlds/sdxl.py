@@ -205,12 +205,6 @@ class SDXLWorld(World):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(latents)
 
-    def set_vae_precision(self, precision: str, channels_last: bool | None = None) -> None:
-        super().set_vae_precision(precision)
-        self.decoder.precision = precision
-        if channels_last is not None:
-            self.decoder.channels_last = channels_last
-
     # --- LoRA -----------------------------------------------------------------------------
     def load_lora(self, path: Path, adapter_name: str = "default", scale: float = 1.0) -> None:
         state = read_lora_file(path)
