@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .config import GenerateConfig, get_preset, resolve_generate
+from .cudagraphs import graphed_predict
 from .errors import UserError
 from .files import TMP_SUFFIX, atomic_write_bytes, is_stale_tmp, remove_stale_tmp, sha256_file  # noqa: F401 - re-exported
 from .lora import resolve_lora_path
@@ -218,7 +219,7 @@ def _generate(cfg: GenerateConfig) -> dict[str, Any]:
     batches = [records[i : i + bs] for i in range(0, len(records), bs)]
     todo = [b for b in batches if not all(_image_done(out / r["file"], known.get(r["file"])) for r in b)]
     with tqdm(total=len(records), initial=len(records) - sum(map(len, todo)), desc=f"generate {cfg.model}",
-              unit="img") as bar:
+              unit="img") as bar, graphed_predict(world):  # GPU: the UNet passes replay CUDA graphs
         for chunk in todo:
             with oom_hint(f"generating {len(chunk)} images", batch_hint(bs, _memory_hint(cfg.world.preset))):
                 images = generate_batch(world, [r["prompt"] for r in chunk], [r["seed"] for r in chunk],

@@ -180,6 +180,8 @@ def test_vae_decoder_precisions_on_the_sdxl_architecture():
 
     vae = build_sdxl_vae(True, torch.device("cpu"))
     dec = VAEDecoder(vae)
+    assert dec.precision == "tf32"  # `generate`'s default; `eval` sets the protocol's
+    dec.precision = "fp32"
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]

@@ -192,6 +192,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     from accelerate import PartialState
     from tqdm import tqdm
 
+    from ..cudagraphs import graphed_predict
     from ..files import atomic_write_bytes, sha256_file
     from ..lora import attach_lora, load_lora_state, lora_state_dict, save_lora
     from ..models import trained_record
@@ -223,7 +224,8 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     guidance = world.default_guidance if cfg.guidance is None else cfg.guidance
     spec = make_spec(world, prompts, cfg.trajectory_seed, guidance, cfg.slots, cfg.substeps, cfg.store_dtype,
                      cfg.trajectory_batch, interior=cfg.objective == "pcm")
-    trajs = load_or_build(world, prompts, spec, cache_root(cfg), progress)
+    with graphed_predict(world, cfg.fast_nograd):  # GPU: the teacher's CFG passes replay CUDA graphs
+        trajs = load_or_build(world, prompts, spec, cache_root(cfg), progress)
     t_traj = time.perf_counter() - t_start
     if not state.is_main_process:
         return None

@@ -38,7 +38,7 @@ class VAEDecoder:
 
     def __init__(self, vae: torch.nn.Module) -> None:
         self.vae = vae
-        self.precision = "fp32"
+        self.precision = "tf32"  # `generate`'s (PyTorch's default ran TF32 convolutions); `eval`: the protocol's
         self.channels_last = False
         self._copies: dict[tuple[str, bool], torch.nn.Module] = {}
 
