@@ -12,7 +12,7 @@ import itertools
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,6 @@ class Plan:
     num_images: int | None  # None = the protocol's
     grid_prompts: int = 8  # captions in the side-by-side sample grid (0: none)
     protocol: str | None = None  # None = the preset's default protocol
-    trained_subdir: str = ""  # results of the students trained here, under <out>/<this> ("": beside the rest)
 
 
 TEACHER_STEPS_TINY = (1, 2, 4, 16)  # the README's default: within ~12 min on 2 CPU cores
@@ -99,8 +98,7 @@ def sdxl_plan(quick: bool, seeds: int = 1, steps: tuple[int, ...] | None = None,
              EvalStep("dmd2", 4), EvalStep("teacher", 4), EvalStep("teacher", 25))
     # no sample grid: it would load the teacher once per row again; `rapm-bench generate` makes one
     # the trained RAPM's result goes to <out>/trained, beside the published LoRAs' rows (same model name)
-    return Plan("sdxl", distills, evals, num_images=5000 if quick else None, grid_prompts=0,
-                trained_subdir="trained")
+    return Plan("sdxl", distills, evals, num_images=5000 if quick else None, grid_prompts=0)
 
 
 def make_plan(preset: str, quick: bool = False, seeds: int = 1, steps: tuple[int, ...] | None = None,
@@ -196,7 +194,10 @@ def run_distill(dcfg: Any, progress: bool = True) -> dict[str, Any]:
     if summary.is_file() and (out / "config.json").is_file():
         from .distill.config import DistillConfig
 
-        if DistillConfig.from_json((out / "config.json").read_text()) == dcfg and \
+        old = DistillConfig.from_json((out / "config.json").read_text())
+        if dcfg.grad_checkpointing is None:  # auto: the run's config.json holds the choice it made
+            old = replace(old, grad_checkpointing=None)
+        if old == dcfg and \
                 json.loads(summary.read_text())["iters"] == dcfg.iters:
             return json.loads(summary.read_text()) | {"reused": True}
     return distill(dcfg, resume=(out / "config.json").is_file(), progress=progress)
@@ -231,7 +232,7 @@ def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
     plan = make_plan(cfg.preset, cfg.quick, cfg.seeds, cfg.steps, cfg.sweep)
     out = Path(cfg.out) if cfg.out else Path("results") / plan.preset / ("sweep" if cfg.sweep else "")
     runs = Path(cfg.runs) if cfg.runs else Path("runs") / "reproduce" / plan.preset
-    trained_out = out / plan.trained_subdir  # SDXL: beside the published LoRAs' rows
+    trained_out = out / get_world_spec(plan.preset).trained_results  # SDXL: beside the published LoRAs' rows
     protocol = get_protocol(plan.protocol) if plan.protocol else default_protocol(plan.preset)
     num_images = cfg.num_images or plan.num_images or protocol.num_pairs
     if num_images < 2:

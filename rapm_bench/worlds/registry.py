@@ -80,6 +80,8 @@ class WorldSpec:
     plan: Callable[[bool, int, tuple[int, ...] | None, bool], Plan] | None = None  # reproduce's plan:
     #                                                                  (quick, seeds, steps, sweep) -> Plan
     costs: Costs | None = None  # reproduce's estimates
+    trained_results: str = ""  # reproduce: results of the students trained here go to <out>/<this> ("": beside
+    #                            the rest; sdxl "trained": beside the published LoRAs' rows of the same names)
 
     def bench_config(self, scale: str) -> BenchConfig:
         """`rapm-bench bench`'s config of this world at `scale`, or a one-line error."""
@@ -250,6 +252,7 @@ SDXL = register_world(WorldSpec(
     generate_memory_hint="; on SDXL also --precision fp16 or a smaller --resolution",
     eval_memory_hint="; on SDXL also --precision fp16",  # the protocol fixes the resolution
     plan=_sdxl_plan,
+    trained_results="trained",
     # one H100 (results/bench/README.md): UNet forward ≈ 19 ms per image at batch 8 (146 ms); a RAPM iteration
     # of the engine 1.3 s (--lora-impl merged, 4 slots a pass; PCM/DMD2 on PEFT layers: guesses); a 4-step
     # evaluation 0.241 s per image with the fp32 VAE, Inception and ViT-g-14 (scaling, one GPU).
