@@ -348,7 +348,8 @@ def bench(
     """Time distillation, generation and evaluation against their compute floors (random weights, no download)."""
     import json
 
-    from .bench import resolve_bench, run_bench, summary
+    from .perf.config import resolve_bench
+    from .perf.report import run_bench, summary
 
     cfg = _run(resolve_bench, preset, scale, stages=stages, out=out, repeats=repeats, warmup=warmup,
                resolution=resolution, device=device, dtype=dtype, threads=threads, peak_tflops=peak_tflops, lora=lora,

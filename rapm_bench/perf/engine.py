@@ -48,8 +48,8 @@ def interval_seconds(log_path: Path, every: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from ..bench import device_info, git_commit, versions
     from ..files import atomic_write_bytes
+    from ..provenance import device_info, git_commit_state, library_versions
     from ..scaling import build_teacher
 
     a = parse_args(sys.argv[1:] if argv is None else argv)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "command": shlex.join(cmd), "driver": shlex.join(["python", "-m", "rapm_bench.perf.engine",
                                                           *(sys.argv[1:] if argv is None else argv)]),
-        "device": device_info(device), "versions": versions(), "git": git_commit(),
+        "device": device_info(device), "versions": library_versions(), "git": git_commit_state(),
         "config": json.loads((run / "config.json").read_text()),
         "grad_checkpointing": summary.get("grad_checkpointing"),
         "trajectory_seconds": summary["trajectories"]["seconds"], "trajectories": a.trajectories,
