@@ -372,6 +372,27 @@ def bench(
     typer.echo(json.dumps(result, indent=2) if json_out else summary(result))
 
 
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command(context_settings=_PASS_THROUGH, add_help_option=False)
+def scaling(ctx: typer.Context) -> None:
+    """Evaluation and trajectory precompute on 1 vs G GPUs, random-weight SDXL (`python -m rapm_bench.scaling`;
+    its flags: `rapm-bench scaling --help`)."""
+    from .scaling import main as scaling_main
+
+    scaling_main(list(ctx.args))
+
+
+@app.command(context_settings=_PASS_THROUGH, add_help_option=False)
+def ablation(ctx: typer.Context) -> None:
+    """The tiny-world ablation behind the `tiny` defaults (`python -m rapm_bench.distill.ablation`; its flags:
+    `rapm-bench ablation --help`)."""
+    from .distill.ablation import main as ablation_main
+
+    ablation_main(list(ctx.args))
+
+
 def _mount_subapps() -> None:
     """`rapm-bench tiny ...` (build the shapes world) and `rapm-bench data ...` (prepare protocol data)."""
     from .cli_data import app as data_app
