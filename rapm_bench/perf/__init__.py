@@ -6,7 +6,8 @@
 - worlds: RandomSDXLWorld, TunedWorld and the optimisations they apply, build_world
 - stages, stages_eval: the stage functions (stages_eval: eval-features, vae-precision, feature-precision)
 - report: estimates, goals, run_bench (the result JSON), summary
-- scaling: `rapm-bench scaling` (1 vs G GPUs); engine, profile: the distillation engine timed on itself
+- scaling, scaling_build: `rapm-bench scaling` (1 vs G GPUs; scaling_build: its settings and what it builds)
+- engine, profile: the distillation engine timed on itself
 
 Only cli.py imports this package, and the compatibility modules rapm_bench.bench and rapm_bench.scaling
 (their old import paths); provenance (versions, commit, device) is rapm_bench.provenance.

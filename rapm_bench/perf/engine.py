@@ -3,7 +3,7 @@ SDXL teacher, steady-state seconds per iteration from its own train_log.jsonl.
 
     python -m rapm_bench.perf.engine --iters 150 --log-every 50
 
-builds (once) a random-weight SDXL pipeline in `--work` (perf.scaling.build_teacher: perf.sdxl, size full), writes a caption
+builds (once) a random-weight SDXL pipeline in `--work` (perf.scaling_build.build_teacher: perf.sdxl, size full), writes a caption
 file, runs the real CLI as a subprocess, and writes results/bench/engine-sdxl-<device>.json: the command,
 the machine, the trajectory time, and the seconds per iteration of every log interval after the first (the
 first holds the CUDA-graph captures and cuDNN's warm-up).
@@ -50,7 +50,7 @@ def interval_seconds(log_path: Path, every: int) -> list[float]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from ..files import atomic_write_bytes
     from ..provenance import device_info, git_commit_state, library_versions
-    from .scaling import build_teacher
+    from .scaling_build import build_teacher
 
     a = parse_args(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
