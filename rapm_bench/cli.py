@@ -348,7 +348,8 @@ def bench(
     """Time distillation, generation and evaluation against their compute floors (random weights, no download)."""
     import json
 
-    from .bench import resolve_bench, run_bench, summary
+    from .perf.config import resolve_bench
+    from .perf.report import run_bench, summary
 
     cfg = _run(resolve_bench, preset, scale, stages=stages, out=out, repeats=repeats, warmup=warmup,
                resolution=resolution, device=device, dtype=dtype, threads=threads, peak_tflops=peak_tflops, lora=lora,
@@ -369,6 +370,27 @@ def bench(
             argv += [param.opts[0], str(value)]
     result = _run(run_bench, cfg, argv, None if json_out else (lambda msg: typer.echo(msg, err=True)))
     typer.echo(json.dumps(result, indent=2) if json_out else summary(result))
+
+
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command(context_settings=_PASS_THROUGH, add_help_option=False)
+def scaling(ctx: typer.Context) -> None:
+    """Evaluation and trajectory precompute on 1 vs G GPUs, random-weight SDXL (`python -m rapm_bench.scaling`;
+    its flags: `rapm-bench scaling --help`)."""
+    from .scaling import main as scaling_main
+
+    scaling_main(list(ctx.args))
+
+
+@app.command(context_settings=_PASS_THROUGH, add_help_option=False)
+def ablation(ctx: typer.Context) -> None:
+    """The tiny-world ablation behind the `tiny` defaults (`python -m rapm_bench.distill.ablation`; its flags:
+    `rapm-bench ablation --help`)."""
+    from .distill.ablation import main as ablation_main
+
+    ablation_main(list(ctx.args))
 
 
 def _mount_subapps() -> None:

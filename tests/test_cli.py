@@ -28,6 +28,21 @@ def test_each_command_has_help(name):
     assert "--preset" in result.output
 
 
+@pytest.mark.parametrize(("name", "flag"), [("scaling", "--gpus"), ("ablation", "--num-images")])
+def test_pass_through_commands_show_their_flags(name, flag):
+    """`rapm-bench scaling` and `rapm-bench ablation` hand their arguments, --help included, to the module's
+    own parser (`python -m rapm_bench.scaling`, `python -m rapm_bench.distill.ablation`)."""
+    assert name in CliRunner().invoke(app, ["--help"]).output
+    result = CliRunner().invoke(app, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert flag in result.output
+
+
+def test_scaling_command_passes_bad_input_to_its_parser():
+    result = CliRunner().invoke(app, ["scaling", "--gpus", "2", "--small"])
+    assert result.exit_code == 2 and "must start at 1" in result.output
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The installed entry point in a subprocess: what a user sees, traceback or not."""
     return subprocess.run([sys.executable, "-m", "rapm_bench.cli", *args], cwd=cwd, capture_output=True,

@@ -135,6 +135,18 @@ def test_worlds_import_no_other_stage():
     assert not out, "\n".join(sites[0] for sites in out.values())
 
 
+# The performance package is a leaf: it may import anything in rapm_bench, and only the command line and the
+# old module paths it replaced (bench.py, scaling.py: re-exports) import it.
+PERF_IMPORTERS = {"rapm_bench.cli", "rapm_bench.bench", "rapm_bench.scaling"}
+
+
+def test_only_the_cli_and_the_compatibility_modules_import_perf():
+    out = [f"{src}:{line} imports {target}" for src, target, line in all_imports()
+           if (target == "rapm_bench.perf" or target.startswith("rapm_bench.perf."))
+           and not (src == "rapm_bench.perf" or src.startswith("rapm_bench.perf.")) and src not in PERF_IMPORTERS]
+    assert not out, "\n".join(out)
+
+
 def test_find_cycle_reports_the_circle():
     assert find_cycle({("a", "b"), ("b", "c"), ("c", "a"), ("c", "d")}) == ["a", "b", "c", "a"]
     assert find_cycle({("a", "b"), ("b", "c"), ("a", "c")}) is None

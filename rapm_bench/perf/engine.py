@@ -3,7 +3,7 @@ SDXL teacher, steady-state seconds per iteration from its own train_log.jsonl.
 
     python -m rapm_bench.perf.engine --iters 150 --log-every 50
 
-builds (once) a random-weight SDXL pipeline in `--work` (rapm_bench.scaling.build_teacher), writes a caption
+builds (once) a random-weight SDXL pipeline in `--work` (perf.scaling_build.build_teacher: perf.sdxl, size full), writes a caption
 file, runs the real CLI as a subprocess, and writes results/bench/engine-sdxl-<device>.json: the command,
 the machine, the trajectory time, and the seconds per iteration of every log interval after the first (the
 first holds the CUDA-graph captures and cuDNN's warm-up).
@@ -48,9 +48,9 @@ def interval_seconds(log_path: Path, every: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from ..bench import device_info, git_commit, versions
     from ..files import atomic_write_bytes
-    from ..scaling import build_teacher
+    from ..provenance import device_info, git_commit_state, library_versions
+    from .scaling_build import build_teacher
 
     a = parse_args(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "command": shlex.join(cmd), "driver": shlex.join(["python", "-m", "rapm_bench.perf.engine",
                                                           *(sys.argv[1:] if argv is None else argv)]),
-        "device": device_info(device), "versions": versions(), "git": git_commit(),
+        "device": device_info(device), "versions": library_versions(), "git": git_commit_state(),
         "config": json.loads((run / "config.json").read_text()),
         "grad_checkpointing": summary.get("grad_checkpointing"),
         "trajectory_seconds": summary["trajectories"]["seconds"], "trajectories": a.trajectories,

@@ -16,8 +16,10 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..bench import build_world, parse_variant, rapm_iteration, rapm_setup, resolve_bench
     from ..distill.config import distill_preset
+    from .config import parse_variant, resolve_bench
+    from .stages import rapm_iteration, rapm_setup
+    from .worlds import build_world
 
     p = argparse.ArgumentParser(prog="python -m rapm_bench.perf.profile", description=__doc__.splitlines()[0])
     p.add_argument("--variants", default="plain/graphs,merged/graphs")
