@@ -93,12 +93,6 @@ class RandomSDXLWorld(UNetWorld):
     predict = SDXLWorld.predict
     decode = SDXLWorld.decode
 
-    def set_vae_precision(self, precision: str, channels_last: bool | None = None) -> None:
-        super().set_vae_precision(precision)
-        self.decoder.precision = precision
-        if channels_last is not None:
-            self.decoder.channels_last = channels_last
-
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"teacher": "random weights, SDXL architecture" + (" (small)" if self.small else ""),
                                      "resolution": self._resolution, "dtype": str(self.dtype).removeprefix("torch.")}
