@@ -262,7 +262,7 @@ def parse_settings(items: Any) -> dict[str, dict[str, Any]]:
         method, dot, name = key.strip().partition(".")
         if not eq or not dot or not method or not name:
             raise UserError(f"--set {item!r}: expected OBJECTIVE.FIELD=VALUE (e.g. pcm.huber_c=0.002)")
-        spec = objective_spec(method) if get_objective(method) is not None else None
+        spec = get_objective(method)
         if spec is None:
             raise UserError(f"--set {item!r}: unknown objective {method!r}; known: {', '.join(known_objectives())}")
         hints = {f.name: f.type for f in fields(spec.config)}
