@@ -202,3 +202,15 @@ def test_open_run_compares_nested_configs_by_their_flat_names(tmp_path):
     with pytest.raises(UserError, match="differs in: pcm_huber_c"):
         open_run(tmp_path / "run", resolve_distill("tiny", out=str(tmp_path / "run"),
                                                    settings=["pcm.huber_c=0.002"]), resume=False)
+
+
+def test_ablation_variants_override_rapm_fields_by_their_flat_names():
+    """The ablation's variants (flat overrides such as lambda_rel) apply to the nested RAPM config."""
+    from rapm_bench.distill.ablation import STEP_VARIANTS, VARIANTS
+    from rapm_bench.distill.config import override
+
+    base = resolve_distill("tiny", device="cpu")
+    for _, _, overrides in (*VARIANTS, *STEP_VARIANTS):
+        cfg = override(base, out="x", **overrides)
+        assert {k: cfg.flat()[k] for k in overrides} == overrides and cfg.out == "x"
+    assert override(base, lambda_rel=0.0).rapm.lambda_rel == 0.0 and override(base, iters=3).iters == 3

@@ -252,6 +252,12 @@ def _apply(base: DistillConfig, overrides: dict[str, Any],
     return replace(base, methods=methods, **top)
 
 
+def override(cfg: DistillConfig, **changes: Any) -> DistillConfig:
+    """`dataclasses.replace` that also takes an objective's fields by their config.json names (`lambda_rel`,
+    `pcm_huber_c`); no validation (as replace)."""
+    return _apply(cfg, dict(changes))
+
+
 def parse_settings(items: Any) -> dict[str, dict[str, Any]]:
     """`--set` items (`pcm.huber_c=0.002`, `rapm.distance=l2`, `dmd2.fake_lr=none`) -> {objective: {field:
     value}}, each value parsed as its field's type; UserError (one line) for a bad item, objective, field or
