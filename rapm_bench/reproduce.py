@@ -140,6 +140,7 @@ def costs(preset: str) -> Costs:
 
 def estimate(plan: Plan, distill_cfgs: dict[str, Any], num_images: int) -> list[tuple[str, float, float]]:
     """(step description, seconds, MB on disk) for every step of the plan."""
+    from .distill.config import objective_spec
     from .models import get_model
 
     c = costs(plan.preset)
@@ -148,7 +149,7 @@ def estimate(plan: Plan, distill_cfgs: dict[str, Any], num_images: int) -> list[
     for step in plan.distills:
         cfg = distill_cfgs[step.key]
         key = (cfg.num_trajectories, cfg.trajectory_seed, cfg.guidance, cfg.substeps, cfg.slots, cfg.prompts,
-               cfg.objective == "pcm")  # PCM's cache also keeps the points inside the slots
+               objective_spec(cfg.objective).interior)  # PCM's cache also keeps the points inside the slots
         traj_s = 0.0 if key in seen_traj else cfg.num_trajectories * cfg.slots * cfg.substeps * 2 * c.trajectory_forward
         traj_mb = 0.0 if key in seen_traj else cfg.num_trajectories * c.trajectory_mb * (2 * cfg.slots + 1) / 9
         seen_traj.add(key)
