@@ -15,7 +15,9 @@ from rapm_bench.distill.discriminator import EncoderFeatures, Heads, accuracy, h
 from rapm_bench.distill.objectives import STUDENT, Example, Objective, use_adapter
 from rapm_bench.distill.rapm import SlotTerms, repeat_cond, slot_chunks
 from rapm_bench.distill.schedule import SlotSchedule, predict_x0_eps, renoise, trailing_timesteps
+from rapm_bench.errors import UserError
 from rapm_bench.models import HubFile, ModelSpec, Reported
+from rapm_bench.plugins import ObjectiveSpec
 from rapm_bench.sampling import LCM_DMD2, SamplerRecipe
 from rapm_bench.worlds.base import Cond
 
@@ -108,8 +110,34 @@ def denoising_target(x0: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor, pred
 
 
 @dataclass(frozen=True)
+class DMD2Config:
+    """DMD2's settings: `cfg.dmd2` (`--set dmd2.FIELD=VALUE`, or the flags --dmd2-fake-rank, --dmd2-fake-lr,
+    --dmd2-fake-steps, --dmd2-gan-weight); config.json stores them as dmd2_<field>."""
+
+    fake_rank: int = 8  # fake score = the UNet + a second LoRA of this rank (DMD2: a full UNet copy)
+    fake_lr: float | None = None  # fake-score LoRA learning rate; None = --lr (DMD2 uses one LR for both)
+    fake_steps: int = 5  # two time-scale update rule: critic updates per generator update (DMD2: 5)
+    gan_weight: float = 5e-3  # generator GAN weight (DMD2 SDXL: 5e-3; real = the teacher's z̃_0); 0 = off
+    t_min: float = 0.02  # DMD gradient at t ~ U[t_min·T, t_max·T] (DMD/DMD2: 0.02 to 0.98)
+    t_max: float = 0.98
+
+    def validate(self, cfg: DistillConfig, active: bool) -> None:
+        """Reject values DMD2 cannot run (whichever objective trains: the flags exist for all)."""
+        if self.gan_weight < 0:
+            raise UserError(f"--dmd2-gan-weight must be at least 0, got {self.gan_weight}")
+        if self.fake_rank < 1 or self.fake_steps < 1:
+            raise UserError(f"--dmd2-fake-rank and --dmd2-fake-steps must be at least 1, got {self.fake_rank} "
+                            f"and {self.fake_steps}")
+        if self.fake_lr is not None and self.fake_lr <= 0:
+            raise UserError(f"--dmd2-fake-lr must be positive, got {self.fake_lr}")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise UserError(f"dmd2_t_min and dmd2_t_max need 0 <= t_min < t_max <= 1, got {self.t_min}, "
+                            f"{self.t_max}")
+
+
+@dataclass(frozen=True)
 class DMD2Weights:
-    """DMD2's knobs (config fields dmd2_*)."""
+    """DMD2's knobs for the loss (from DMD2Config)."""
 
     gan_weight: float = 5e-3  # generator GAN weight (0 = no heads)
     fake_steps: int = 5  # critic updates per generator update
@@ -306,23 +334,29 @@ def build(cfg: DistillConfig, world: World, sched: SlotSchedule, guidance: float
     from rapm_bench.lora import attach_lora
     from rapm_bench.sampling import make_scheduler
 
+    dmd2: DMD2Config = cfg.method("dmd2")
     with warnings.catch_warnings():  # PEFT warns on every second adapter: here it is the point
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        fake_params = attach_lora(world.unet, cfg.dmd2_fake_rank, cfg.lora_targets, FAKE,
+        fake_params = attach_lora(world.unet, dmd2.fake_rank, cfg.lora_targets, FAKE,
                                   derived_seed(cfg.seed, "fake-score", 0))
     world.unet.set_adapter(STUDENT)
     features = heads = None
-    if cfg.dmd2_gan_weight > 0:
+    if dmd2.gan_weight > 0:
         features = EncoderFeatures(world)
         heads, _ = build_heads(feature_channels(features, probe), cfg.disc_hidden, cfg.seed, world.device)
-    weights = DMD2Weights(cfg.dmd2_gan_weight, cfg.dmd2_fake_steps, cfg.dmd2_t_min, cfg.dmd2_t_max)
+    weights = DMD2Weights(dmd2.gan_weight, dmd2.fake_steps, dmd2.t_min, dmd2.t_max)
     scaling = make_scheduler(lcm_recipe(cfg.slots), world.noise_schedule).config.timestep_scaling
     return DMD2Loss(world, sched, guidance, weights, fake_params, features, heads, cfg.disc_lr,
-                    cfg.dmd2_fake_lr or cfg.lr, float(scaling))
+                    dmd2.fake_lr or cfg.lr, float(scaling))
 
 
-def objective(cfg: DistillConfig, world: World, sched: SlotSchedule, guidance: float,
-              student: list[torch.nn.Parameter], probe: Cond) -> DMD2Loss:
-    """The `rapm_bench.objectives` plug-in (pyproject.toml): `build` in the engine's calling convention
-    (rapm_bench.distill.objectives.ObjectiveBuilder)."""
+def _objective(cfg: DistillConfig, world: World, sched: SlotSchedule, guidance: float,
+               student: list[torch.nn.Parameter], probe: Cond) -> DMD2Loss:
+    """`build` in the engine's calling convention (rapm_bench.distill.objectives.ObjectiveBuilder)."""
     return build(cfg, world, sched, guidance, probe)
+
+
+objective = ObjectiveSpec("dmd2", _objective, DMD2Config,
+                          description="DMD2 (distribution matching + GAN), re-trained on the engine")
+"""The `rapm_bench.objectives` plug-in (pyproject.toml): DMD2's registry entry (on PEFT layers: its second
+adapter)."""

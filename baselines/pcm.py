@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,7 +14,9 @@ from rapm_bench.distill.discriminator import EncoderFeatures, Heads, accuracy, h
 from rapm_bench.distill.objectives import Example, Objective
 from rapm_bench.distill.rapm import SlotTerms, Student, ddim_jump, repeat_cond, slot_chunks
 from rapm_bench.distill.schedule import SlotSchedule, renoise
+from rapm_bench.errors import UserError
 from rapm_bench.models import HubFile, ModelSpec, Reported
+from rapm_bench.plugins import ObjectiveSpec
 from rapm_bench.sampling import DDIM_TRAILING
 from rapm_bench.worlds.base import Cond
 
@@ -210,22 +213,47 @@ class PCMLoss(Objective):
         return g, d, {"g_adv": g.detach(), "d_adv": d.detach(), "acc_adv": accuracy(real_logits, fake_logits).detach()}
 
 
+@dataclass(frozen=True)
+class PCMConfig:
+    """PCM's settings: `cfg.pcm` (`--set pcm.FIELD=VALUE`, or the flags --pcm-huber-c, --pcm-ema,
+    --pcm-adv-weight); config.json stores them as pcm_<field>."""
+
+    huber_c: float = 0.001  # pseudo-Huber per element, sqrt(d² + c²) − c (PCM's and LCM's scripts: 0.001)
+    ema: float = 0.0  # target: 0 = the student itself, stop-grad (PCM's LoRA scripts); else EMA decay
+    adv_weight: float = 0.0  # optional adversarial term (heads as RAPM's, real = the target); 0 = off
+
+    def validate(self, cfg: DistillConfig, active: bool) -> None:
+        """Reject values PCM cannot run (whichever objective trains: the flags exist for all)."""
+        if self.huber_c <= 0:
+            raise UserError(f"--pcm-huber-c must be positive, got {self.huber_c}")
+        if not 0.0 <= self.ema < 1.0:
+            raise UserError(f"--pcm-ema must be in [0, 1) (0 = stop-grad target), got {self.ema}")
+        if self.adv_weight < 0:
+            raise UserError(f"--pcm-adv-weight must be at least 0, got {self.adv_weight}")
+
+
 def build(cfg: DistillConfig, world: World, sched: SlotSchedule, student: list[torch.nn.Parameter],
           probe: Cond) -> PCMLoss:
-    """PCMLoss for the engine from a DistillConfig (its pcm_* fields) on a world with the student LoRA attached."""
+    """PCMLoss for the engine from a DistillConfig (its `pcm` settings) on a world with the student LoRA attached."""
     from rapm_bench.distill.discriminator import build_heads, feature_channels
 
+    pcm: PCMConfig = cfg.method("pcm")
     features = heads = None
-    if cfg.pcm_adv_weight > 0:
+    if pcm.adv_weight > 0:
         features = EncoderFeatures(world)
         heads, _ = build_heads(feature_channels(features, probe), cfg.disc_hidden, cfg.seed, world.device)
-    ema = EMATarget(student, cfg.pcm_ema) if cfg.pcm_ema > 0 else None
-    return PCMLoss(world.predict, sched, world.noise_schedule.prediction_type, cfg.pcm_huber_c, ema,
-                   cfg.pcm_adv_weight, features, heads, cfg.disc_lr)
+    ema = EMATarget(student, pcm.ema) if pcm.ema > 0 else None
+    return PCMLoss(world.predict, sched, world.noise_schedule.prediction_type, pcm.huber_c, ema,
+                   pcm.adv_weight, features, heads, cfg.disc_lr)
 
 
-def objective(cfg: DistillConfig, world: World, sched: SlotSchedule, guidance: float,
-              student: list[torch.nn.Parameter], probe: Cond) -> PCMLoss:
-    """The `rapm_bench.objectives` plug-in (pyproject.toml): `build` in the engine's calling convention
-    (rapm_bench.distill.objectives.ObjectiveBuilder)."""
+def _objective(cfg: DistillConfig, world: World, sched: SlotSchedule, guidance: float,
+               student: list[torch.nn.Parameter], probe: Cond) -> PCMLoss:
+    """`build` in the engine's calling convention (rapm_bench.distill.objectives.ObjectiveBuilder)."""
     return build(cfg, world, sched, student, probe)
+
+
+objective = ObjectiveSpec("pcm", _objective, PCMConfig, interior=True,
+                          description="PCM (phased consistency), re-trained on the engine")
+"""The `rapm_bench.objectives` plug-in (pyproject.toml): PCM's registry entry; it trains on the teacher points
+inside every slot (`interior`), on PEFT layers (its EMA target)."""

@@ -61,6 +61,11 @@ def distill(
                                                                "time-scale rule; DMD2: 5).")] = None,
     dmd2_gan_weight: Annotated[float | None, typer.Option(help="dmd2: generator GAN weight (DMD2 SDXL: 5e-3; 0 = "
                                                                "off).")] = None,
+    settings: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="OBJECTIVE.FIELD=VALUE",
+        help="An objective's own setting, repeatable: e.g. --set pcm.huber_c=0.002, --set dmd2.fake_lr=none, "
+             "--set rapm.distance=l2 (the fields of rapm, pcm, dmd2 and any plug-in's; the flags above are "
+             "aliases).")] = None,
     num_trajectories: Annotated[int | None, typer.Option(help="Teacher trajectories K (prompts × seeded noise); "
                                                               "default: the preset's (tiny 256, sdxl 1000).")] = None,
     trajectory_batch: Annotated[int | None, typer.Option(help="Trajectories per teacher batch and cache shard; "
@@ -121,7 +126,7 @@ def distill(
     slots = steps if steps is not None else slots
 
     config = _run(
-        resolve_distill, preset, out=out, objective=objective, iters=iters, lr=lr, warmup=warmup, disc_lr=disc_lr,
+        resolve_distill, preset, settings=settings or (), out=out, objective=objective, iters=iters, lr=lr, warmup=warmup, disc_lr=disc_lr,
         rank=rank, substeps=substeps, slots=slots, guidance=cfg, lambda_abs=lambda_abs, lambda_rel=lambda_rel,
         lambda_reg=lambda_reg, distance=distance, num_trajectories=num_trajectories,
         trajectory_batch=trajectory_batch, prompts=prompts, format=format,

@@ -5,7 +5,7 @@ A package declares what it adds as entry points (pyproject.toml):
 
     [project.entry-points."rapm_bench.models"]      # a ModelSpec, or a {name: ModelSpec} mapping
     baselines = "baselines:MODELS"
-    [project.entry-points."rapm_bench.objectives"]  # an ObjectiveBuilder (rapm_bench.distill.objectives)
+    [project.entry-points."rapm_bench.objectives"]  # an ObjectiveSpec (or a bare ObjectiveBuilder)
     pcm = "baselines.pcm:objective"
 
 and a test or a user's script adds one at run time with `register_model` / `register_objective`
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +38,54 @@ DECLARED: dict[str, dict[str, str]] = {
 ObjectiveBuilder = Callable[..., Any]
 """(cfg, world, sched, guidance, student, probe) -> Objective: see rapm_bench.distill.objectives."""
 
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """The config of an objective without settings of its own (a bare builder registered the old way)."""
+
+    def validate(self, cfg: Any, active: bool) -> None:
+        """Nothing to check."""
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One training objective: its name, its own settings and how to build it for a run.
+
+    `config` is a frozen dataclass of the method's settings with a `validate(cfg, active)` method (cfg: the
+    whole DistillConfig; active: whether this objective is the one trained) that raises UserError naming the
+    option. `DistillConfig` nests one instance per objective (`cfg.pcm.huber_c`); the command line reaches its
+    fields as `--set pcm.huber_c=0.002`, the run's config.json stores them flat as `<prefix><field>`
+    (`pcm_huber_c`; RAPM's prefix is "": `lambda_abs`), as before objectives were a registry.
+    Calling the spec builds the Objective (the engine's calling convention, `ObjectiveBuilder`)."""
+
+    name: str
+    build: ObjectiveBuilder  # (cfg, world, sched, guidance, student, probe) -> Objective
+    config: type = NoConfig  # the method's settings (a frozen dataclass with `validate`)
+    prefix: str | None = None  # flat config.json / keyword prefix of its fields; None = f"{name}_"
+    interior: bool = False  # needs the teacher points inside every slot in the trajectory cache (PCM)
+    lora_impls: tuple[str, ...] = ("peft",)  # --lora-impl values it trains with (the first is its default)
+    description: str = ""
+
+    @property
+    def flat_prefix(self) -> str:
+        return f"{self.name}_" if self.prefix is None else self.prefix
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.build(*args, **kwargs)
+
+
+def as_spec(name: str, obj: Any) -> ObjectiveSpec:
+    """An ObjectiveSpec as given, or a bare builder wrapped in one (no settings of its own)."""
+    if isinstance(obj, ObjectiveSpec):
+        return obj
+    if not callable(obj):
+        raise TypeError(f"objective {name!r} is neither an ObjectiveSpec nor callable")
+    return ObjectiveSpec(name, obj)
+
+
 _models: dict[str, ModelSpec] = {}  # registered at run time
-_objectives: dict[str, ObjectiveBuilder] = {}
+_objectives: dict[str, ObjectiveSpec] = {}
 
 
 @functools.cache
@@ -95,11 +142,11 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 
 
 @functools.cache
-def _load_objective(ep: EntryPoint) -> ObjectiveBuilder:
-    builder = ep.load()
-    if not callable(builder):
+def _load_objective(ep: EntryPoint) -> ObjectiveSpec:
+    obj = ep.load()
+    if not callable(obj):
         raise TypeError(f"entry point {ep.name} = {ep.value} ({ep.group}) is not callable")
-    return builder
+    return as_spec(ep.name, obj)
 
 
 def objective_names() -> tuple[str, ...]:
@@ -109,8 +156,9 @@ def objective_names() -> tuple[str, ...]:
     return tuple(names)
 
 
-def get_objective(name: str) -> ObjectiveBuilder | None:
-    """The builder of objective `name` (registered at run time first, then the plug-ins'), or None."""
+def get_objective(name: str) -> ObjectiveSpec | None:
+    """The spec of objective `name` (registered at run time first, then the plug-ins'), or None; calling it
+    builds the objective."""
     if name in _objectives:
         return _objectives[name]
     for ep in plugin_entry_points(OBJECTIVES_GROUP):
@@ -119,7 +167,13 @@ def get_objective(name: str) -> ObjectiveBuilder | None:
     return None
 
 
-def register_objective(name: str, build: ObjectiveBuilder) -> ObjectiveBuilder:
-    """Add an objective at run time (it replaces one of the same name); returns `build`."""
-    _objectives[name] = build
+def register_objective(name: str, build: ObjectiveBuilder | ObjectiveSpec) -> ObjectiveBuilder | ObjectiveSpec:
+    """Add an objective at run time (it replaces one of the same name): an ObjectiveSpec, or a bare builder
+    (an objective without settings of its own); returns what it was given."""
+    _objectives[name] = as_spec(name, build)
     return build
+
+
+def unregister_objective(name: str) -> None:
+    """Remove an objective registered at run time (tests)."""
+    _objectives.pop(name, None)

@@ -19,7 +19,20 @@ from typing import Any
 from .errors import UserError
 from .worlds.registry import Costs, get_world_spec
 
-OBJECTIVES = ("rapm", "pcm", "dmd2")
+
+def planned_objectives(preset: str = "tiny") -> tuple[str, ...]:
+    """The objectives a world's plan trains: the registered ones (rapm_bench.plugins, in --objective's order)
+    its WorldSpec has an iteration cost for (a plug-in's objective joins once its world prices it)."""
+    from .distill.config import known_objectives
+
+    costs = get_world_spec(preset).costs.iteration
+    return tuple(n for n in known_objectives() if n in costs)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "OBJECTIVES":  # the tiny plan's objectives, from the registry (no copy of the list here)
+        return planned_objectives("tiny")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -77,7 +90,7 @@ def tiny_plan(quick: bool, seeds: int = 1, steps: tuple[int, ...] | None = None,
     budget = {"iters": 50} if quick else {}
     student_steps = steps or (SWEEP_STUDENT_STEPS if sweep else (4,) if quick else STUDENT_STEPS_TINY)
     distills = tuple(DistillStep(m, m, budget | {"slots": n} | ({"seed": s} if s else {}), s, n)
-                     for n in student_steps for s in range(seeds) for m in OBJECTIVES)
+                     for n in student_steps for s in range(seeds) for m in planned_objectives("tiny"))
     teacher = SWEEP_TEACHER_STEPS if sweep else (4, 8) if quick else TEACHER_STEPS_TINY
     evals = (*(EvalStep("teacher", s) for s in teacher),
              *(EvalStep(d.model, d.steps, trained=True, seed=d.seed) for d in distills))
@@ -125,6 +138,7 @@ def costs(preset: str) -> Costs:
 
 def estimate(plan: Plan, distill_cfgs: dict[str, Any], num_images: int) -> list[tuple[str, float, float]]:
     """(step description, seconds, MB on disk) for every step of the plan."""
+    from .distill.config import objective_spec
     from .models import get_model
 
     c = costs(plan.preset)
@@ -133,7 +147,7 @@ def estimate(plan: Plan, distill_cfgs: dict[str, Any], num_images: int) -> list[
     for step in plan.distills:
         cfg = distill_cfgs[step.key]
         key = (cfg.num_trajectories, cfg.trajectory_seed, cfg.guidance, cfg.substeps, cfg.slots, cfg.prompts,
-               cfg.objective == "pcm")  # PCM's cache also keeps the points inside the slots
+               objective_spec(cfg.objective).interior)  # PCM's cache also keeps the points inside the slots
         traj_s = 0.0 if key in seen_traj else cfg.num_trajectories * cfg.slots * cfg.substeps * 2 * c.trajectory_forward
         traj_mb = 0.0 if key in seen_traj else cfg.num_trajectories * c.trajectory_mb * (2 * cfg.slots + 1) / 9
         seen_traj.add(key)

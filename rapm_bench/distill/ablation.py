@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import DistillConfig, resolve_distill
+from .config import DistillConfig, override, resolve_distill
 
 VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     # the default: both positions, both discriminators at λ = 0.1, regression 1, rank 1, M 4, w 2, lr 1e-3, 200 it
@@ -130,7 +130,7 @@ def budget_job(runs: str, num_images: int, device: str, done: dict[str, Any]) ->
 def variant_job(runs: str, name: str, num_images: int, device: str) -> dict[str, Any]:
     """Distil and evaluate one variant of the default."""
     what, overrides = next((w, o) for n, w, o in VARIANTS if n == name)
-    cfg = replace(resolve_distill("tiny", device=device), out=str(Path(runs) / name), **overrides)
+    cfg = override(resolve_distill("tiny", device=device), out=str(Path(runs) / name), **overrides)
     r = run_variant(cfg, Path(runs) / name / "eval", num_images, device)
     return {"what": what, "overrides": overrides, **_brief(r["eval"]),
             "train_seconds": r["summary"]["train_seconds"],
@@ -141,8 +141,8 @@ def step_job(runs: str, n: int, name: str, seed: int, num_images: int, device: s
     """Distil and evaluate one step variant at N slots and one training seed."""
     _, overrides = next((w, o) for v, w, o in STEP_VARIANTS if v == name)
     key = f"n{n}-{name}-seed{seed}"
-    cfg = replace(resolve_distill("tiny", device=device), out=str(Path(runs) / "steps" / key), slots=n, seed=seed,
-                  **overrides)
+    cfg = override(resolve_distill("tiny", device=device), out=str(Path(runs) / "steps" / key), slots=n, seed=seed,
+                   **overrides)
     r = run_variant(cfg, Path(runs) / "steps" / key / "eval", num_images, device)
     return {"key": key, **_brief(r["eval"]), "kid": (r["eval"].get("kid") or {}).get("mean"),
             "fid_ci": r["eval"].get("fid_ci"), "train_seconds": r["summary"]["train_seconds"],

@@ -18,7 +18,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 from ..errors import UserError
 from ..worlds.registry import get_world_spec
 from .checkpoint import CHECKPOINT
-from .config import DistillConfig, validate
+from .config import DistillConfig, objective_spec, validate
 from .objectives import STUDENT as ADAPTER  # the student's PEFT adapter name
 
 LOG = "train_log.jsonl"
@@ -85,7 +85,7 @@ def open_run(out: Path, cfg: DistillConfig, resume: bool) -> None:
                             "config); choose another --out or empty it") from None
         old = replace(old, log_with=cfg.log_with)  # where the curves also go does not define the run
         if old != cfg and not (resume and replace(old, iters=cfg.iters) == cfg):
-            diff = [f.name for f in fields(DistillConfig) if getattr(old, f.name) != getattr(cfg, f.name)]
+            diff = old.diff(cfg)  # config.json's (flat) names
             raise UserError(f"--out {out} holds a run with another config (differs in: {', '.join(diff)}); "
                             "choose another --out, or pass --resume to continue it with a new --iters only")
     elif resume:
@@ -223,7 +223,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     device = world.device
     guidance = world.default_guidance if cfg.guidance is None else cfg.guidance
     spec = make_spec(world, prompts, cfg.trajectory_seed, guidance, cfg.slots, cfg.substeps, cfg.store_dtype,
-                     cfg.trajectory_batch, interior=cfg.objective == "pcm")
+                     cfg.trajectory_batch, interior=objective_spec(cfg.objective).interior)
     with graphed_predict(world, cfg.fast_nograd):  # GPU: the teacher's CFG passes replay CUDA graphs
         trajs = load_or_build(world, prompts, spec, cache_root(cfg), progress)
     t_traj = time.perf_counter() - t_start

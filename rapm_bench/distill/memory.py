@@ -25,7 +25,7 @@ ENCODER_SHARE = 0.5  # the discriminator's feature pass keeps about half the UNe
 def estimate_gib(cfg: DistillConfig, world: World) -> float:
     """GiB the training passes add on top of what is loaded, without checkpointing."""
     per_latent = world.grad_activation_gib()
-    gan = cfg.distance == "gan" and (cfg.lambda_abs > 0 or cfg.lambda_rel > 0)
+    gan = cfg.method("rapm").adversarial
     latents = cfg.slot_chunk * (1 + (ENCODER_SHARE if gan else 0.0))
     weights = sum(p.numel() * p.element_size() for p in world.unet.parameters()) / 2**30
     cache = weights if cfg.lora_impl == "merged" else 0.0

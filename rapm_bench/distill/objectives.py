@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
-from ..plugins import get_objective, register_objective
+from ..plugins import get_objective
 from ..sampling import DDIM_TRAILING, SamplerRecipe
 from ..worlds.base import Cond
 from .config import known_objectives
@@ -129,9 +129,9 @@ def build_rapm(cfg: DistillConfig, world: World, sched: SlotSchedule, probe: Con
     from .discriminator import EncoderFeatures, build_heads, feature_channels
     from .rapm import LossWeights, RAPMLoss
 
-    weights = LossWeights(cfg.lambda_abs, cfg.lambda_rel, cfg.lambda_reg, cfg.distance, cfg.huber_c)
-    use_gan = cfg.distance == "gan" and (cfg.lambda_abs > 0 or cfg.lambda_rel > 0)
-    features = EncoderFeatures(world) if use_gan else None
+    rc = cfg.method("rapm")  # rapm_config.RAPMConfig
+    weights = LossWeights(rc.lambda_abs, rc.lambda_rel, rc.lambda_reg, rc.distance, rc.huber_c)
+    features = EncoderFeatures(world) if rc.adversarial else None
     heads: dict[str, nn.Module] = {}
     if features is not None:
         heads_abs, heads_rel = build_heads(feature_channels(features, probe), cfg.disc_hidden, cfg.seed, world.device)
@@ -168,22 +168,20 @@ class ObjectiveBuilder(Protocol):
 
 def rapm_objective(cfg: DistillConfig, world: World, sched: SlotSchedule, guidance: float,
                    student: list[nn.Parameter], probe: Cond) -> RAPMObjective:
-    """RAPM as an `ObjectiveBuilder` (it registers itself below)."""
+    """RAPM as an `ObjectiveBuilder` (its registry entry, with its config, is rapm_config.OBJECTIVE)."""
     return build_rapm(cfg, world, sched, probe)
-
-
-register_objective("rapm", rapm_objective)
 
 
 def build_objective(
     cfg: DistillConfig, world: World, sched: SlotSchedule, guidance: float, student: list[nn.Parameter], probe: Cond,
 ) -> Objective:
-    """The objective `cfg.objective` on this world; the student LoRA (adapter STUDENT) is attached already.
+    """The objective `cfg.objective` on this world, built by its registry entry (rapm_bench.plugins); the student
+    LoRA (adapter STUDENT) is attached already.
 
     `guidance` is the trajectories' CFG scale w (DMD2's real score uses it); `probe` is any
     prompt's conditioning (it sizes the discriminator heads).
     """
-    build = get_objective(cfg.objective)
-    if build is None:
+    spec = get_objective(cfg.objective)
+    if spec is None:
         raise ValueError(f"unknown objective {cfg.objective!r}; known: {', '.join(known_objectives())}")
-    return build(cfg, world, sched, guidance, student, probe)
+    return spec.build(cfg, world, sched, guidance, student, probe)

@@ -157,9 +157,9 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
             return world.predict(x * gain, t, cond)
 
     sched = SlotSchedule(world.alphas_cumprod, dcfg.slots, dcfg.substeps)
-    weights = LossWeights(dcfg.lambda_abs, dcfg.lambda_rel, dcfg.lambda_reg, dcfg.distance, dcfg.huber_c)
-    use_gan = dcfg.distance == "gan" and (dcfg.lambda_abs > 0 or dcfg.lambda_rel > 0)
-    features = EncoderFeatures(world) if use_gan else None
+    rc = dcfg.method("rapm")  # RAPM's settings (distill/rapm_config.py)
+    weights = LossWeights(rc.lambda_abs, rc.lambda_rel, rc.lambda_reg, rc.distance, rc.huber_c)
+    features = EncoderFeatures(world) if rc.adversarial else None
     heads_abs = heads_rel = None
     head_params: list[nn.Parameter] = []
     if features is not None:
@@ -241,7 +241,8 @@ def stage_rapm_iteration(b: Bench) -> dict[str, Any]:
                        graphs=graphs)  # the engine's "fast" runs its no-grad passes through the low-rank branch too
     names = [m.name for m in ms]
     headline = want.name if want.name in names else next((n for n in names if not n.startswith("plain")), names[0])
-    return b.stage(ms, headline, objective={k: getattr(dcfg, k) for k in (
+    flat = dcfg.flat()  # config.json's names: RAPM's fields unprefixed
+    return b.stage(ms, headline, objective={k: flat[k] for k in (
         "slots", "substeps", "slot_chunk", "rank", "distance", "lambda_abs", "lambda_rel", "lambda_reg",
         "disc_hidden", "grad_checkpointing", "fast_nograd")}, engine_grad_checkpointing=ckpt)
 
