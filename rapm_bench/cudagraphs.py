@@ -2,7 +2,7 @@
 
 A diffusers UNet call at batch 1 launches ~2,000 kernels from Python; on an H200 it runs at
 0.13 of its compute floor. `Graphed(fn)` captures `fn` once per input signature (shapes,
-dtypes, devices, non-tensor arguments, `state()`) and afterwards replays the captured kernels:
+dtypes, devices, strides, non-tensor arguments) and afterwards replays the captured kernels:
 the inputs are copied into the graph's static buffers, the graph is replayed, the outputs are
 cloned. Only no-grad calls on a CUDA device are graphed; every other call runs `fn` eagerly,
 so the CPU path is the eager path.
@@ -10,9 +10,9 @@ so the CPU path is the eager path.
 The contract of a graph: between capture and replay the module structure stays fixed (no
 LoRA attached, fused or removed) and weights change only in place (an optimiser step does;
 `rapm_bench.fastlora` rebuilds its merged weights in place, and `prepare` brings them up to
-date before each replay). Python control flow is frozen at capture: whatever differs between
-calls (a student pass vs a teacher pass) must be in `state()`. The replayed kernels are the
-captured eager kernels, so outputs equal the eager call's (tests/test_cudagraphs.py, `gpu`).
+date before each replay). Python control flow is frozen at capture, so one `Graphed` wraps one
+kind of call (the student's passes, or the teacher's features: never both). The replayed kernels
+are the captured eager kernels, so outputs equal the eager call's (tests/test_fast_paths.py, `gpu`).
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ class _Capture:
 class Graphed:
     """`fn(*args)` replayed from a CUDA graph per input signature when grad is off and the inputs are on CUDA."""
 
-    def __init__(self, fn: Callable[..., Any], state: Callable[[], Any] | None = None,
-                 prepare: Callable[[], None] | None = None, warmup: int = 2, max_graphs: int = 16) -> None:
-        self.fn, self.state, self.prepare = fn, state, prepare
+    def __init__(self, fn: Callable[..., Any], prepare: Callable[[], None] | None = None, warmup: int = 2,
+                 max_graphs: int = 16) -> None:
+        self.fn, self.prepare = fn, prepare
         self.warmup, self.max_graphs = warmup, max_graphs
         self.graphs: dict[Any, _Capture] = {}
         self.pool: Any = None  # one memory pool for all graphs (replays never overlap: one stream)
@@ -63,7 +63,7 @@ class Graphed:
         """The signature a graph is valid for."""
         sig = tuple((tuple(x.shape), x.dtype, x.device, x.stride()) if isinstance(x, torch.Tensor) else ("v", x)
                     for x in leaves)
-        return spec, sig, None if self.state is None else self.state()
+        return spec, sig
 
     def __call__(self, *args: Any) -> Any:
         leaves, spec = pytree.tree_flatten(args)

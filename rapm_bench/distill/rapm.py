@@ -130,9 +130,7 @@ class RAPMLoss:
         """
         b, todo = self.sched.boundaries, slots[:-1]
         inputs, rel = [z.detach()], None
-        if z_delta is not None and self.sched.substeps == 1:
-            rel = z_delta.clone()
-        elif z_delta is not None and self.merge_passes and todo:
+        if z_delta is not None and self.merge_passes and todo and self.sched.substeps > 1:
             n = todo[0]
             out = self.nograd_jump(torch.cat([inputs[0], z_delta]),
                                    [b[n + 1]] + [self.sched.delta_timestep(m) for m in slots],
@@ -213,7 +211,8 @@ class RAPMLoss:
         t_prime: torch.Tensor, eps: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Hinge losses on inputs re-noised from t_n to t' in the slot above (t', ε shared by real and fake)."""
-        assert self.features is not None and self.heads_abs is not None and self.heads_rel is not None
+        assert self.real_features is not None and self.heads_abs is not None and self.heads_rel is not None
+        assert self.features is not None
         w, b, k = self.w, self.sched.boundaries, len(slots)
         eps = eps.to(fake)
         ab_n = self.sched.alphabar(torch.tensor([b[n] for n in slots]))
@@ -226,8 +225,7 @@ class RAPMLoss:
         f_fake = self.features(noisy(fake), t_dev, repeat_cond(cond, k))  # grad to the LoRA through the teacher
         with torch.no_grad():
             reals = torch.cat([noisy(abs_target), noisy(rel_target)])
-            real_features = self.real_features or self.features
-            f_real = real_features(reals, torch.cat([t_dev, t_dev]), repeat_cond(cond, 2 * k))
+            f_real = self.real_features(reals, torch.cat([t_dev, t_dev]), repeat_cond(cond, 2 * k))
         f_abs, f_rel = [f[:k] for f in f_real], [f[k:] for f in f_real]
         f_fake_d = [f.detach() for f in f_fake]
         g = fake.new_zeros(())
