@@ -88,6 +88,10 @@ def distill(
         "--fast-nograd/--no-fast-nograd",
         help="GPU: replay RAPM's no-grad passes (roll-out, relative targets, real features) from CUDA graphs and "
              "merge the first roll-out jump with the relative targets; default: on (the CPU path is eager).")] = None,
+    fast_grad: Annotated[bool | None, typer.Option(
+        "--fast-grad/--no-fast-grad",
+        help="GPU with --lora-impl merged and no gradient checkpointing: replay RAPM's gradient passes (forward "
+             "and backward) from CUDA graphs; default: on (otherwise, and on the CPU, eager).")] = None,
     log_every: Annotated[int | None, typer.Option(help="Iterations per train_log.jsonl row (interval means); "
                                                        "default: the preset's (tiny 10, sdxl 50).")] = None,
     targets: Annotated[str | None, typer.Option(help="Comma-separated LoRA target module suffixes; default: "
@@ -130,7 +134,8 @@ def distill(
         rank=rank, substeps=substeps, slots=slots, guidance=cfg, lambda_abs=lambda_abs, lambda_rel=lambda_rel,
         lambda_reg=lambda_reg, distance=distance, num_trajectories=num_trajectories,
         trajectory_batch=trajectory_batch, prompts=prompts, format=format,
-        grad_checkpointing=grad_checkpointing, fast_nograd=fast_nograd, log_every=log_every, lora_targets=_targets(targets), teacher=teacher, device=device,
+        grad_checkpointing=grad_checkpointing, fast_nograd=fast_nograd, fast_grad=fast_grad,
+        log_every=log_every, lora_targets=_targets(targets), teacher=teacher, device=device,
         precision=precision, seed=seed, cache_dir=cache_dir, checkpoint_every=checkpoint_every,
         sample_every=sample_every, slot_chunk=slot_chunk, lora_impl=lora_impl, pcm_huber_c=pcm_huber_c, pcm_ema=pcm_ema,
         pcm_adv_weight=pcm_adv_weight, dmd2_fake_rank=dmd2_fake_rank, dmd2_fake_lr=dmd2_fake_lr,

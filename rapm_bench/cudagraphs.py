@@ -1,4 +1,7 @@
-"""CUDA graphs for fixed-shape no-grad passes (issue 14: batch-1 UNet passes are launch-bound).
+"""CUDA graphs for fixed-shape UNet passes (issue 14: batch-1 UNet passes are launch-bound).
+
+`Graphed` replays no-grad calls (below); `GradGraphed` replays a differentiable call's forward and
+backward (the gradient passes of a RAPM iteration, through torch.cuda.make_graphed_callables).
 
 A diffusers UNet call at batch 1 launches ~2,000 kernels from Python; on an H200 it runs at
 0.13 of its compute floor. `Graphed(fn)` captures `fn` once per input signature (shapes,
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils import _pytree as pytree
 
 _eager = 0  # > 0 inside `eager()`
@@ -106,6 +110,63 @@ class Graphed:
         """Drop every graph and its memory."""
         self.graphs.clear()
         self.pool = None
+
+
+class _Call(nn.Module):
+    """`fn(x, t, cond)` with the conditioning as positional tensors; `net`'s parameters are its own, so that
+    make_graphed_callables differentiates into them (the LoRA weights that require grad)."""
+
+    def __init__(self, fn: Callable[..., Any], net: nn.Module | None, keys: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fn, self.keys = fn, keys
+        if net is not None:
+            self.net = net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *values: torch.Tensor) -> Any:
+        return self.fn(x, t, dict(zip(self.keys, values, strict=True)))
+
+
+class GradGraphed:
+    """A differentiable `fn(x, t, cond)` whose forward and backward replay CUDA graphs when grad is on.
+
+    The gradient passes of a batch-1 RAPM iteration are launch-bound like the no-grad ones (issue 14: ~0.5 s
+    of GPU work under ~1 s of host time on an H200). `torch.cuda.make_graphed_callables` captures one forward
+    and one backward graph per input signature (shapes, dtypes, strides, requires_grad) and puts them in one
+    autograd node: the backward replays the captured backward kernels into the inputs that require grad and
+    into `net`'s trainable parameters (the LoRA). Same contract as `Graphed` (fixed modules, weights written in
+    place, `prepare` before each replay), plus: no gradient checkpointing inside (the caller checks), and an
+    output is used before the next call (outputs are cloned, so that holds by construction). Every other call
+    (grad off, CPU inputs, inside `eager()`) runs `fn` itself.
+    """
+
+    def __init__(self, fn: Callable[..., Any], net: nn.Module | None = None, prepare: Callable[[], None] | None = None,
+                 max_graphs: int = 4) -> None:
+        self.fn, self.net, self.prepare, self.max_graphs = fn, net, prepare, max_graphs
+        self.graphs: dict[Any, Callable[..., Any]] = {}
+        self.replays = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> Any:
+        if _eager or not torch.is_grad_enabled() or x.device.type != "cuda":
+            return self.fn(x, t, cond)
+        keys = tuple(cond)
+        args = (x, torch.as_tensor(t, device=x.device), *(cond[k] for k in keys))
+        key = keys, tuple((tuple(a.shape), a.dtype, a.stride(), a.requires_grad) for a in args)
+        graphed = self.graphs.get(key)
+        if graphed is None and len(self.graphs) >= self.max_graphs:  # ever-changing shapes: stay eager
+            return self.fn(x, t, cond)
+        if self.prepare is not None:
+            self.prepare()
+        if graphed is None:
+            samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+            graphed = self.graphs[key] = torch.cuda.make_graphed_callables(
+                _Call(self.fn, self.net, keys), samples, allow_unused_input=True)
+        out = graphed(*args)
+        self.replays += 1
+        return pytree.tree_map(lambda o: o.clone() if isinstance(o, torch.Tensor) else o, out)
+
+    def release(self) -> None:
+        """Drop every graph and its memory."""
+        self.graphs.clear()
 
 
 def available(device: torch.device | str) -> bool:

@@ -183,22 +183,41 @@ class LoRAWrap(nn.Module):
         """(W + s·B·A, s·A, s·B) in the base weight's dtype; W' in its layout. Built in fp32 once per A/B update."""
         key = self._key()
         if self._cache is None or self._cache_key != key:
-            w = self.base.weight.detach()
-            a, b = self.lora_A.detach(), self.lora_B.detach()
-            s = self.scale
-            with torch.no_grad():
-                merged = torch.addmm(w.reshape(w.shape[0], -1).float(), b.float(), a.reshape(a.shape[0], -1).float(),
-                                     alpha=s)  # W + s·B·A in fp32, rounded once to W's dtype below
-                a_s, b_s = ((t.to(w.dtype, copy=True) if s == 1 else (t * s).to(w.dtype)) for t in (a, b))
-                if self._cache is not None and self._cache[0].dtype == w.dtype and self._cache[0].shape == w.shape:
-                    # in place: a CUDA graph captured with these buffers (rapm_bench.cudagraphs) reads the new W'
-                    for buf, value in zip(self._cache, (merged.view(w.shape), a_s, b_s), strict=True):
-                        buf.copy_(value)
-                else:
-                    w_merged = torch.empty_like(w).copy_(merged.view(w.shape))  # never W itself: w may be fp32
-                    self._cache = (w_merged, a_s, b_s)  # copies: never aliases of the masters the optimiser writes
+            if self.in_place():
+                self.rebuild()
+            else:
+                merged, a_s, b_s = self._merged()
+                w = self.base.weight
+                w_merged = torch.empty_like(w).copy_(merged.view(w.shape))  # never W itself: w may be fp32
+                self._cache = (w_merged, a_s, b_s)  # copies: never aliases of the masters the optimiser writes
             self._cache_key = key
+        assert self._cache is not None
         return self._cache
+
+    @torch.no_grad()
+    def _merged(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W + s·B·A in fp32, flattened; s·A and s·B in W's dtype), from the current masters."""
+        w = self.base.weight.detach()
+        a, b = self.lora_A.detach(), self.lora_B.detach()
+        s = self.scale
+        merged = torch.addmm(w.reshape(w.shape[0], -1).float(), b.float(), a.reshape(a.shape[0], -1).float(),
+                             alpha=s)  # W + s·B·A in fp32, rounded once to W's dtype by the copy
+        a_s, b_s = ((t.to(w.dtype, copy=True) if s == 1 else (t * s).to(w.dtype)) for t in (a, b))
+        return merged, a_s, b_s
+
+    def in_place(self) -> bool:
+        """Whether the cache exists in W's dtype and shape (then `rebuild` refreshes it in place)."""
+        w = self.base.weight
+        return self._cache is not None and self._cache[0].dtype == w.dtype and self._cache[0].shape == w.shape
+
+    @torch.no_grad()
+    def rebuild(self) -> None:
+        """Recompute the cache into its own buffers (a CUDA graph captured with them reads the new W'); the caller
+        keeps `_cache_key` (`cached` does; `refresher`'s graph sets it after a replay)."""
+        assert self._cache is not None
+        merged, a_s, b_s = self._merged()
+        for buf, value in zip(self._cache, (merged.view(self._cache[0].shape), a_s, b_s), strict=True):
+            buf.copy_(value)
 
     def merged_weight(self) -> torch.Tensor:
         """W + s·B·A in the base weight's dtype and layout (computed in fp32, cached)."""
@@ -364,15 +383,54 @@ class FastLoRA:
         self.layers = {}
 
 
+class _Refresh:
+    """Brings the merged weights of a UNet's FastLoRA layers up to date, once per optimiser step.
+
+    After a step every layer is stale; rebuilding them one by one launches ~7 kernels a layer (SDXL: ~6,000
+    launches, ~50 ms of host time while the GPU waits). On CUDA the full in-place rebuild is captured once as
+    a CUDA graph and replayed: the same kernels on the same buffers, one launch. Anything else (the CPU, a
+    cache not yet built, some layers stale and others not, another set of active layers) rebuilds eagerly.
+    """
+
+    def __init__(self, layers: list[LoRAWrap]) -> None:
+        self.layers = layers
+        self.graph: Any = None
+        self.captured: tuple[int, ...] = ()  # ids of the layers the graph rebuilds
+        self.replays = 0
+
+    def __call__(self) -> None:
+        active = [w for w in self.layers if w.enabled and (w.merge_nograd or w.mode == "merged")]
+        keys = [w._key() for w in active]
+        stale = [w for w, k in zip(active, keys, strict=True) if w._cache is None or w._cache_key != k]
+        if not stale:
+            return
+        whole = len(stale) == len(active) and all(w.in_place() for w in active)
+        if not whole or not active[0].base.weight.is_cuda:
+            for w in stale:
+                w.cached()
+            return
+        # the graph writes into the buffers it was captured with: a dropped and rebuilt cache needs a new one
+        ids = tuple((id(w), w._cache[0].data_ptr()) for w in active if w._cache is not None)
+        if self.graph is None or self.captured != ids:
+            self.graph, self.captured = None, ids
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (cuBLAS workspaces on this stream); rebuilding is idempotent
+                for w in active:
+                    w.rebuild()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):  # captured, not run: the replay below runs it
+                for w in active:
+                    w.rebuild()
+            self.graph = graph
+        self.graph.replay()
+        self.replays += 1
+        for w, k in zip(active, keys, strict=True):
+            w._cache_key = k
+
+
 def refresher(unet: nn.Module) -> Callable[[], None] | None:
     """A call that brings the merged weights of every FastLoRA layer in `unet` up to date (None: there are none)."""
     layers = [m for m in unet.modules() if isinstance(m, LoRAWrap)]
-    if not layers:
-        return None
-
-    def refresh() -> None:
-        for w in layers:
-            if w.enabled and (w.merge_nograd or w.mode == "merged"):
-                w.cached()
-
-    return refresh
+    return _Refresh(layers) if layers else None

@@ -127,6 +127,9 @@ class DistillConfig:
     fast_nograd: bool = True  # GPU: RAPM's no-grad passes (roll-out, relative targets, real features) replayed
     #                           from CUDA graphs, the first roll-out jump and the relative targets in one batch;
     #                           the CPU path is eager either way (objectives.fast_nograd)
+    fast_grad: bool = True  # GPU, lora_impl "merged", no gradient checkpointing: RAPM's gradient passes (the
+    #                         student's jumps, the fake side's features) replayed from CUDA graphs, forward and
+    #                         backward (objectives.fast_grad); otherwise, and on the CPU, eager
     lora_impl: str = "peft"  # "peft": diffusers/PEFT layers; "merged": fastlora.FastLoRA, every pass one kernel
     #                          with W + s·B·A and a low-rank backward (RAPM only; SDXL on an H100 at 4 slots per
     #                          pass: ×0.97 of the bare UNet passes vs PEFT's ×1.91, results/bench/README.md);

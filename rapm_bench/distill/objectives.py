@@ -140,6 +140,8 @@ def build_rapm(cfg: DistillConfig, world: World, sched: SlotSchedule, probe: Con
                     heads.get("heads_abs"), heads.get("heads_rel"))  # type: ignore[arg-type]
     if cfg.fast_nograd:
         fast_nograd(loss, world)
+    if cfg.fast_grad and not cfg.grad_checkpointing and cfg.lora_impl == "merged":
+        fast_grad(loss, world)
     return RAPMObjective(loss, heads, cfg.disc_lr)
 
 
@@ -156,6 +158,23 @@ def fast_nograd(loss: RAPMLoss, world: World) -> bool:
     if loss.features is not None:
         loss.real_features = Graphed(loss.features)  # the teacher: adapters off inside, frozen weights
     loss.merge_passes = True
+    return True
+
+
+def fast_grad(loss: RAPMLoss, world: World) -> bool:
+    """On a GPU: RAPM's gradient passes (the student's jumps into the LoRA, the fake side's backbone features)
+    replayed from CUDA graphs, forward and backward (cudagraphs.GradGraphed). For FastLoRA's merged layers
+    (their W' is rebuilt in place) and no gradient checkpointing; the CPU path stays eager. Returns whether it
+    applies."""
+    from ..cudagraphs import GradGraphed, available
+    from ..fastlora import refresher
+
+    if not available(world.device):
+        return False
+    prepare = getattr(loss.nograd_student, "prepare", None) or refresher(world.unet)  # one refresh per step
+    loss.grad_student = GradGraphed(loss.student, world.unet, prepare=prepare)
+    if loss.features is not None:
+        loss.grad_features = GradGraphed(loss.features)  # grad to the input only: the teacher's weights are frozen
     return True
 
 

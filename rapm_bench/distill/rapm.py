@@ -90,6 +90,9 @@ class RAPMLoss:
         self.nograd_student: Student = student  # roll-out and relative-target jumps (a CUDA-graphed `student`)
         self.real_features: Callable[..., list[torch.Tensor]] | None = features  # the real side's features
         self.merge_passes = False  # the first roll-out jump and the relative-target jumps as one batch
+        # The gradient passes' fast path (objectives.fast_grad): forward and backward replayed from CUDA graphs.
+        self.grad_student: Student = student  # z^φ_n's jumps, differentiated into the LoRA
+        self.grad_features: Callable[..., list[torch.Tensor]] | None = features  # the fake side's features
 
     # --- the student's DDIM jumps ----------------------------------------------------------------
     def jump(self, z: torch.Tensor, t_from: list[int], t_to: list[int], cond: Cond) -> torch.Tensor:
@@ -99,7 +102,8 @@ class RAPMLoss:
     def step(self, z_in: torch.Tensor, slots: list[int], cond: Cond) -> torch.Tensor:
         """z^φ_n = DDIM(z_{n+1}, t_{n+1} → t_n; ε_φ) for each slot n (gradients flow where enabled)."""
         b = self.sched.boundaries
-        return self.jump(z_in, [b[n + 1] for n in slots], [b[n] for n in slots], cond)
+        return ddim_jump(self.grad_student, self.sched, self.pred, z_in, [b[n + 1] for n in slots],
+                         [b[n] for n in slots], cond)
 
     @torch.no_grad()
     def nograd_jump(self, z: torch.Tensor, t_from: list[int], t_to: list[int], cond: Cond) -> torch.Tensor:
@@ -212,7 +216,7 @@ class RAPMLoss:
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Hinge losses on inputs re-noised from t_n to t' in the slot above (t', ε shared by real and fake)."""
         assert self.real_features is not None and self.heads_abs is not None and self.heads_rel is not None
-        assert self.features is not None
+        assert self.grad_features is not None
         w, b, k = self.w, self.sched.boundaries, len(slots)
         eps = eps.to(fake)
         ab_n = self.sched.alphabar(torch.tensor([b[n] for n in slots]))
@@ -222,7 +226,7 @@ class RAPMLoss:
         def noisy(x: torch.Tensor) -> torch.Tensor:
             return renoise(x, ab_n, ab_p, eps)
 
-        f_fake = self.features(noisy(fake), t_dev, repeat_cond(cond, k))  # grad to the LoRA through the teacher
+        f_fake = self.grad_features(noisy(fake), t_dev, repeat_cond(cond, k))  # grad to the LoRA through the teacher
         with torch.no_grad():
             reals = torch.cat([noisy(abs_target), noisy(rel_target)])
             f_real = self.real_features(reals, torch.cat([t_dev, t_dev]), repeat_cond(cond, 2 * k))

@@ -115,7 +115,8 @@ class BenchConfig:
         return self.preset if self.scale == "full" else f"{self.preset}-{self.scale}"
 
 
-_SDXL_RAPM = RapmStage(variants=("plain/graphs", "merged/graphs", "fast/unmerged/graphs", "fast/graphs",  # fits
+_SDXL_RAPM = RapmStage(variants=("plain/graphs/gradgraphs", "merged/graphs/gradgraphs",  # the engine on an H200
+                                 "plain/graphs", "merged/graphs", "fast/unmerged/graphs", "fast/graphs",  # fits
                                  "plain", "merged",  # the same without the no-grad fast path
                                  "plain/ckpt/graphs", "merged/ckpt/graphs", "fast/unmerged/ckpt/graphs",  # 24-48 GB
                                  "plain/ckpt", "merged/ckpt", "peft/ckpt"))  # the engine before issue 14
@@ -209,24 +210,30 @@ class RapmVariant:
     merged: bool  # FastLoRA: no-grad passes through merged weights (always so for "merged")
     chunk: int | None = None  # slots per student forward (`slot_chunk`); None = the distill preset's
     graphs: bool = False  # the engine's `fast_nograd`: no-grad passes from CUDA graphs, first jumps merged (GPU)
+    grad_graphs: bool = False  # the engine's `fast_grad`: gradient passes from CUDA graphs (merged or plain, no ckpt)
 
     @property
     def name(self) -> str:
         """The variant's spelling, e.g. `fast/ckpt/chunk4`."""
         return (self.lora + ("/ckpt" if self.ckpt else "") + ("" if self.merged or self.lora != "fast" else "/unmerged")
-                + ("" if self.chunk is None else f"/chunk{self.chunk}") + ("/graphs" if self.graphs else ""))
+                + ("" if self.chunk is None else f"/chunk{self.chunk}") + ("/graphs" if self.graphs else "")
+                + ("/gradgraphs" if self.grad_graphs else ""))
 
 
 def parse_variant(text: str, merge_default: bool = True) -> RapmVariant:
-    """`<lora>[/ckpt][/unmerged][/chunkK][/graphs]` -> RapmVariant (`merged` runs every pass merged)."""
+    """`<lora>[/ckpt][/unmerged][/chunkK][/graphs][/gradgraphs]` -> RapmVariant (`merged` runs every pass merged)."""
     lora, *flags = text.split("/")
     chunks = [int(f[5:]) for f in flags if re.fullmatch(r"chunk[1-9]\d*", f)]
-    if lora not in LORA_IMPLS or any(f not in ("ckpt", "unmerged", "merged", "graphs") and not re.fullmatch(
-            r"chunk[1-9]\d*", f) for f in flags) or len(chunks) > 1:
-        raise UserError(f"bad RAPM variant {text!r}: use <lora>[/ckpt][/unmerged][/chunkK][/graphs] with lora one "
-                        f"of {', '.join(LORA_IMPLS)}")
+    if lora not in LORA_IMPLS or any(f not in ("ckpt", "unmerged", "merged", "graphs", "gradgraphs")
+                                     and not re.fullmatch(r"chunk[1-9]\d*", f) for f in flags) or len(chunks) > 1:
+        raise UserError(f"bad RAPM variant {text!r}: use <lora>[/ckpt][/unmerged][/chunkK][/graphs][/gradgraphs] "
+                        f"with lora one of {', '.join(LORA_IMPLS)}")
+    if "gradgraphs" in flags and (lora not in ("merged", "plain") or "ckpt" in flags):
+        raise UserError(f"bad RAPM variant {text!r}: gradgraphs needs lora merged or plain, without ckpt (the "
+                        "engine's --fast-grad)")
     if lora == "merged" and "unmerged" in flags:
         raise UserError(f"bad RAPM variant {text!r}: `merged` runs every pass through merged weights; "
                         "for no-grad passes through the low-rank branch use fast/unmerged")
     merged = lora == "merged" or ("unmerged" not in flags and ("merged" in flags or merge_default))
-    return RapmVariant(lora, "ckpt" in flags, merged, chunks[0] if chunks else None, "graphs" in flags)
+    return RapmVariant(lora, "ckpt" in flags, merged, chunks[0] if chunks else None, "graphs" in flags,
+                       "gradgraphs" in flags)

@@ -129,9 +129,10 @@ class RapmSetup:
 
 def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) -> RapmSetup:
     """Student (LoRA or none), discriminator heads, loss and optimisers as `engine.distill` builds them."""
+    from ..cudagraphs import GradGraphed
     from ..distill.discriminator import EncoderFeatures, build_heads, feature_channels
     from ..distill.engine import ADAPTER
-    from ..distill.objectives import fast_nograd
+    from ..distill.objectives import fast_grad, fast_nograd
     from ..distill.rapm import LossWeights, RAPMLoss
     from ..distill.schedule import SlotSchedule
     from ..lora import attach_lora
@@ -169,6 +170,8 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
     loss_fn = RAPMLoss(student, sched, world.noise_schedule.prediction_type, weights, features, heads_abs, heads_rel)
     if variant.graphs:
         fast_nograd(loss_fn, world)
+    if variant.grad_graphs and fast_grad(loss_fn, world) and variant.lora == "plain":
+        loss_fn.grad_student = GradGraphed(student, nn.ParameterList(params))  # the gain is what trains
     optimizers = [torch.optim.AdamW(params, lr=dcfg.lr, betas=dcfg.betas, weight_decay=dcfg.weight_decay)]
     if head_params:
         optimizers.append(torch.optim.AdamW(head_params, lr=dcfg.disc_lr, betas=dcfg.betas, weight_decay=0.0))
@@ -215,7 +218,7 @@ def stage_rapm_iteration(b: Bench) -> dict[str, Any]:
             ms.append(b.measure(v.name, lambda s=s, it=steps: rapm_iteration(b.world, s, next(it)), "iteration", 1,
                                 warmup=min(b.cfg.warmup, 1 if v.graphs else get_world_spec(b.cfg.preset).bench_rapm_warmup),
                                 # the counted call warms up, but eagerly: graphs are captured in the warm-up
-                                lora=v.lora, grad_checkpointing=v.ckpt, graphs=v.graphs,
+                                lora=v.lora, grad_checkpointing=v.ckpt, graphs=v.graphs, grad_graphs=v.grad_graphs,
                                 merged_nograd=v.merged and v.lora in ("fast", "merged"),
                                 merged_grad=v.lora == "merged",
                                 slot_chunk=s.chunk,
@@ -224,7 +227,7 @@ def stage_rapm_iteration(b: Bench) -> dict[str, Any]:
             s.cleanup()
             del s
     def same(m: Measurement) -> tuple[Any, ...]:
-        return m.extra["grad_checkpointing"], m.extra["slot_chunk"], m.extra["graphs"]
+        return m.extra["grad_checkpointing"], m.extra["slot_chunk"], m.extra["graphs"], m.extra["grad_graphs"]
 
     plain = {same(m): m.median for m in ms if m.extra["lora"] == "plain"}
     for m in ms:  # over the plain variant with the same checkpointing, chunking and no-grad path
@@ -238,13 +241,14 @@ def stage_rapm_iteration(b: Bench) -> dict[str, Any]:
     graphs = bool(dcfg.fast_nograd) and b.device.type == "cuda"
     impl = opts.lora or dcfg.lora_impl
     want = RapmVariant(impl, ckpt, impl == "merged" or (impl == "fast" and opts.lora is not None and opts.merge_lora),
-                       graphs=graphs)  # the engine's "fast" runs its no-grad passes through the low-rank branch too
+                       graphs=graphs,  # the engine's "fast" runs its no-grad passes through the low-rank branch too
+                       grad_graphs=graphs and bool(dcfg.fast_grad) and impl == "merged" and not ckpt)
     names = [m.name for m in ms]
     headline = want.name if want.name in names else next((n for n in names if not n.startswith("plain")), names[0])
     flat = dcfg.flat()  # config.json's names: RAPM's fields unprefixed
     return b.stage(ms, headline, objective={k: flat[k] for k in (
         "slots", "substeps", "slot_chunk", "rank", "distance", "lambda_abs", "lambda_rel", "lambda_reg",
-        "disc_hidden", "grad_checkpointing", "fast_nograd")}, engine_grad_checkpointing=ckpt)
+        "disc_hidden", "grad_checkpointing", "fast_nograd", "fast_grad")}, engine_grad_checkpointing=ckpt)
 
 
 def stage_trajectories(b: Bench) -> dict[str, Any]:
