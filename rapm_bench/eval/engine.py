@@ -48,16 +48,16 @@ class Accumulator:
     stats: dict[str, FeatureStats]  # the detectors with running statistics (FID's features)
 
     @classmethod
-    def empty(cls, n: int, detectors: list[Detector], scorer: Scorer) -> Accumulator:
-        """Zero sums and zero-filled rows for n images of every detector this scorer can run."""
+    def empty(cls, n: int, used: list[Detector], scorer: Scorer) -> Accumulator:
+        """Zero sums and zero-filled rows for n images of every detector in `used` this scorer can run."""
         runs, rows, sums, stats = {}, {}, {}, {}
-        for d in detectors:
+        for d in used:
             dim = d.dim(scorer)
             if dim is None:
                 continue
             runs[d.name] = d
             rows[d.name] = torch.zeros((n, dim) if dim else (n,), dtype=d.dtype)
-            sums[d.name] = torch.zeros((dim,) if dim else (), dtype=torch.float64)
+            sums[d.name] = torch.zeros(dim or 1, dtype=torch.float64)  # (1,) for one number an image
             if d.stats:
                 stats[d.name] = FeatureStats(dim)
         return cls(runs, rows, sums, stats)

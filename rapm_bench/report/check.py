@@ -45,9 +45,6 @@ def rerun(baseline: dict[str, Any], workdir: Path, device: str = "auto") -> dict
     return result
 
 
-KID_TOL = 0.005  # default largest |KID change| (usual units, not ×1000): the kid metric's `tol`
-
-
 def tolerances(given: Mapping[str, float] | None = None) -> dict[str, float]:
     """Every registered metric's tolerance: its default (`MetricSpec.tol`) unless given; unknown names and
     negative values are one-line errors."""
