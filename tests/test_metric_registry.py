@@ -174,3 +174,45 @@ def test_tol_and_its_aliases_set_the_same_tolerances(tmp_path):
     assert "DRIFT" in run("--tol", "fid=0.2") and "DRIFT" not in run()
     assert "| 0.003 | DRIFT |" in run("--clip-tol", "0.3")  # retrieval: 0.3 / 100
     assert run("--clip-tol", "0.3") == run("--tol", "clip_score=0.3", "--tol", "retrieval_accuracy=0.003")
+
+
+# --- the committed outputs regenerate as they were; a plug-in metric adds its column where a result holds it ------
+@pytest.mark.parametrize("folder", ["tiny", "tiny/sweep"])
+def test_committed_tables_and_comparisons_regenerate_byte_identically(tmp_path, folder):
+    from rapm_bench.report.comparison import markdown
+    from rapm_bench.report.table import write_table
+
+    src = ROOT / "results" / folder
+    write_table([src], tmp_path, "tiny")
+    for name in ("table.md", "table.csv", "table.tex"):
+        assert (tmp_path / name).read_bytes() == (src / name).read_bytes(), name
+    record = json.loads((src / "comparison.json").read_text())
+    assert markdown(record) == (src / "comparison.md").read_text()
+    M.register_metric(TOY)  # registered, but held by no result: no column anywhere
+    try:
+        write_table([src], tmp_path / "with-toy", "tiny")
+        assert (tmp_path / "with-toy" / "table.md").read_bytes() == (src / "table.md").read_bytes()
+        assert markdown(record) == (src / "comparison.md").read_text()
+    finally:
+        M.unregister_metric("toy")
+
+
+def test_a_plug_in_metric_a_comparison_holds_gets_a_column_and_a_verdict():
+    from rapm_bench.report import comparison
+
+    record = json.loads((ROOT / "results" / "tiny" / "comparison.json").read_text())
+    for group in record["by_steps"].values():
+        for m in group["methods"].values():  # what collect() records for a metric the runs' results hold
+            m["toy"] = {"mean": 0.25, "sd": None}
+            for run in m["runs"]:
+                run["toy"] = 0.25
+    M.register_metric(TOY)
+    try:
+        assert comparison.tested() == ("fid", "kid", "toy")  # lower is better: tested like FID and KID
+        md = comparison.markdown(record)
+    finally:
+        M.unregister_metric("toy")
+    assert "| method | seeds | FID ↓ | KID×10³ ↓ | CLIP ↑ | retrieval ↑ | toy ↓ | s / iteration |" in md
+    assert "| rapm | 1 | 15.13 | 172.05 | 72.06 | 0.838 | 0.25 | 0.23 |" in md
+    assert "| teacher, 1 step, CFG 3 | – | 57.30 | 1209.75 | 43.99 | 0.430 | – | – |" in md
+    assert "on FID, KID and toy per pair of methods" in md and "| steps | FID ↓ | KID×10³ ↓ | CLIP ↑ | toy ↓ |" in md

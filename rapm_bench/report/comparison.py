@@ -40,6 +40,11 @@ def _shown(record: dict[str, Any]) -> list[MetricSpec]:
     return [m for name, m in metrics().items() if m.always or any(h.get(name) is not None for h in held)]
 
 
+def _listing(words: list[str]) -> str:
+    """'FID', 'FID and KID', 'FID, KID and X'."""
+    return " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words) or "no metric"
+
+
 def _num(value: float | None, m: MetricSpec) -> str:
     """A value in comparison.md's unit and digits, or a dash."""
     return "–" if value is None else format(value * m.scale, f".{m.digits}f")
@@ -137,6 +142,8 @@ def _ci(ci: list[float] | None) -> str:
 def markdown(record: dict[str, Any]) -> str:
     """comparison.md."""
     k = record["seeds"]
+    shown = _shown(record)
+    verdicts = _listing([m.label for m in shown if m.better == "lower"])
     lines = [f"# Equal-budget comparison ({record['preset']}, protocol {record['protocol']}, "
              f"{record['num_images']} images, {k} training seed{'s' if k > 1 else ''})", "",
              "Each method distilled by the same engine from the same teacher trajectories for each student step count "
@@ -144,13 +151,11 @@ def markdown(record: dict[str, Any]) -> str:
              "are mean ± sample standard deviation over training seeds; the brackets are each seed's 95 % bootstrap "
              "interval of FID (resampled images, reference fixed: image noise only). KID × 10³ is torchmetrics' "
              "KernelInceptionDistance on the protocol's features (mean over seeds of its subset mean).", "",
-             f"Verdicts: {record['test']}, on {' and '.join(metrics()[k].label for k in tested())} per pair of "
-             "methods. "
+             f"Verdicts: {record['test']}, on {verdicts} per pair of methods. "
              + ("One seed: no seed-noise test is possible, so nothing here ranks the methods; run "
                 "`rapm-bench reproduce --seeds 3` (or see `sweep/comparison.md`)." if k < 2 else
                 f"{k} seeds give the test little power: 'within seed noise' means no difference was shown, not "
                 "that the methods tie." if k < 4 else ""), ""]
-    shown = _shown(record)
     heads = [f"{m.unit_label} {'↓' if m.better == 'lower' else '↑'}" for m in shown]
     for n, group in record["by_steps"].items():
         lines += [f"## {n} step{'s' if n != '1' else ''}", "",
