@@ -216,3 +216,21 @@ def test_a_plug_in_metric_a_comparison_holds_gets_a_column_and_a_verdict():
     assert "| rapm | 1 | 15.13 | 172.05 | 72.06 | 0.838 | 0.25 | 0.23 |" in md
     assert "| teacher, 1 step, CFG 3 | – | 57.30 | 1209.75 | 43.99 | 0.430 | – | – |" in md
     assert "on FID, KID and toy per pair of methods" in md and "| steps | FID ↓ | KID×10³ ↓ | CLIP ↑ | toy ↓ |" in md
+
+
+def test_a_plug_in_detector_leaves_the_shared_resamples_as_they_are():
+    """The bootstrap draw is sized by FID's features, not by the widest rows: a plug-in's 4096-d detector does not
+    cut tiny's 1000 resamples to coco's 100 (every other interval would move)."""
+    import torch
+
+    from rapm_bench.eval.engine import Accumulator
+
+    def finish(rows: dict) -> M.Finish:
+        return M.Finish(get_protocol("tiny"), 5000, Accumulator({}, rows, {}, {}), {}, torch.device("cpu"))
+
+    def wide(dim: int) -> torch.Tensor:
+        return torch.zeros(5000, 1).expand(-1, dim)  # (5000, dim) rows without the memory
+
+    assert finish({"fid-features": wide(128)}).resamples == 1000
+    assert finish({"fid-features": wide(128), "wide": wide(4096)}).resamples == 1000
+    assert finish({"fid-features": wide(2048)}).resamples == 100  # 5000·2048·2048 > 1e10: each resample costs

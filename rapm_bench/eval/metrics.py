@@ -66,9 +66,10 @@ class Finish:
 
     @functools.cached_property
     def resamples(self) -> int:
-        """Bootstrap resamples: fewer where the widest rows make each one costly (intervals.default_resamples)."""
-        dim = max((r.shape[1] if r.ndim == 2 else 1 for r in self.acc.rows.values()), default=1)
-        return intervals.default_resamples(self.n, dim)
+        """Bootstrap resamples, sized by FID's features (its resamples are the costly ones: fewer where they are
+        large, intervals.default_resamples), so that a plug-in metric leaves every other interval as it is."""
+        features = self.acc.rows.get(FID_FEATURES.name)
+        return intervals.default_resamples(self.n, 1 if features is None else features.shape[1])
 
     @functools.cached_property
     def counts(self) -> torch.Tensor:
