@@ -212,32 +212,6 @@ def report(
 
 
 @app.command()
-def check(
-    baseline: Annotated[list[str], typer.Option(help="Committed baseline result JSON(s) or folder(s).")],
-    results: Annotated[list[str] | None, typer.Option("--results", help="Results to compare; default: rerun "
-                                                                          "each baseline's evaluation now.")] = None,
-    fid_tol: Annotated[float, typer.Option(help="Largest allowed |FID change| (absolute).")] = 0.5,
-    clip_tol: Annotated[float, typer.Option(help="Largest allowed |CLIP score change| (absolute; retrieval "
-                                                 "accuracy uses clip_tol/100).")] = 0.5,
-    kid_tol: Annotated[float, typer.Option(help="Largest allowed |KID change| (absolute, usual units, not "
-                                                "×1000; skipped, with a note, for baselines without KID).")] = 0.005,
-    device: Annotated[str, typer.Option(help="Device for reruns.")] = "auto",
-    preset: Preset = "tiny",
-) -> None:
-    """Fail (exit 1, with a table of what moved) when a score drifts past its tolerance: the CI guard."""
-    from pathlib import Path
-
-    from .report.check import check as run_check
-
-    ok, report = _run(run_check, [Path(b) for b in baseline], [Path(r) for r in results] if results else None,
-                      fid_tol, clip_tol, device, kid_tol)
-    typer.echo(report, nl=False)
-    if not ok:
-        typer.echo("rapm-bench: scores drifted past the tolerance", err=True)
-        raise typer.Exit(1)
-
-
-@app.command()
 def reproduce(
     preset: Preset = "tiny",
     quick: Annotated[bool, typer.Option(help="A smaller budget: tiny 50 iterations, 256 images, teacher at 4 and 8 "
@@ -395,6 +369,7 @@ def ablation(ctx: typer.Context) -> None:
 
 def _mount_subapps() -> None:
     """`rapm-bench tiny ...` (build the shapes world) and `rapm-bench data ...` (prepare protocol data)."""
+    from .cli_check import check
     from .cli_data import app as data_app
     from .cli_distill import distill
     from .cli_tiny import app as tiny_app
@@ -402,6 +377,7 @@ def _mount_subapps() -> None:
     app.command(help="Distil the teacher into a few-step student with RAPM (rank-1 LoRA, batch 1, no real "
                      "images).")(distill)
 
+    app.command()(check)
     app.add_typer(tiny_app, name="tiny")
     app.add_typer(data_app, name="data")
 

@@ -1,4 +1,5 @@
-"""Plug-ins: the published models and the training objectives the package finds without importing them.
+"""Plug-ins: the published models, the training objectives and any extra metrics the package finds without
+importing them.
 
 Imports run one way, `baselines/` → `rapm_bench`: the package never names `baselines` in an import.
 A package declares what it adds as entry points (pyproject.toml):
@@ -7,9 +8,12 @@ A package declares what it adds as entry points (pyproject.toml):
     baselines = "baselines:MODELS"
     [project.entry-points."rapm_bench.objectives"]  # an ObjectiveSpec (or a bare ObjectiveBuilder)
     pcm = "baselines.pcm:objective"
+    [project.entry-points."rapm_bench.metrics"]     # a MetricSpec (or a list of them): rapm_bench.eval.metrics
+    NAME = "PACKAGE.MODULE:SPEC"
 
-and a test or a user's script adds one at run time with `register_model` / `register_objective`
-(RAPM's own objective registers itself in rapm_bench.distill.objectives). An install made before the
+and a test or a user's script adds one at run time with `register_model` / `register_objective` (a metric:
+rapm_bench.eval.metrics.register_metric; RAPM's own objective registers itself in
+rapm_bench.distill.rapm_config, the shipped metrics in rapm_bench.eval.metrics). An install made before the
 entry points were declared (an editable install sees new ones only once reinstalled) finds none: then
 the package's own declarations, `DECLARED`, are loaded the same way (tests/test_imports.py checks they
 equal pyproject.toml's).
@@ -28,12 +32,14 @@ if TYPE_CHECKING:
 
 MODELS_GROUP = "rapm_bench.models"
 OBJECTIVES_GROUP = "rapm_bench.objectives"
+METRICS_GROUP = "rapm_bench.metrics"  # the package declares none: its own metrics register in eval/metrics.py
 
 DECLARED: dict[str, dict[str, str]] = {
     MODELS_GROUP: {"baselines": "baselines:MODELS"},
     OBJECTIVES_GROUP: {"pcm": "baselines.pcm:objective", "dmd2": "baselines.dmd2:objective"},
 }
-"""pyproject.toml's entry points, by group: the fallback when none of a group is installed."""
+"""pyproject.toml's entry points, by group: the fallback when none of a group is installed (a group the package
+declares nothing in, such as METRICS_GROUP, has no entry)."""
 
 ObjectiveBuilder = Callable[..., Any]
 """(cfg, world, sched, guidance, student, probe) -> Objective: see rapm_bench.distill.objectives."""
@@ -96,7 +102,7 @@ def plugin_entry_points(group: str) -> tuple[EntryPoint, ...]:
     if any(_ours(ep) for ep in installed):
         return installed
     names = {ep.name for ep in installed}
-    return installed + tuple(EntryPoint(name, value, group) for name, value in DECLARED[group].items()
+    return installed + tuple(EntryPoint(name, value, group) for name, value in DECLARED.get(group, {}).items()
                              if name not in names)
 
 
@@ -139,6 +145,11 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     """Add a model at run time (it replaces a model of the same name); returns it."""
     _models[spec.name] = spec
     return spec
+
+
+def unregister_model(name: str) -> None:
+    """Remove a model registered at run time (tests)."""
+    _models.pop(name, None)
 
 
 @functools.cache

@@ -134,22 +134,32 @@ def test_mean_intervals_cover_the_mean_and_bootstrap_is_seeded():
 
 
 def test_shards_placed_by_index_sum_to_the_single_process_tensors():
-    """What the all-reduce does: each shard's rows at their indices, zeros elsewhere; the sum is exact."""
-    from rapm_bench.eval.engine import Accumulator
+    """What the all-reduce does: each shard's rows at their indices, zeros elsewhere; the sum is exact (rows,
+    their float64 sums and FID's running statistics)."""
+    from rapm_bench.eval.engine import Accumulator, _score_group
+    from rapm_bench.eval.metrics import CLIP_SCORES, FID_FEATURES
 
     n, dim = 150, 8
     feats, clip = torch.randn(n, dim), torch.rand(n, dtype=torch.float64)
+    scorer = SimpleNamespace(feature_dim=dim, features=lambda images: feats[images[:, 0, 0, 0].long()],
+                             clip_scores=lambda images, captions: clip[images[:, 0, 0, 0].long()])
+    detectors = [FID_FEATURES, CLIP_SCORES]
     groups = [range(g, min(g + 64, n)) for g in range(0, n, 64)]
-    whole, shards = Accumulator.empty(n, dim), [Accumulator.empty(n, dim) for _ in range(2)]
+    whole, shards = Accumulator.empty(n, detectors, scorer), [Accumulator.empty(n, detectors, scorer) for _ in range(2)]
     for k, g in enumerate(groups):
+        images = torch.tensor(list(g), dtype=torch.uint8)[:, None, None, None].expand(-1, 3, 1, 1)
         for acc in (whole, shards[k % 2]):
-            acc.features[g.start : g.stop], acc.clip[g.start : g.stop] = feats[g.start : g.stop], clip[g.start : g.stop]
-            acc.stats.update(feats[g.start : g.stop])
+            _score_group(acc, scorer, images, [""] * len(g), g)
     summed = [a + b for a, b in zip(shards[0].tensors(torch.device("cpu")), shards[1].tensors(torch.device("cpu")),
                                     strict=True)]
-    merged = Accumulator.empty(n, dim)
+    merged = Accumulator.empty(n, detectors, scorer)
     merged.load_tensors(summed)
-    assert torch.equal(merged.features, whole.features) and torch.equal(merged.clip, whole.clip)
+    assert torch.equal(merged.rows["fid-features"], feats) and torch.equal(merged.rows["clip-scores"], clip)
+    assert torch.equal(merged.rows["fid-features"], whole.rows["fid-features"])
+    assert float(merged.sums["clip-scores"]) == pytest.approx(float(clip.sum()), rel=1e-12)
+    fid_stats = merged.stats["fid-features"]
+    assert fid_stats.count == n and torch.allclose(fid_stats.sum, feats.double().sum(0), rtol=1e-12)
+    assert torch.allclose(fid_stats.sum_sq, whole.stats["fid-features"].sum_sq, rtol=1e-12)
 
 
 @pytest.mark.e2e

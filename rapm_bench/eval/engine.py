@@ -27,49 +27,57 @@ from ..generate import batch_hint, generate_batch, oom_hint, png_bytes
 from ..models import get_model, with_lora
 from ..provenance import device_name, git_commit, versions
 from ..worlds import World, load_world
-from .fid import FeatureStats, checked_fid
+from .fid import FeatureStats
+from .metrics import GROUP, Detector, Finish, detectors, finalize, metrics
 from .protocols import Protocol, default_protocol, get_protocol
 from .scorers import Scorer, load_scorer
-
-GROUP = 64  # images per shard group: also the tiny world's retrieval batch (captions of one group)
 
 
 @dataclass
 class Accumulator:
-    """Everything a shard adds up; merges exactly.
+    """Everything a shard adds up, per detector (metrics.Detector); merges exactly.
 
-    Besides the running sums, the per-image data the intervals and KID need: each shard
-    writes its rows at their image indices into zero-filled tensors, so the all-reduce sum
-    places every row exactly (x + 0 = x) whatever the number of processes.
+    Each shard writes a detector's per-image rows at their image indices into zero-filled tensors, so the
+    all-reduce sum places every row exactly (x + 0 = x) whatever the number of processes; beside them the float64
+    sums of the rows (group by group) and, for FID's features, the exact float64 running statistics.
     """
 
-    stats: FeatureStats
-    features: torch.Tensor  # (n, D) float32: the generated images' FID features
-    clip: torch.Tensor  # (n,) float64: per-image CLIP scores
-    hit: torch.Tensor  # (n,) float64: per-image retrieval hits (0/1; tiny world only)
-    clip_sum: float = 0.0
-    hits: int = 0
-    hit_count: int = 0
+    detectors: dict[str, Detector]  # by name: the ones this scorer can run
+    rows: dict[str, torch.Tensor]  # (n,) or (n, D) per detector
+    sums: dict[str, torch.Tensor]  # float64 column sums of the rows per detector
+    stats: dict[str, FeatureStats]  # the detectors with running statistics (FID's features)
 
     @classmethod
-    def empty(cls, n: int, dim: int) -> Accumulator:
-        """Zero sums and zero-filled per-image tensors for n images of dim-dimensional features."""
-        return cls(FeatureStats(dim), torch.zeros(n, dim, dtype=torch.float32), torch.zeros(n, dtype=torch.float64),
-                   torch.zeros(n, dtype=torch.float64))
+    def empty(cls, n: int, used: list[Detector], scorer: Scorer) -> Accumulator:
+        """Zero sums and zero-filled rows for n images of every detector in `used` this scorer can run."""
+        runs, rows, sums, stats = {}, {}, {}, {}
+        for d in used:
+            dim = d.dim(scorer)
+            if dim is None:
+                continue
+            runs[d.name] = d
+            rows[d.name] = torch.zeros((n, dim) if dim else (n,), dtype=d.dtype)
+            sums[d.name] = torch.zeros(dim or 1, dtype=torch.float64)  # (1,) for one number an image
+            if d.stats:
+                stats[d.name] = FeatureStats(dim)
+        return cls(runs, rows, sums, stats)
 
     def tensors(self, device: torch.device) -> list[torch.Tensor]:
-        """Flat tensors for an all-reduce (float64 sums, float32 per-image features)."""
-        assert self.stats.sum is not None and self.stats.sum_sq is not None
-        scalars = torch.tensor([self.stats.count, self.clip_sum, self.hits, self.hit_count], dtype=torch.float64)
-        return [t.to(device) for t in (scalars, self.stats.sum, self.stats.sum_sq, self.features, self.clip, self.hit)]
+        """Flat tensors for an all-reduce (float64 sums and statistics, the rows in their own dtype)."""
+        out = [t for name in self.rows for t in (self.rows[name], self.sums[name])]
+        for st in self.stats.values():
+            assert st.sum is not None and st.sum_sq is not None
+            out += [torch.tensor([st.count], dtype=torch.float64), st.sum, st.sum_sq]
+        return [t.to(device) for t in out]
 
     def load_tensors(self, ts: list[torch.Tensor]) -> None:
         """Inverse of `tensors` after the reduce."""
-        count, clip_sum, hits, hit_count = ts[0].cpu().tolist()
-        self.stats.count, self.clip_sum, self.hits, self.hit_count = int(count), clip_sum, int(hits), int(hit_count)
-        self.stats.sum, self.stats.sum_sq = ts[1].cpu(), ts[2].cpu()
-        self.stats.device = torch.device("cpu")
-        self.features, self.clip, self.hit = ts[3].cpu(), ts[4].cpu(), ts[5].cpu()
+        it = iter(t.cpu() for t in ts)
+        for name in self.rows:
+            self.rows[name], self.sums[name] = next(it), next(it)
+        for st in self.stats.values():
+            st.count, st.sum, st.sum_sq = int(next(it)[0]), next(it), next(it)
+            st.device = torch.device("cpu")
 
 
 def default_cache_dir() -> Path:
@@ -158,14 +166,15 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     world.set_vae_precision(protocol.vae_precision)  # the protocol's decode precision (SDXL; tiny: no VAE)
     guidance = world.default_guidance if guidance_or_none is None else guidance_or_none
     scorer = load_scorer(protocol, world.device, cfg.inception, cfg.clip_checkpoint)
-    reference = reference_stats(protocol, scorer, Path(cfg.data_dir) if cfg.data_dir else None)
-    ref_features = reference_features(protocol, scorer, Path(cfg.data_dir) if cfg.data_dir else None)
+    specs = list(metrics().values())
+    references = {m.name: m.reference(protocol, scorer, Path(cfg.data_dir) if cfg.data_dir else None)
+                  for m in specs if m.reference is not None}
     state.wait_for_everyone()  # the loop starts together: its time is the slowest shard's
     load_s = time.perf_counter() - t_load
 
     groups = [range(g, min(g + GROUP, n)) for g in range(0, n, GROUP)]
     mine = groups[state.process_index :: state.num_processes]
-    acc = Accumulator.empty(n, scorer.feature_dim)
+    acc = Accumulator.empty(n, detectors(specs), scorer)
     if images_out is not None:
         atomic_write_bytes(images_out / "config.json", _images_config(cfg, steps, protocol).encode())
     memory = preset.eval_memory_hint
@@ -197,12 +206,13 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
 
     if not state.is_main_process:
         return None
-    result = _record(cfg, spec, steps, guidance, protocol, n, acc, reference, world, lora, seconds, scorer)
     t_int = time.perf_counter()
-    result.update(_intervals(acc, reference, ref_features, world.device))
+    scores = finalize(specs, Finish(protocol, n, acc, references, world.device))
+    intervals_s = time.perf_counter() - t_int
+    result = _record(cfg, spec, steps, guidance, protocol, n, scores, world, lora, seconds, scorer)
     # Timings of this run (main process; not part of what identifies or compares a result).
     result["timing"] = {"load_s": load_s, "loop_s": seconds, "images_per_s": result["images_per_second"],
-                        "intervals_s": time.perf_counter() - t_int, "processes": state.num_processes}
+                        "intervals_s": intervals_s, "processes": state.num_processes}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / result_name(spec.name, steps, protocol.name)
     atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
@@ -227,36 +237,18 @@ def _images_config(cfg: EvalConfig, steps: int, protocol: Protocol) -> str:
 
 
 def _score_group(acc: Accumulator, scorer: Scorer, images: torch.Tensor, captions: list[str], group: range) -> None:
-    """Features, CLIP scores and retrieval hits of one group of images (image indices `group`)."""
-    features = scorer.features(images)
-    acc.stats.update(features)
-    acc.features[group.start : group.stop] = features.float().cpu()
-    clip = scorer.clip_scores(images, captions).double().cpu()
-    acc.clip_sum += float(clip.sum())
-    acc.clip[group.start : group.stop] = clip
-    hits = scorer.retrieval_hits(images, captions)
-    if hits is not None:
-        acc.hits += int(hits.sum())
-        acc.hit_count += len(hits)
-        acc.hit[group.start : group.stop] = hits.double().cpu()
-
-
-def _intervals(acc: Accumulator, reference: FeatureStats, ref_features: torch.Tensor,
-               device: torch.device) -> dict[str, Any]:
-    """Bootstrap intervals (fid_ci, clip_score_ci, retrieval_accuracy_ci, bootstrap) and KID of one result."""
-    from .intervals import bootstrap, kid
-
-    ref_mean, ref_cov = torch.from_numpy(reference.mean()), torch.from_numpy(reference.cov())
-    out = bootstrap(acc.features, acc.clip, acc.hit if acc.hit_count else None, ref_mean, ref_cov, device=device)
-    out["kid"] = kid(acc.features, ref_features, device=device)
-    return out
+    """Every detector's per-image rows of one group of images (image indices `group`), each computed once."""
+    for name, rows in acc.rows.items():
+        out = acc.detectors[name].run(scorer, images, captions)
+        if name in acc.stats:
+            acc.stats[name].update(out)
+        rows[group.start : group.stop] = out.to(rows.dtype).cpu()
+        acc.sums[name] += out.double().cpu().sum(0)
 
 
 def _record(cfg: EvalConfig, spec: Any, steps: int, guidance: float, protocol: Protocol, n: int,
-            acc: Accumulator, reference: FeatureStats, world: World, lora: Path | None, seconds: float,
-            scorer: Scorer) -> dict[str, Any]:
-    """The result JSON: scores with full provenance."""
-    reliable = n >= (acc.stats.dim or 0)
+            scores: dict[str, Any], world: World, lora: Path | None, seconds: float, scorer: Scorer) -> dict[str, Any]:
+    """The result JSON: scores (every metric's fields, metrics.finalize) with full provenance."""
     return {
         "model": spec.name,
         "steps": steps,
@@ -267,10 +259,7 @@ def _record(cfg: EvalConfig, spec: Any, steps: int, guidance: float, protocol: P
         "protocol_hash": protocol.hash(),
         "num_images": n,
         "seed": cfg.seed,
-        "fid": checked_fid(acc.stats, reference, ("generated", "reference")),
-        "fid_reliable": reliable,
-        "clip_score": acc.clip_sum / n,
-        "retrieval_accuracy": acc.hits / acc.hit_count if acc.hit_count else None,
+        **scores,
         "seconds": seconds,
         "images_per_second": n / seconds if seconds > 0 else None,
         "device": device_name(world.device),

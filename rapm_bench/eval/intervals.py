@@ -121,6 +121,28 @@ def fid_point(features: torch.Tensor, ref_mean: torch.Tensor, ref_cov: torch.Ten
     return float(fid_resamples(features, ref_mean, ref_cov, ones, device)[0])
 
 
+def fid_interval(features: torch.Tensor, ref_mean: torch.Tensor, ref_cov: torch.Tensor, counts: torch.Tensor,
+                 level: float = LEVEL, device: torch.device | str = "cpu") -> tuple[list[float], float]:
+    """FID's bias-shifted percentile interval over the resamples `counts`, and the shift (mean − point)."""
+    n, dim = features.shape
+    ones = torch.ones(1, n, dtype=torch.int32)  # row 0: the whole set (one setup for point and resamples)
+    with cpu_threads_for(dim, device):
+        all_fids = fid_resamples(features, ref_mean, ref_cov, torch.cat([ones, counts]), device)
+    point, fids = float(all_fids[0]), all_fids[1:]
+    shift = float(fids.mean()) - point
+    return list(percentile_interval(fids - shift, level)), shift
+
+
+def mean_interval(values: torch.Tensor, counts: torch.Tensor, level: float = LEVEL) -> list[float]:
+    """The percentile interval of a per-image mean (CLIP score, retrieval accuracy) over the resamples `counts`."""
+    return list(percentile_interval(mean_resamples(values, counts), level))
+
+
+def bootstrap_record(resamples: int, seed: int = SEED, level: float = LEVEL) -> dict[str, Any]:
+    """A result's `bootstrap` field (the metrics add their own entries, FID its `fid_shift`)."""
+    return {"resamples": resamples, "seed": seed, "level": level, "method": METHOD}
+
+
 def bootstrap(features: torch.Tensor, clip_scores: torch.Tensor, hits: torch.Tensor | None,
               ref_mean: torch.Tensor, ref_cov: torch.Tensor, resamples: int | None = None, seed: int = SEED,
               level: float = LEVEL, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -128,17 +150,12 @@ def bootstrap(features: torch.Tensor, clip_scores: torch.Tensor, hits: torch.Ten
     n, dim = features.shape
     b = resamples if resamples is not None else default_resamples(n, dim)
     counts = multinomial_counts(n, b, seed)
-    ones = torch.ones(1, n, dtype=torch.int32)  # row 0: the whole set (one setup for point and resamples)
-    with cpu_threads_for(dim, device):
-        all_fids = fid_resamples(features, ref_mean, ref_cov, torch.cat([ones, counts]), device)
-    point, fids = float(all_fids[0]), all_fids[1:]
-    shift = float(fids.mean()) - point
+    fid_ci, shift = fid_interval(features, ref_mean, ref_cov, counts, level, device)
     return {
-        "fid_ci": list(percentile_interval(fids - shift, level)),
-        "clip_score_ci": list(percentile_interval(mean_resamples(clip_scores, counts), level)),
-        "retrieval_accuracy_ci": None if hits is None else list(percentile_interval(mean_resamples(hits, counts),
-                                                                                    level)),
-        "bootstrap": {"resamples": b, "seed": seed, "level": level, "method": METHOD, "fid_shift": shift},
+        "fid_ci": fid_ci,
+        "clip_score_ci": mean_interval(clip_scores, counts, level),
+        "retrieval_accuracy_ci": None if hits is None else mean_interval(hits, counts, level),
+        "bootstrap": bootstrap_record(b, seed, level) | {"fid_shift": shift},
     }
 
 

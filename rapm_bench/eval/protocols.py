@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from ..precision import COMPUTE_PRECISIONS
@@ -24,6 +25,12 @@ CROPS = ("center",)
 RESIZE_FILTERS = ("lanczos", "none")
 FID_EXTRACTORS = ("clean-fid-inception", "tiny-evaluator")
 FID_MODES = ("clean", "none")
+CAPTION_FIELDS = ("caption_source", "caption_sampling", "caption_seed", "num_pairs", "generation_resolution",
+                  "vae_precision")
+"""The caption spec: what every metric of a protocol shares (the caption pairs and how the images are made)."""
+
+if TYPE_CHECKING:
+    from .metrics import MetricSpec
 
 
 @dataclass(frozen=True)
@@ -85,11 +92,34 @@ class Protocol:
         """Stable short id: the first 12 hex digits of sha256(canonical JSON)."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
 
+    def _fields(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """The named fields (later ones only where not default, as in the protocol hash)."""
+        return {k: getattr(self, k) for k in names if k not in _LATER or getattr(self, k) != _LATER[k]}
+
+    def caption_spec(self) -> dict[str, Any]:
+        """The caption pairs and the generation settings every metric of this protocol shares."""
+        return self._fields(CAPTION_FIELDS)
+
+    def metric_record(self, spec: MetricSpec) -> dict[str, Any]:
+        """What one metric's numbers depend on: the caption spec, the fields it reads, its own settings."""
+        return {"metric": spec.name, "captions": self.caption_spec(), "fields": self._fields(spec.fields),
+                "settings": _plain(spec.settings)}
+
+    def metric_hash(self, spec: MetricSpec) -> str:
+        """12 hex digits of sha256(metric record): results agreeing on it are comparable on that metric."""
+        record = json.dumps(self.metric_record(spec), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(record.encode()).hexdigest()[:12]
+
     def with_num_pairs(self, num_pairs: int) -> Protocol:
         """The same protocol on its first `num_pairs` pairs (a different hash)."""
         if num_pairs < 1 or num_pairs > self.num_pairs:
             raise UserError(f"--num-images must be between 1 and {self.num_pairs} for protocol {self.name}")
         return dataclasses.replace(self, num_pairs=num_pairs)
+
+
+def _plain(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as JSON-able data (tuples as lists)."""
+    return json.loads(json.dumps(dict(settings)))
 
 
 _LATER = {f.name: f.default for f in dataclasses.fields(Protocol) if f.default is not dataclasses.MISSING}

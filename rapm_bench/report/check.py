@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .results import read_result, read_results
+from .results import comparable_metrics, read_result, read_results
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,42 @@ def rerun(baseline: dict[str, Any], workdir: Path, device: str = "auto") -> dict
     return result
 
 
-KID_TOL = 0.005  # default largest |KID change| (usual units, not ×1000)
+def tolerances(given: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Every registered metric's tolerance: its default (`MetricSpec.tol`) unless given; unknown names and
+    negative values are one-line errors."""
+    from ..eval.metrics import get_metric, metrics
+
+    given = dict(given or {})
+    for name, tol in given.items():
+        get_metric(name)
+        if tol < 0:
+            raise UserError(f"tolerances must be non-negative, got {name}={tol:g}")
+    return {name: given.get(name, m.tol) for name, m in metrics().items()}
 
 
-def compare(baseline: dict[str, Any], current: dict[str, Any], fid_tol: float, clip_tol: float,
-            kid_tol: float = KID_TOL) -> list[Drift]:
-    """The drifts of one result against its baseline; refuses results of another protocol."""
-    if current["protocol_hash"] != baseline["protocol_hash"]:
+def parse_tolerances(items: list[str]) -> dict[str, float]:
+    """`--tol METRIC=VALUE` items as {metric: tolerance}."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise UserError(f"--tol {item!r}: expected METRIC=VALUE, e.g. --tol fid=0.5")
+    return out
+
+
+def compare(baseline: dict[str, Any], current: dict[str, Any],
+            tols: Mapping[str, float] | None = None) -> tuple[list[Drift], list[str]]:
+    """The drifts of one result against its baseline on every metric they are comparable on, and a note per
+    metric left out; refuses results comparable on none (another protocol)."""
+    from ..eval.metrics import metrics
+
+    tol = tolerances(tols)
+    shared = comparable_metrics(baseline, current)
+    if not any(shared.values()):
         raise UserError(f"{current.get('path', 'result')} was made with protocol {current['protocol']} "
                         f"({current['protocol_hash'][:8]}), the baseline with {baseline['protocol']} "
                         f"({baseline['protocol_hash'][:8]}): not comparable; evaluate both under the same "
@@ -60,38 +90,26 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], fid_tol: float, c
             raise UserError(f"result and baseline differ in {key}: {current[key]} vs {baseline[key]}; compare "
                             f"results of the same model, steps and --num-images")
     name = f"{baseline['model']} {baseline['steps']}-step"
-    out = [Drift(name, "fid", baseline["fid"], current["fid"], fid_tol),
-           Drift(name, "clip_score", baseline["clip_score"], current["clip_score"], clip_tol)]
-    if baseline.get("retrieval_accuracy") is not None and current.get("retrieval_accuracy") is not None:
-        out.append(Drift(name, "retrieval_accuracy", baseline["retrieval_accuracy"], current["retrieval_accuracy"],
-                         clip_tol / 100))
-    kid_base, kid_now = _kid(baseline), _kid(current)
-    if kid_base is not None and kid_now is not None:  # a baseline made before KID: skipped, with a note
-        out.append(Drift(name, "kid", kid_base, kid_now, kid_tol))
-    return out
+    drifts, notes = [], []
+    for metric, m in metrics().items():
+        if shared.get(metric):
+            drifts.append(Drift(name, metric, m.value(baseline), m.value(current), tol[metric]))  # type: ignore[arg-type]
+        elif metric in shared:
+            notes.append(f"note: {m.label} not compared for {name}: its definition differs between the two results "
+                         "(metric hashes)")
+        elif m.value(baseline) is None and m.value(current) is not None:
+            notes.append(f"note: {m.label} not compared for {name}: its baseline predates {m.label}")
+    return drifts, notes
 
 
-def _kid(result: dict[str, Any]) -> float | None:
-    """A result's KID mean, or None for results made before KID."""
-    kid = result.get("kid")
-    return float(kid["mean"]) if isinstance(kid, dict) and "mean" in kid else None
-
-
-def _kid_notes(baselines: list[dict[str, Any]]) -> list[str]:
-    """One note per baseline that has no KID (it is skipped, not failed)."""
-    return [f"note: KID not compared for {b['model']} {b['steps']}-step: its baseline predates KID"
-            for b in baselines if _kid(b) is None]
-
-
-def check(baselines: list[Path], results: list[Path] | None, fid_tol: float, clip_tol: float,
-          device: str = "auto", kid_tol: float = KID_TOL) -> tuple[bool, str]:
+def check(baselines: list[Path], results: list[Path] | None, tols: Mapping[str, float] | None = None,
+          device: str = "auto") -> tuple[bool, str]:
     """Compare results (given, or rerun from each baseline) with their baselines; (ok, report table)."""
-    if fid_tol < 0 or clip_tol < 0 or kid_tol < 0:
-        raise UserError("tolerances must be non-negative")
+    tolerances(tols)
     base = read_results(baselines)
     if not base:
         raise UserError(f"no baseline results in {', '.join(map(str, baselines))}")
-    drifts: list[Drift] = []
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
     if results:
         current = {(r["model"], r["steps"], r["protocol"]): r for r in read_results(results)}
         for b in base:
@@ -105,17 +123,22 @@ def check(baselines: list[Path], results: list[Path] | None, fid_tol: float, cli
                                     "baseline")
                 raise UserError(f"no result for {b['model']} {b['steps']}-step on {b['protocol']} among the results: "
                                 "evaluate it, or leave --results out to rerun the baseline's evaluation")
-            drifts += compare(b, current[key], fid_tol, clip_tol, kid_tol)
+            pairs.append((b, current[key]))
     else:
         with tempfile.TemporaryDirectory(prefix="rapm-check-") as tmp:
-            for b in base:
-                drifts += compare(b, rerun(b, Path(tmp), device), fid_tol, clip_tol, kid_tol)
+            pairs = [(b, rerun(b, Path(tmp), device)) for b in base]
+    drifts: list[Drift] = []
+    notes: list[str] = []
+    for b, c in pairs:
+        d, n = compare(b, c, tols)
+        drifts += d
+        notes += n
     lines = ["| model | metric | baseline | current | change | tolerance | status |", "|---|---|---|---|---|---|---|"]
     for d in drifts:
         lines.append(f"| {d.name} | {d.metric} | {d.baseline:.4f} | {d.current:.4f} | {d.current - d.baseline:+.4f} "
                      f"| {d.tol:g} | {'DRIFT' if d.moved else 'ok'} |")
-    lines += _kid_notes(base)
+    lines += notes
     return not any(d.moved for d in drifts), "\n".join(lines) + "\n"
 
 
-__all__ = ["Drift", "check", "compare", "read_result"]
+__all__ = ["Drift", "check", "compare", "parse_tolerances", "read_result", "tolerances"]

@@ -15,18 +15,39 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..eval.metrics import MetricSpec, metrics
+from .results import comparable_metrics
+
 ALPHA = 0.05
-METRICS = ("fid", "kid", "clip_score", "retrieval_accuracy")  # kid: the result's kid.mean
-TESTED = ("fid", "kid")  # lower is better for both
 TEST = ("Welch's t-test over training seeds (scipy.stats.ttest_ind, equal_var=False), two-sided, "
         f"alpha = {ALPHA}")
 
 
-def _value(result: dict[str, Any], metric: str) -> float | None:
-    """One score of a result JSON (KID: its mean over subsets)."""
-    if metric == "kid":
-        return (result.get("kid") or {}).get("mean")
-    return result.get(metric)
+def metric_names() -> tuple[str, ...]:
+    """The scores a comparison records per run: every registered metric (rapm_bench.eval.metrics)."""
+    return tuple(metrics())
+
+
+def tested() -> tuple[str, ...]:
+    """The metrics the verdicts test: the lower-is-better ones (the shipped: FID and KID)."""
+    return tuple(name for name, m in metrics().items() if m.better == "lower")
+
+
+def _shown(record: dict[str, Any]) -> list[MetricSpec]:
+    """The metrics with a column: the shipped ones always, a plug-in's where some run or teacher row holds it."""
+    held = [run for g in record["by_steps"].values() for m in g["methods"].values() for run in m["runs"]]
+    held += list(record["teacher"].values())
+    return [m for name, m in metrics().items() if m.always or any(h.get(name) is not None for h in held)]
+
+
+def _listing(words: list[str]) -> str:
+    """'FID', 'FID and KID', 'FID, KID and X'."""
+    return " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words) or "no metric"
+
+
+def _num(value: float | None, m: MetricSpec) -> str:
+    """A value in comparison.md's unit and digits, or a dash."""
+    return "–" if value is None else format(value * m.scale, f".{m.digits}f")
 
 
 def _stat(xs: list[float]) -> dict[str, float | None]:
@@ -57,6 +78,7 @@ def collect(plan: Any, dcfgs: dict[str, Any], out: Path, protocol: str) -> dict[
     from ..eval.engine import result_name
 
     by_steps: dict[str, dict[str, Any]] = {}
+    raw: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (steps, method) -> its result JSONs
     num_images = None
     for step in plan.distills:
         folder = out if step.seed == 0 else out / "seeds" / f"seed{step.seed}"
@@ -64,36 +86,42 @@ def collect(plan: Any, dcfgs: dict[str, Any], out: Path, protocol: str) -> dict[
         summary_path = Path(dcfgs[step.key].out) / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         num_images = r["num_images"]
+        raw.setdefault((str(step.steps), step.model), []).append(r)
         group = by_steps.setdefault(str(step.steps), {"methods": {}, "pairs": []})
         m = group["methods"].setdefault(step.model, {"objective": step.objective, "iters": dcfgs[step.key].iters,
                                                      "runs": []})
         train_s = summary.get("train_seconds")
-        m["runs"].append({"seed": step.seed, **{k: _value(r, k) for k in METRICS},
+        m["runs"].append({"seed": step.seed, **{k: spec.value(r) for k, spec in metrics().items()},
                           "fid_ci": r.get("fid_ci"), "kid_std": (r.get("kid") or {}).get("std"),
                           "clip_score_ci": r.get("clip_score_ci"),
                           "train_seconds": train_s,
                           "seconds_per_iteration": None if train_s is None else train_s / max(summary["iters"], 1),
                           "machine": summary.get("machine")})
-    for group in by_steps.values():
+    for steps, group in by_steps.items():
         for m in group["methods"].values():
-            for k in (*METRICS, "seconds_per_iteration"):
-                m[k] = _stat([run[k] for run in m["runs"] if run[k] is not None])
+            for k in (*metric_names(), "seconds_per_iteration"):
+                m[k] = _stat([run[k] for run in m["runs"] if run.get(k) is not None])
         names = list(group["methods"])
         for i, a in enumerate(names):
             for b in names[i + 1:]:
-                for metric in TESTED:
+                for metric in tested():
                     xa = [run[metric] for run in group["methods"][a]["runs"] if run[metric] is not None]
                     xb = [run[metric] for run in group["methods"][b]["runs"] if run[metric] is not None]
-                    if xa and xb:
+                    if not (xa and xb):
+                        continue
+                    if all(comparable_metrics(ra, rb).get(metric) for ra in raw[steps, a] for rb in raw[steps, b]):
                         group["pairs"].append({"a": a, "b": b, "metric": metric, **welch(xa, xb)})
+                    else:
+                        group["pairs"].append({"a": a, "b": b, "metric": metric, "diff": None, "p": None,
+                                               "verdict": "not comparable: the metric's definition differs"})
     teacher = {}
     for ev in plan.evals:
         if ev.model == "teacher":
             path = out / result_name("teacher", ev.steps, protocol)
             if path.is_file():
                 r = json.loads(path.read_text())
-                teacher[str(ev.steps)] = {k: _value(r, k) for k in METRICS} | {"fid_ci": r.get("fid_ci"),
-                                                                               "guidance": r["guidance"]}
+                teacher[str(ev.steps)] = {k: spec.value(r) for k, spec in metrics().items()} | {
+                    "fid_ci": r.get("fid_ci"), "guidance": r["guidance"]}
     seeds = len({s.seed for s in plan.distills})
     return {"preset": plan.preset, "protocol": protocol, "num_images": num_images, "seeds": seeds, "test": TEST,
             "by_steps": dict(sorted(by_steps.items(), key=lambda kv: int(kv[0]))), "teacher": teacher}
@@ -114,6 +142,8 @@ def _ci(ci: list[float] | None) -> str:
 def markdown(record: dict[str, Any]) -> str:
     """comparison.md."""
     k = record["seeds"]
+    shown = _shown(record)
+    verdicts = _listing([m.label for m in shown if m.better == "lower"])
     lines = [f"# Equal-budget comparison ({record['preset']}, protocol {record['protocol']}, "
              f"{record['num_images']} images, {k} training seed{'s' if k > 1 else ''})", "",
              "Each method distilled by the same engine from the same teacher trajectories for each student step count "
@@ -121,41 +151,42 @@ def markdown(record: dict[str, Any]) -> str:
              "are mean ± sample standard deviation over training seeds; the brackets are each seed's 95 % bootstrap "
              "interval of FID (resampled images, reference fixed: image noise only). KID × 10³ is torchmetrics' "
              "KernelInceptionDistance on the protocol's features (mean over seeds of its subset mean).", "",
-             f"Verdicts: {record['test']}, on FID and KID per pair of methods. "
+             f"Verdicts: {record['test']}, on {verdicts} per pair of methods. "
              + ("One seed: no seed-noise test is possible, so nothing here ranks the methods; run "
                 "`rapm-bench reproduce --seeds 3` (or see `sweep/comparison.md`)." if k < 2 else
                 f"{k} seeds give the test little power: 'within seed noise' means no difference was shown, not "
                 "that the methods tie." if k < 4 else ""), ""]
+    heads = [f"{m.unit_label} {'↓' if m.better == 'lower' else '↑'}" for m in shown]
     for n, group in record["by_steps"].items():
         lines += [f"## {n} step{'s' if n != '1' else ''}", "",
-                  "| method | seeds | FID ↓ | KID×10³ ↓ | CLIP ↑ | retrieval ↑ | s / iteration | FID per seed [95 % CI] |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | seeds | " + " | ".join(heads) + " | s / iteration | FID per seed [95 % CI] |",
+                  "|---|---|" + "---|" * len(shown) + "---|---|"]
         for name, m in group["methods"].items():
             per_seed = "; ".join(f"{run['fid']:.2f} {_ci(run['fid_ci'])}".strip() for run in m["runs"])
-            lines.append(f"| {name} | {len(m['runs'])} | {_cell(m['fid'], '.2f')} | {_cell(m['kid'], '.2f', 1e3)} | "
-                         f"{_cell(m['clip_score'], '.2f')} | {_cell(m['retrieval_accuracy'], '.3f')} | "
-                         f"{_cell(m['seconds_per_iteration'], '.2f')} | {per_seed} |")
+            cells = " | ".join(_cell(m[spec.name], f".{spec.digits}f", spec.scale) for spec in shown)
+            lines.append(f"| {name} | {len(m['runs'])} | {cells} | {_cell(m['seconds_per_iteration'], '.2f')} | "
+                         f"{per_seed} |")
         t = record["teacher"].get(n)
         if t is not None:
-            lines.append(f"| teacher, {n} step{'s' if n != '1' else ''}, CFG {t['guidance']:g} | – | {t['fid']:.2f} | "
-                         f"{'–' if t['kid'] is None else format(t['kid'] * 1e3, '.2f')} | {t['clip_score']:.2f} | "
-                         f"{'–' if t['retrieval_accuracy'] is None else format(t['retrieval_accuracy'], '.3f')} | – | "
+            cells = " | ".join(_num(t.get(spec.name), spec) for spec in shown)
+            lines.append(f"| teacher, {n} step{'s' if n != '1' else ''}, CFG {t['guidance']:g} | – | {cells} | – | "
                          f"{_ci(t['fid_ci'])} |")
         if group["pairs"]:
             lines += ["", "| pair | metric | difference (a − b) | p (Welch) | verdict |", "|---|---|---|---|---|"]
             for pr in group["pairs"]:
-                scale = 1e3 if pr["metric"] == "kid" else 1.0
-                label = "KID×10³" if pr["metric"] == "kid" else "FID"
-                diff = "–" if pr["diff"] is None else f"{pr['diff'] * scale:+.2f}"
+                spec = metrics()[pr["metric"]]
+                diff = "–" if pr["diff"] is None else f"{pr['diff'] * spec.scale:+.2f}"
                 pv = "–" if pr["p"] is None else f"{pr['p']:.3f}"
-                lines.append(f"| {pr['a']} vs {pr['b']} | {label} | {diff} | {pv} | {pr['verdict']} |")
+                lines.append(f"| {pr['a']} vs {pr['b']} | {spec.unit_label} | {diff} | {pv} | {pr['verdict']} |")
         lines.append("")
     if record["teacher"]:
-        lines += ["## The teacher (its CFG)", "", "| steps | FID ↓ | KID×10³ ↓ | CLIP ↑ | FID 95 % CI |",
-                  "|---|---|---|---|---|"]
+        summary = [spec for spec in shown if spec.headline]
+        lines += ["## The teacher (its CFG)", "",
+                  "| steps | " + " | ".join(h for h, spec in zip(heads, shown, strict=True) if spec.headline)
+                  + " | FID 95 % CI |", "|---|" + "---|" * len(summary) + "---|"]
         for n, t in record["teacher"].items():
-            kid = "–" if t["kid"] is None else f"{t['kid'] * 1e3:.2f}"
-            lines.append(f"| {n} | {t['fid']:.2f} | {kid} | {t['clip_score']:.2f} | {_ci(t['fid_ci'])} |")
+            lines.append(f"| {n} | " + " | ".join(_num(t.get(spec.name), spec) for spec in summary)
+                         + f" | {_ci(t['fid_ci'])} |")
         lines.append("")
     machines = sorted({str(run["machine"]) for g in record["by_steps"].values() for m in g["methods"].values()
                        for run in m["runs"] if run["machine"]})
@@ -168,9 +199,12 @@ def plot(record: dict[str, Any], path: Path) -> None:
     from .plots import _pyplot, _save
 
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    specs = [m for m in _shown(record) if m.better == "lower"]  # the tested metrics (FID, KID)
+    fig, axes = plt.subplots(1, len(specs), figsize=(5.5 * len(specs), 4), squeeze=False)
     methods = sorted({name for g in record["by_steps"].values() for name in g["methods"]})
-    for ax, metric, scale, label in ((axes[0], "fid", 1.0, "FID"), (axes[1], "kid", 1e3, "KID × 10³")):
+    for ax, spec in zip(axes[0], specs, strict=True):
+        metric, scale = spec.name, spec.scale
+        label = f"{spec.label} × {spec.scale_label}" if spec.scale_label else spec.label
         for name in methods:
             pts = [(int(n), g["methods"][name][metric]) for n, g in record["by_steps"].items()
                    if name in g["methods"] and g["methods"][name][metric]["mean"] is not None]
@@ -182,11 +216,11 @@ def plot(record: dict[str, Any], path: Path) -> None:
             ax.plot(xs, mean, marker="o", label=name)
             ax.fill_between(xs, [m - d for m, d in zip(mean, sd, strict=True)],
                             [m + d for m, d in zip(mean, sd, strict=True)], alpha=0.2)
-        tpts = [(int(n), t[metric] * scale) for n, t in record["teacher"].items() if t[metric] is not None]
+        tpts = [(int(n), t[metric] * scale) for n, t in record["teacher"].items() if t.get(metric) is not None]
         if tpts:
             ax.plot([n for n, _ in tpts], [v for _, v in tpts], "k--", marker=".", label="teacher (CFG)")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log" if metric == "fid" else "symlog")  # KID is unbiased: it can fall below 0
+        ax.set_yscale("symlog" if spec.signed else "log")  # KID is unbiased: it can fall below 0
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(f"{label} (lower is better)")
         ax.set_title(f"{label}: mean ± sd over {record['seeds']} seed(s)")

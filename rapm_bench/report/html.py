@@ -16,10 +16,14 @@ from typing import Any
 from ..errors import UserError
 from ..files import atomic_write_bytes
 from .results import read_results
-from .table import COLUMNS, _fmt, rows
+from .table import _fmt, columns, rows, shown_metrics
 
 REPORT = "report.html"
-INTERVALS = {"FID": ("fid_ci", 2), "CLIP": ("clip_score_ci", 2), "retrieval": ("retrieval_accuracy_ci", 3)}
+
+
+def _intervals(result: dict[str, Any], cells: dict[str, str], shown: list[Any]) -> dict[str, str | None]:
+    """Each metric column's `[lo, hi]` under its cell, where the cell does not print it already."""
+    return {m.label: _interval(result, f"{m.name}_ci", m.digits) for m in shown if "[" not in cells[m.label]}
 
 
 def _interval(result: dict[str, Any], key: str, digits: int) -> str | None:
@@ -37,6 +41,11 @@ def _kid(result: dict[str, Any]) -> str | None:
         return None
     std = kid.get("std")
     return f"{kid['mean']:.4f}" + (f" ± {std:.4f}" if isinstance(std, int | float) else "")
+
+
+def _filled(cells: dict[str, str], cols: tuple[str, ...]) -> dict[str, str]:
+    """A row's cells under the page's columns (a plug-in metric's column this row has none of: a dash)."""
+    return {c: cells.get(c, "–") for c in cols}
 
 
 def _provenance(result: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -81,23 +90,23 @@ def report_context(results_dir: Path) -> dict[str, Any]:
         raise UserError(f"no result JSONs in {folder}: run `rapm-bench reproduce` or `rapm-bench eval --out "
                         f"{folder}` first")
     table: list[dict[str, Any]] = []
+    shown, cols = shown_metrics(results), columns(results)
     for preset in sorted({r["preset"] for r in results}):
         ordered = sorted((r for r in results if r["preset"] == preset),
                          key=lambda r: (r["model"], r["steps"], r["protocol"]))  # table.rows' order
         for r in ordered:
-            cells = rows([r], preset, reported=False)[0]
+            cells = _filled(rows([r], preset, reported=False)[0], cols)
             table.append({"cells": cells, "reported": False, "kid": _kid(r), "provenance": _provenance(r, folder),
-                          "intervals": {c: _interval(r, key, d) for c, (key, d) in INTERVALS.items()
-                                        if "[" not in cells[c]}})  # table.rows prints them in the cell already
-        table += [{"cells": cells, "reported": True, "kid": None, "provenance": None, "intervals": {}}
+                          "intervals": _intervals(r, cells, shown)})  # table.rows prints most in the cell already
+        table += [{"cells": _filled(cells, cols), "reported": True, "kid": None, "provenance": None, "intervals": {}}
                   for cells in rows([], preset, reported=True)]
     comparison = folder / "comparison.md"
     return {
         "title": f"rapm-bench results: {folder.resolve().name}",
         "folder": str(folder),
-        "columns": COLUMNS,
+        "columns": cols,
         "rows": table,
-        "has_kid": "KID" not in COLUMNS and any(row["kid"] for row in table),  # else a column of its own
+        "has_kid": "KID" not in cols and any(row["kid"] for row in table),  # else a column of its own
         "has_intervals": any(v for row in table for v in row["intervals"].values()),
         "comparison": _markdown(comparison.read_text(encoding="utf-8")) if comparison.is_file() else None,
         "images": [_png(p) for p in sorted(folder.glob("*.png")) if p.is_file()],

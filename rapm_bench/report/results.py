@@ -45,3 +45,34 @@ def read_results(paths: list[Path]) -> list[dict[str, Any]]:
                 continue  # a folder may hold other JSON (manifests, benches): skip what is not a result
             raise
     return out
+
+
+def metric_hashes(result: dict[str, Any]) -> dict[str, str] | None:
+    """A result's hash per metric: its `metric_hashes`, or for a result made before them, those of the shipped
+    protocol of its name when its `protocol_hash` is that protocol's current one (else None: unknown)."""
+    from ..eval.metrics import metrics
+    from ..eval.protocols import PROTOCOLS
+
+    if isinstance(result.get("metric_hashes"), dict):
+        return result["metric_hashes"]
+    protocol = PROTOCOLS.get(result["protocol"])
+    if protocol is None or protocol.hash() != result["protocol_hash"]:
+        return None
+    return {m.name: protocol.metric_hash(m) for m in metrics().values() if m.value(result) is not None}
+
+
+def comparable_metrics(a: dict[str, Any], b: dict[str, Any]) -> dict[str, bool]:
+    """For every registered metric both results hold: whether they are comparable on it (their metric hashes
+    agree; where either result's are unknown, only an identical protocol_hash makes them comparable)."""
+    from ..eval.metrics import metrics
+
+    ha, hb = metric_hashes(a), metric_hashes(b)
+    out = {}
+    for name, m in metrics().items():
+        if m.value(a) is None or m.value(b) is None:
+            continue
+        if ha is None or hb is None:
+            out[name] = a["protocol_hash"] == b["protocol_hash"]
+        else:
+            out[name] = ha.get(name) is not None and ha.get(name) == hb.get(name)
+    return out

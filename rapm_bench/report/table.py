@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..eval.metrics import MetricSpec, metrics
 from ..files import atomic_write_bytes
 from ..models import registry
 from .results import read_results
 
-COLUMNS = ("source", "model", "steps", "guidance", "protocol", "images", "FID", "KID", "CLIP", "retrieval", "img/s",
-           "device")
+HEAD = ("source", "model", "steps", "guidance", "protocol", "images")
+TAIL = ("img/s", "device")
+COLUMNS = (*HEAD, "FID", "KID", "CLIP", "retrieval", *TAIL)  # the shipped metrics' columns (plug-ins: `columns`)
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -32,23 +34,32 @@ def _with_ci(x: Any, ci: Any, digits: int = 2) -> str:
     return f"{x:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
-def _kid_cell(kid: Any) -> str:
-    """KID as `mean ± std` over its subsets (usual units, not ×1000), a dash for results without it."""
-    if not isinstance(kid, dict) or kid.get("mean") is None:
-        return "–"
-    return f"{kid['mean']:.4f} ± {kid.get('std', 0.0):.4f}"
+def shown_metrics(results: list[dict[str, Any]]) -> list[MetricSpec]:
+    """The metrics with a column: the shipped ones always, a plug-in's where some result holds it."""
+    return [m for m in metrics().values() if m.always or any(m.value(r) is not None for r in results)]
+
+
+def columns(results: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The table's columns over these results (COLUMNS, plus a column per plug-in metric they hold)."""
+    return (*HEAD, *(m.label for m in shown_metrics(results)), *TAIL)
+
+
+def _cell(m: MetricSpec, result: dict[str, Any]) -> str:
+    """One metric's cell of a measured row: its own format, else value [95 % interval]."""
+    if m.cell is not None:
+        return m.cell(result)
+    return _with_ci(m.value(result), m.interval(result), m.digits)
 
 
 def rows(results: list[dict[str, Any]], world: str, reported: bool = True) -> list[dict[str, str]]:
     """Measured rows sorted by model and steps, then the reported rows of the same world (`--preset`)."""
+    shown = shown_metrics(results)
     out = []
     for r in sorted(results, key=lambda r: (r["model"], r["steps"], r["protocol"])):
         out.append({
             "source": "measured", "model": r["model"], "steps": str(r["steps"]), "guidance": _fmt(r["guidance"], 1),
             "protocol": f"{r['protocol']} ({r['protocol_hash'][:8]})", "images": str(r["num_images"]),
-            "FID": _with_ci(r["fid"], r.get("fid_ci")), "KID": _kid_cell(r.get("kid")),
-            "CLIP": _with_ci(r["clip_score"], r.get("clip_score_ci")),
-            "retrieval": _with_ci(r.get("retrieval_accuracy"), r.get("retrieval_accuracy_ci"), 3),
+            **{m.label: _cell(m, r) for m in shown},
             "img/s": _fmt(r.get("images_per_second"), 1), "device": str(r.get("device", "–")),
         })
     if reported:
@@ -56,25 +67,32 @@ def rows(results: list[dict[str, Any]], world: str, reported: bool = True) -> li
             for rep in spec.reported:
                 if world != rep.preset:
                     continue
+                values = {"fid": rep.fid, "clip_score": rep.clip_score}  # what the authors report
                 out.append({
                     "source": f"reported: {rep.source}", "model": spec.name, "steps": _fmt(rep.steps),
-                    "guidance": "–", "protocol": rep.protocol, "images": "–", "FID": _fmt(rep.fid), "KID": "–",
-                    "CLIP": _fmt(rep.clip_score), "retrieval": "–", "img/s": "–", "device": "–",
+                    "guidance": "–", "protocol": rep.protocol, "images": "–",
+                    **{m.label: _fmt(values.get(m.name)) for m in shown}, "img/s": "–", "device": "–",
                 })
     return out
 
 
+def _columns(table: list[dict[str, str]]) -> tuple[str, ...]:
+    """The columns of built rows (their keys, in order)."""
+    return tuple(table[0]) if table else COLUMNS
+
+
 def markdown(table: list[dict[str, str]]) -> str:
     """A GitHub Markdown table."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(r[c].replace("|", "/") for c in COLUMNS) + " |" for r in table]
+    cols = _columns(table)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(r[c].replace("|", "/") for c in cols) + " |" for r in table]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(table: list[dict[str, str]]) -> str:
     """CSV with a header row."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=_columns(table), lineterminator="\n")
     w.writeheader()
     w.writerows(table)
     return buf.getvalue()
@@ -88,9 +106,9 @@ def latex(table: list[dict[str, str]]) -> str:
             s = s.replace(a, b)
         return s
 
-    lines = [r"\begin{tabular}{" + "l" * len(COLUMNS) + "}", r"\toprule", " & ".join(COLUMNS) + r" \\",
-             r"\midrule"]
-    lines += [" & ".join(esc(r[c]) for c in COLUMNS) + r" \\" for r in table]
+    cols = _columns(table)
+    lines = [r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule", " & ".join(cols) + r" \\", r"\midrule"]
+    lines += [" & ".join(esc(r[c]) for c in cols) + r" \\" for r in table]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 

@@ -7,7 +7,9 @@ estimates its plan with. Commands look a world up by name (`get_world_spec`) and
 branches on a world's name. An unknown name is a one-line UserError listing the known ones.
 
 This module imports no adapter: `load` and the other hooks import theirs (and diffusers) when called.
-A new world is one `register_world(WorldSpec(...))` (docs/design.md, "A world").
+A new world is one `register_world(WorldSpec(...))` (docs/design.md, "A world"), here or from any code that
+runs before the command does (a test, a script calling `rapm_bench.cli:app`): every command then accepts it as
+`--preset` (tests/test_plugins_e2e.py).
 """
 
 from __future__ import annotations
@@ -105,6 +107,13 @@ def register_world(spec: WorldSpec) -> WorldSpec:
     """Add a world (it replaces a world of the same name); returns it."""
     _WORLDS[spec.name] = spec
     return spec
+
+
+def unregister_world(name: str) -> None:
+    """Remove a world registered at run time (tests; a shipped world cannot be removed)."""
+    if name in (DEFAULT_WORLD, "sdxl"):
+        raise ValueError(f"world {name!r} is shipped with the package")
+    _WORLDS.pop(name, None)
 
 
 def world_names() -> tuple[str, ...]:
