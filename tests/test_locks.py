@@ -4,7 +4,8 @@ A run folder (`distill`, `generate`, `eval --out`): the second job fails at once
 the first one's pid and command, and the first one's files stay whole. A shared cache (trajectories,
 reference statistics): the second job waits with a message, then reuses what the first wrote. A lock
 of a job killed with SIGKILL blocks nothing. The first job is made to hold its lock long enough
-(a long run, or a sleep inside the lock) that the test does not depend on timing.
+(a long run, or, for a cache, until the test has seen the second job wait) that the test does not
+depend on timing.
 """
 
 from __future__ import annotations
@@ -171,7 +172,9 @@ from rapm_bench.worlds.tiny import load_tiny_world
 fill = T._fill
 def slow_fill(*args, **kwargs):
     print("filling", flush=True)
-    time.sleep(float(sys.argv[3]))  # hold the lock long enough for the second job to arrive
+    release, t0 = sys.argv[3], time.monotonic()  # hold the lock until the test has seen the second job wait
+    while release and not Path(release).exists() and time.monotonic() - t0 < 300:
+        time.sleep(0.05)
     return fill(*args, **kwargs)
 T._fill = slow_fill
 world = load_tiny_world("cpu", Path(sys.argv[1]))
@@ -191,7 +194,9 @@ from rapm_bench.eval.scorers import load_scorer
 build = E._build_tiny_reference
 def slow_build(*args, **kwargs):
     print("building", flush=True)
-    time.sleep(float(sys.argv[2]))
+    release, t0 = sys.argv[2], time.monotonic()  # hold the lock until the test has seen the second job wait
+    while release and not Path(release).exists() and time.monotonic() - t0 < 300:
+        time.sleep(0.05)
     return build(*args, **kwargs)
 E._build_tiny_reference = slow_build
 protocol = get_protocol("tiny")
@@ -207,18 +212,25 @@ def inodes(files: list[Path]) -> dict[str, int]:
 def check_cache(first_cmd: list[str], second_cmd: list[str], env: dict[str, str], cwd: Path, held, outputs,
                 first_word: str | None) -> None:
     """The first job fills the cache (slowly); the second waits with a message, then reuses every file."""
-    first = start(first_cmd, env, cwd, "first")
+    first = start(first_cmd + [str(cwd / "release")], env, cwd, "first")
+    second = None
     try:
         wait_until(held, first, "it held the cache lock")
-        second = subprocess.Popen(second_cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
+        with open(cwd / "second.out", "w") as so, open(cwd / "second.err", "w") as se:
+            second = subprocess.Popen(second_cmd + [""], cwd=cwd, env=env, stdout=so, stderr=se)
+        wait_until(lambda: "waiting" in (cwd / "second.err").read_text() or second.poll() is not None, first,
+                   "the second job waited")
+        (cwd / "release").touch()  # now the first job fills the cache and lets go
         assert first.wait(timeout=TIMEOUT) == 0, (cwd / "first.txt").read_text()[-3000:]
         written = inodes(outputs())
         assert written
-        out, err = second.communicate(timeout=TIMEOUT)
+        second.wait(timeout=TIMEOUT)
+        out, err = (cwd / "second.out").read_text(), (cwd / "second.err").read_text()
         assert second.returncode == 0, err[-3000:]
     finally:
         kill(first)
+        if second is not None:
+            kill(second)
     waiting = [ln for ln in err.splitlines() if "waiting" in ln]
     assert len(waiting) == 1 and f"pid {first.pid}" in waiting[0] and "reusing" in waiting[0], err
     assert "done" in out and (first_word is None or first_word not in out), "the second job computed it again"
@@ -227,8 +239,8 @@ def check_cache(first_cmd: list[str], second_cmd: list[str], env: dict[str, str]
 
 def test_second_job_on_a_trajectory_cache_waits_then_reuses(teacher, env, tmp_path):
     root = tmp_path / "cache"
-    first = [sys.executable, "-c", TRAJECTORIES, str(teacher), str(root), "8"]
-    second = [sys.executable, "-c", TRAJECTORIES, str(teacher), str(root), "0"]
+    first = [sys.executable, "-c", TRAJECTORIES, str(teacher), str(root)]
+    second = [sys.executable, "-c", TRAJECTORIES, str(teacher), str(root)]
     check_cache(first, second, env, tmp_path, lambda: any(root.glob(f".*{INFO}")),
                 lambda: sorted(root.glob("*/shard_*.safetensors")), None)  # (its _fill also loads: no word)
     assert len(list(root.glob("*/shard_*.safetensors"))) == 4
@@ -236,8 +248,8 @@ def test_second_job_on_a_trajectory_cache_waits_then_reuses(teacher, env, tmp_pa
 
 def test_second_job_on_reference_statistics_waits_then_reuses(env, tmp_path):
     data = tmp_path / "data"
-    first = [sys.executable, "-c", REFERENCE, str(data), "8"]
-    second = [sys.executable, "-c", REFERENCE, str(data), "0"]
+    first = [sys.executable, "-c", REFERENCE, str(data)]
+    second = [sys.executable, "-c", REFERENCE, str(data)]
     check_cache(first, second, env, tmp_path, lambda: any(data.rglob(f".*{INFO}")),
                 lambda: sorted(p for p in data.rglob("*") if p.is_file() and not p.name.startswith(".")),
                 "building")
