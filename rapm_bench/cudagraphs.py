@@ -164,10 +164,6 @@ class GradGraphed:
         self.replays += 1
         return pytree.tree_map(lambda o: o.clone() if isinstance(o, torch.Tensor) else o, out)
 
-    def release(self) -> None:
-        """Drop every graph and its memory."""
-        self.graphs.clear()
-
 
 def available(device: torch.device | str) -> bool:
     """Whether graphs can run on `device` (a CUDA device)."""
