@@ -151,7 +151,9 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
         params = lora.parameters()
         cleanups.append(lora.remove)
     else:  # no LoRA: the same passes with the gradient going to the student's input (a scalar gain)
-        gain = torch.ones((), device=device, requires_grad=True)
+        # a Parameter, so that the ParameterList GradGraphed differentiates into holds this very tensor (a plain
+        # tensor would be wrapped in a new Parameter, and backward(inputs=[gain]) would skip the UNet's backward)
+        gain = nn.Parameter(torch.ones((), device=device))
         params = [gain]
 
         def student(x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
