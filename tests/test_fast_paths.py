@@ -3,6 +3,7 @@ weights, checkpointing chosen from memory, the VAE and feature precisions as pro
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 
@@ -214,6 +215,52 @@ def test_vae_decoder_precisions_on_the_sdxl_architecture():
     assert dec.network() is not vae and next(dec.network().parameters()).dtype == torch.bfloat16
 
 
+def test_adamw_is_fused_on_a_gpu_only_and_resumes_across_implementations():
+    """The engine's AdamW: the CPU's default implementation on the CPU; a fused optimiser's state loads into a
+    default one (and back) with each keeping its own implementation and the same update."""
+    from rapm_bench.distill.optim import adamw, load_optimizer
+
+    p = torch.nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(0)))
+    opt = adamw([p], 1e-2, (0.9, 0.99), 0.0, "cpu")
+    assert not opt.param_groups[0]["fused"]
+    p.grad = torch.ones(5)
+    opt.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    fused = torch.optim.AdamW([q], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0, fused=True)  # a GPU run's state
+    load_optimizer(fused, copy.deepcopy(opt.state_dict()))  # copies: a checkpoint's tensors are its own
+    assert fused.param_groups[0]["fused"]
+    load_optimizer(opt, copy.deepcopy(fused.state_dict()))
+    assert not opt.param_groups[0]["fused"]
+    p.grad = q.grad = torch.full((5,), 0.5)
+    opt.step()
+    fused.step()
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_adamw_step_reaches_the_merged_lora_weights():
+    """A fused step (a GPU run's; the CPU has the fused kernel too) must reach FastLoRA's merged weights, which are
+    cached by the parameters' version counters: torch's fused kernel leaves them alone, the engine's AdamW bumps
+    them, so the next merged pass runs W + s·B·A of the updated A and B."""
+    from rapm_bench.distill.optim import AdamW
+    from rapm_bench.fastlora import FastLoRA
+
+    layer = torch.nn.Sequential(torch.nn.Linear(6, 6))
+    lora = FastLoRA(layer, 1, targets=("0",), seed=0, mode="merged")
+    params = lora.parameters()
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    opt = AdamW(params, lr=0.1, fused=True)
+    with torch.no_grad():
+        before = layer(x)  # builds and caches W'
+    layer(x).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        after = layer(x)
+        lora.layers["0"]._cache = None  # a rebuilt W', from the updated A and B
+        rebuilt = layer(x)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, rebuilt, rtol=0, atol=0)
+
+
 # --- CUDA: graphs replay the eager kernels -------------------------------------------------------------------
 @pytest.mark.gpu
 @cuda
@@ -377,7 +424,9 @@ def test_engine_fast_paths_equal_eager_on_sdxl(tmp_path, tiny_sdxl):
     assert len(eager) == len(graphed) == 4
     for a, b in zip(eager, graphed, strict=True):
         for k in ("g_loss", "d_loss", "mse_abs", "mse_rel", "grad_norm"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), (a["step"], k)
+            # measured on an H200 with the fused AdamW: mse_abs 1.0e-4 relative at the 4th iteration (the graphed
+            # kernels' last-bit differences, grown by Adam's normalised first steps); 1e-4 was met before
+            assert b[k] == pytest.approx(a[k], rel=3e-4, abs=1e-7), (a["step"], k)
 
 
 @pytest.mark.gpu

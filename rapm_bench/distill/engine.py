@@ -200,6 +200,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     from .checkpoint import CHECKPOINT, load_checkpoint, module_state, save_checkpoint, unflatten_optimizer
     from .memory import resolve_checkpointing
     from .objectives import Example, build_objective, use_adapter
+    from .optim import adamw, load_optimizer
     from .schedule import SlotSchedule
     from .tracking import check_tracker, open_tracker
     from .trajectories import DTYPES, load_or_build, make_spec, training_prompts
@@ -254,12 +255,12 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     objective = build_objective(cfg, world, sched, guidance, lora_params, world.encode_prompts([prompts[0]]))
     critic = objective.critic_groups()
     critic_params = [p for params, _ in critic for p in params]
-    opt_g = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt_g = adamw(lora_params, cfg.lr, cfg.betas, cfg.weight_decay, device)  # fused on a GPU (distill/optim.py)
     optimizers: dict[str, torch.optim.Optimizer] = {"g": opt_g}
     base_lrs: dict[str, list[float]] = {"g": [cfg.lr]}
     if critic:
-        optimizers["d"] = torch.optim.AdamW([{"params": params, "lr": lr} for params, lr in critic], lr=critic[0][1],
-                                            betas=cfg.betas, weight_decay=0.0)
+        optimizers["d"] = adamw([{"params": params, "lr": lr} for params, lr in critic], critic[0][1], cfg.betas,
+                                0.0, device)
         base_lrs["d"] = [lr for _, lr in critic]
 
     def state_modules() -> dict[str, dict[str, torch.Tensor]]:
@@ -287,7 +288,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
         objective.load_state({name: {k: v.to(device) for k, v in module_state(tensors, name).items()}
                               for name in objective.state()})
         for name, opt in optimizers.items():
-            opt.load_state_dict(unflatten_optimizer(tensors, meta[f"groups.{name}"], name))
+            load_optimizer(opt, unflatten_optimizer(tensors, meta[f"groups.{name}"], name))
         torch.set_rng_state(tensors["rng.torch"])
         if start > cfg.iters:
             raise UserError(f"the run in {out} is already at iteration {start}; pass --iters {start} or more")

@@ -133,6 +133,7 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
     from ..distill.discriminator import EncoderFeatures, build_heads, feature_channels
     from ..distill.engine import ADAPTER
     from ..distill.objectives import fast_grad, fast_nograd
+    from ..distill.optim import adamw
     from ..distill.rapm import LossWeights, RAPMLoss
     from ..distill.schedule import SlotSchedule
     from ..lora import attach_lora
@@ -174,9 +175,9 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
         fast_nograd(loss_fn, world)
     if variant.grad_graphs and fast_grad(loss_fn, world) and variant.lora == "plain":
         loss_fn.grad_student = GradGraphed(student, nn.ParameterList(params))  # the gain is what trains
-    optimizers = [torch.optim.AdamW(params, lr=dcfg.lr, betas=dcfg.betas, weight_decay=dcfg.weight_decay)]
+    optimizers = [adamw(params, dcfg.lr, dcfg.betas, dcfg.weight_decay, device)]  # the engine's (fused on a GPU)
     if head_params:
-        optimizers.append(torch.optim.AdamW(head_params, lr=dcfg.disc_lr, betas=dcfg.betas, weight_decay=0.0))
+        optimizers.append(adamw(head_params, dcfg.disc_lr, dcfg.betas, 0.0, device))
     gen = torch.Generator().manual_seed(seed)
     shape = world.latent_shape
     z_tilde = torch.randn((dcfg.slots + 1, *shape), generator=gen).to(device)
