@@ -143,6 +143,28 @@ def test_merged_weights_are_rebuilt_in_place():
     assert refresher(small_world().unet) is None  # no FastLoRA layers: nothing to refresh
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_into_is_the_layers_merged_weight(dtype):
+    """`merge_into` (the GPU's compiled rebuild, run eagerly here) gives `LoRAWrap._merged`'s W + s·B·A, s·A and s·B
+    for a Linear and 3×3 / 1×1 convolutions at rank 1 and 2: within an fp32 rounding, one bf16 step at most."""
+    from rapm_bench.fastlora import LoRAWrap, merge_into
+
+    gen = torch.Generator().manual_seed(0)
+    for base, rank in [(torch.nn.Linear(12, 8), 1), (torch.nn.Conv2d(4, 6, 3), 2), (torch.nn.Conv2d(4, 6, 1), 1)]:
+        base = base.to(dtype)
+        wrap = LoRAWrap(base, rank, 1.0, gen, "merged")
+        with torch.no_grad():
+            wrap.lora_B.normal_(generator=gen)
+        merged, a_s, b_s = wrap._merged()
+        w = base.weight.detach()
+        out = (torch.empty_like(w), torch.empty_like(a_s), torch.empty_like(b_s))
+        merge_into(w, wrap.lora_A.detach(), wrap.lora_B.detach(), wrap.scale, *out)
+        want = merged.view(w.shape).to(dtype)
+        step = 2**-7 if dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(out[0].float(), want.float(), rtol=step, atol=1e-6)
+        assert torch.equal(out[1], a_s) and torch.equal(out[2], b_s)
+
+
 def test_checkpointing_auto_is_decided_and_recorded(tmp_path):
     """`grad_checkpointing=None` becomes a decision before the run starts; a resumed run keeps its own."""
     from rapm_bench.distill.config import DistillConfig
@@ -361,10 +383,15 @@ def test_fast_grad_is_eager_on_the_cpu():
 
 @pytest.mark.gpu
 @cuda
-def test_graphed_refresh_rebuilds_every_merged_weight():
-    """On CUDA the rebuild after an optimiser step is one replayed graph; every W' equals the eager rebuild."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_graphed_refresh_rebuilds_every_merged_weight(monkeypatch, compiled):
+    """On CUDA the rebuild after an optimiser step is one replayed graph; every W' equals the eager rebuild
+    (bit for bit with the eager per-layer kernels; within an fp32 rounding with the compiled `merge_into`)."""
+    from rapm_bench import fastlora
     from rapm_bench.fastlora import FastLoRA, refresher
 
+    monkeypatch.setattr(fastlora, "COMPILE_REBUILD", compiled)
+    tol = {"rtol": 1e-6, "atol": 1e-7} if compiled else {"rtol": 0, "atol": 0}
     world = small_world("cuda")
     lora = FastLoRA(world.unet, 1, seed=0, mode="merged")
     refresh = refresher(world.unet)
@@ -383,7 +410,7 @@ def test_graphed_refresh_rebuilds_every_merged_weight():
             assert wrap._cache_key == key
             w, a, b = wrap.base.weight, wrap.lora_A.detach(), wrap.lora_B.detach()
             want = torch.addmm(w.reshape(w.shape[0], -1).float(), b, a.reshape(a.shape[0], -1)).view(w.shape)
-            torch.testing.assert_close(got[0], want.to(w.dtype), rtol=0, atol=0)
+            torch.testing.assert_close(got[0], want.to(w.dtype), **tol)
             torch.testing.assert_close(got[1], a.to(w.dtype), rtol=0, atol=0)
         refresh()  # fresh: nothing to do
         assert refresh.replays == step + 1
@@ -396,8 +423,39 @@ def test_graphed_refresh_rebuilds_every_merged_weight():
     refresh()
     w, a, b = wrap.base.weight, wrap.lora_A.detach(), wrap.lora_B.detach()
     want = torch.addmm(w.reshape(w.shape[0], -1).float(), b, a.reshape(a.shape[0], -1)).view(w.shape)
-    torch.testing.assert_close(wrap.cached()[0], want.to(w.dtype), rtol=0, atol=0)
+    torch.testing.assert_close(wrap.cached()[0], want.to(w.dtype), **tol)
     assert refresh.replays == 3
+    if compiled:
+        assert fastlora._compiled_merge[0] is not None  # compiled, and no fallback to the eager rebuild
+
+
+@pytest.mark.gpu
+@cuda
+def test_compiled_merge_is_the_eager_merge_in_bf16():
+    """The compiled `merge_into` on the SDXL UNet's layer kinds (Linear, 3×3 and 1×1 convolutions, channels_last)
+    in bf16: W' within one bf16 rounding step of the eager fp32 addmm rounded once, on few weights; s·A, s·B exact."""
+    from torch._dynamo.utils import counters
+
+    from rapm_bench import fastlora
+
+    gen = torch.Generator().manual_seed(0)
+    fn = fastlora.compiled_merge()
+    graphs = counters["stats"]["unique_graphs"]
+    for shape, rank in [((64, 96), 1), ((32, 16, 3, 3), 1), ((48, 24, 1, 1), 1), ((64, 96), 4)]:
+        w = torch.randn(shape, generator=gen).to("cuda", torch.bfloat16)
+        a = torch.randn((rank, *shape[1:]), generator=gen).cuda() * 0.05
+        b = torch.randn((shape[0], rank, *([1, 1] if len(shape) == 4 else [])), generator=gen).cuda() * 0.05
+        for layout in (torch.contiguous_format, torch.channels_last) if len(shape) == 4 else (torch.contiguous_format,):
+            out = (torch.empty_like(w, memory_format=layout), torch.empty_like(a, dtype=w.dtype),
+                   torch.empty_like(b, dtype=w.dtype))
+            with torch._dynamo.config.patch(**{fastlora._RECOMPILE_LIMIT: 64}):  # as `LoRAWrap.rebuild` calls it
+                fn(w, a, b, 1.0, *out)
+            want = torch.addmm(w.reshape(shape[0], -1).float(), b.reshape(shape[0], rank), a.reshape(rank, -1))
+            want = want.view(shape).to(torch.bfloat16)
+            ulp = (out[0].float() - want.float()).abs() / want.float().abs().clamp_min(1e-30) * 2**7
+            assert float(ulp.max()) <= 1.01 and float((out[0] != want).float().mean()) < 0.01, (shape, layout)
+            assert torch.equal(out[1], a.to(w.dtype)) and torch.equal(out[2], b.to(w.dtype))
+    assert counters["stats"]["unique_graphs"] > graphs  # dynamo compiled it (it did not fall back to eager unseen)
 
 
 @pytest.mark.gpu
