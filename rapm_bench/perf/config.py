@@ -116,15 +116,14 @@ class BenchConfig:
 
 
 _SDXL_RAPM = RapmStage(variants=("plain/graphs/gradgraphs", "merged/graphs/gradgraphs",  # the engine on an H200
-                                 "plain/graphs", "merged/graphs", "fast/unmerged/graphs", "fast/graphs",  # fits
-                                 "plain", "merged",  # the same without the no-grad fast path
-                                 "plain/ckpt/graphs", "merged/ckpt/graphs", "fast/unmerged/ckpt/graphs",  # 24-48 GB
-                                 "plain/ckpt", "merged/ckpt", "peft/ckpt"))  # the engine before issue 14
+                                 "plain/graphs", "merged/graphs",  # without the gradient graphs
+                                 "plain/ckpt/graphs", "merged/ckpt/graphs",  # 24-48 GB cards
+                                 "plain/ckpt", "merged/ckpt"))  # the engine before issue 14 (more: --rapm-variants)
 BENCH_PRESETS: dict[str, BenchConfig] = {
     "tiny": BenchConfig(traj=TrajectoryStage(batch=4), gen=GenerateStage(batch=4), eval=EvalStage(batch=64),
                         rapm=RapmStage(iterations=200, trajectories=256)),
     "sdxl": BenchConfig(preset="sdxl", rapm=_SDXL_RAPM, forward=ForwardStage(batches=(1, 2, 8)),
-                        gen=GenerateStage(vae_variants=("fp32", "tf32", "bf16"), big_batches=(8, 16))),
+                        gen=GenerateStage(vae_variants=("fp32", "tf32", "bf16"), big_batches=(16,))),
     "sdxl-small": BenchConfig(preset="sdxl", scale="small", repeats=1, matmul_size=512, rapm=_SDXL_RAPM,
                               traj=TrajectoryStage(batch=2), gen=GenerateStage(batch=2),
                               eval=EvalStage(batch=2, precision_images=64)),
