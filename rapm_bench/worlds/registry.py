@@ -238,8 +238,8 @@ SDXL = register_world(WorldSpec(
         "store_dtype": "fp16",
         "grad_checkpointing": None,  # auto from the free memory (distill/memory.py): off on an H100/H200, on for 24-48 GB
         "slot_chunk": 4,  # the 4 slots in one batch-4 pass: 3× faster than 1 slot per pass, 22.9 GiB with checkpointing
-        "lora_impl": "merged",  # H200, with --fast-nograd: 0.68 s per iteration vs 0.87 s for "fast", 2.47 s for peft
-        #                         (with checkpointing; results/bench/sdxl-nvidia-h200.json)
+        "lora_impl": "merged",  # H200, every graph: 0.53 s per iteration (results/bench/sdxl-nvidia-h200.json);
+        #                         earlier runs there: "fast" 0.87 s, peft 2.47 s (with checkpointing)
         "disc_hidden": 256,
         "iters": 20_000,  # the paper's 20K iterations
         "lr": 1e-4,  # 1e-3 suits the 4M-param tiny UNet; SDXL LoRAs train at ~1e-4
