@@ -277,7 +277,7 @@ def test_fused_adamw_step_reaches_the_merged_lora_weights():
     opt.step()
     with torch.no_grad():
         after = layer(x)
-        lora.layers["0"]._cache = None  # a rebuilt W', from the updated A and B
+        lora.layers["0"].drop_cache()  # a rebuilt W', from the updated A and B
         rebuilt = layer(x)
     assert not torch.equal(after, before)
     torch.testing.assert_close(after, rebuilt, rtol=0, atol=0)
