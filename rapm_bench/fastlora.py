@@ -14,10 +14,11 @@ Three ways of running a layer:
   on the autograd context: they live in the cache anyway).
 
 The cache holds one copy of every target weight in the UNet's dtype (SDXL, bf16: 5.1 GB),
-rebuilt in place once per optimiser step (one fp32 addmm per layer; in place, so that a CUDA graph
-captured with it stays valid: `refresher` before a replay). On a GPU the rebuild is one compiled kernel a
-layer inside that graph (`merge_into`: read W, write W', the fp32 sum in registers) instead of an fp32 copy
-of W, an addmm and a rounding copy. The teacher (adapters disabled) runs W alone.
+rebuilt in place once per optimiser step (in place, so that a CUDA graph captured with it stays valid:
+`refresher` before a replay). The frozen weights of equal shape are packed into one tensor per shape
+(`_Group`; SDXL's 790 target layers have 31 shapes), and so are their merged copies: at rank 1 the rebuild
+of a group is one `addcmul` over all its layers (read W, write W', the fp32 sum rounded once) instead of a
+few kernels a layer. The teacher (adapters disabled) runs W alone.
 
 The UNet looks like a PEFT model to the engine: `teacher_mode` calls `disable_adapters` /
 `enable_adapters`, and `FastLoRA.state_dict` has `lora.lora_state_dict`'s keys and shapes.
@@ -186,6 +187,8 @@ class LoRAWrap(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device))
         self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._cache_key: tuple[Any, ...] | None = None
+        self._group: _Group | None = None  # set by `pack`: W, W', s·A and s·B live in the group's stacks
+        self._slot = 0
         self._base_params = base._parameters  # the base's weight and bias, read without Module.__getattr__
         self._mergeable = self.mergeable
         self._is_conv = isinstance(base, nn.Conv2d)
@@ -211,6 +214,7 @@ class LoRAWrap(nn.Module):
         """(W + s·B·A, s·A, s·B) in the base weight's dtype; W' in its layout. Built in fp32 once per A/B update."""
         key = self._key()
         if self._cache is None or self._cache_key != key:
+            self.attach_cache()
             if self.in_place():
                 self.rebuild()
             else:
@@ -232,6 +236,11 @@ class LoRAWrap(nn.Module):
                              alpha=s)  # W + s·B·A in fp32, rounded once to W's dtype by the copy
         a_s, b_s = ((t.to(w.dtype, copy=True) if s == 1 else (t * s).to(w.dtype)) for t in (a, b))
         return merged, a_s, b_s
+
+    def attach_cache(self) -> None:
+        """Without a cache, take this layer's views of its group's stacks as the cache (not yet computed)."""
+        if self._cache is None and self._group is not None:
+            self._cache, self._cache_key = self._group.views(self._slot), None
 
     def in_place(self) -> bool:
         """Whether the cache exists in W's dtype and shape (then `rebuild` refreshes it in place)."""
@@ -269,8 +278,11 @@ class LoRAWrap(nn.Module):
         return self.cached()[0]
 
     def drop_cache(self) -> None:
-        """Forget the merged weight (frees its memory; needed after writing A or B through `.data`)."""
+        """Forget the merged weight (needed after writing A or B through `.data`; its memory goes with its group's
+        last layer)."""
         self._cache = self._cache_key = None
+        if self._group is not None:
+            self._group.release()
 
     def _base_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The base layer's maths with another weight (the base module's own hooks do not run)."""
@@ -311,6 +323,134 @@ class LoRAWrap(nn.Module):
         return self._unmerged(x)
 
 
+def _strides(shape: Sequence[int], layout: str) -> tuple[int, ...]:
+    """The strides `_unrows` gives a tensor of `shape` in `layout`."""
+    if layout == "nhwc":
+        _, i, kh, kw = shape
+        return (kh * kw * i, 1, kw * i, i)
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return tuple(reversed(out))
+
+
+def _layout(t: torch.Tensor) -> str | None:
+    """How a weight's rows lie in memory, strides exactly: "rows" (contiguous), "nhwc" (a channels_last conv
+    weight) or None (neither: it keeps its own storage)."""
+    for layout in ("rows", "nhwc") if t.ndim == 4 else ("rows",):
+        if t.stride() == _strides(t.shape, layout):
+            return layout
+    return None
+
+
+def _rows(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """`t` as (t.shape[0], K) in the memory order of `layout`: a view when `t` is laid out so, a copy otherwise."""
+    if layout == "nhwc":
+        t = t.permute(0, 2, 3, 1)
+    return t.reshape(t.shape[0], -1)
+
+
+def _unrows(v: torch.Tensor, layout: str, shape: torch.Size) -> torch.Tensor:
+    """The inverse of `_rows` for a view `v`: the tensor of `shape` whose memory `v` is."""
+    if layout == "nhwc":
+        o, i, kh, kw = shape
+        return v.view(o, kh, kw, i).permute(0, 3, 1, 2)
+    return v.view(shape)
+
+
+class _Group:
+    """FastLoRA layers whose weights have one shape as rows (out, K), dtype and device, stacked (G, out, K).
+
+    At construction the layers' frozen weights W move into one tensor (each layer's weight becomes a view of it,
+    its layout kept); the merged copies W' and s·A, s·B live in stacks of their own, each layer's cache a view
+    of its slot. At rank 1 a rebuild is five kernels for the whole group, whatever G is: A and B stacked into
+    fp32 buffers, W' = W + s·(B ⊗ A) in one `addcmul` (fp32, rounded once, as `LoRAWrap._merged`), and the
+    rounded s·A, s·B. The stacks are freed when every layer has dropped its cache.
+    """
+
+    def __init__(self, layers: list[LoRAWrap]) -> None:
+        self.layers = layers
+        w0 = layers[0].base.weight
+        self.rank, self.scale = layers[0].lora_A.shape[0], layers[0].scale
+        self.out, self.k = w0.shape[0], w0[0].numel()
+        self.layouts = [_layout(w.base.weight) or "rows" for w in layers]
+        self.weight = torch.empty((len(layers), self.out, self.k), dtype=w0.dtype, device=w0.device)
+        with torch.no_grad():
+            for i, w in enumerate(layers):
+                p = w.base.weight
+                self.weight[i].copy_(_rows(p, self.layouts[i]))
+                p.data = _unrows(self.weight[i], self.layouts[i], p.shape)  # the same Parameter, packed storage
+                w._group, w._slot = self, i
+        self.stacks: tuple[torch.Tensor, ...] | None = None  # (W', s·A, s·B, A fp32, B fp32), stacked
+
+    def holds(self, i: int) -> bool:
+        """Whether layer i's weight is still its slot of the packed tensor (not moved by `.to` or `.data = `)."""
+        w = self.layers[i].base.weight
+        return w.data_ptr() == self.weight[i].data_ptr() and w.dtype == self.weight.dtype
+
+    def views(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Layer i's cache (W', s·A, s·B) as views of the stacks (allocated on first use); None if W left its slot."""
+        if not self.holds(i):
+            return None
+        if self.stacks is None:
+            g, o, k, r = len(self.layers), self.out, self.k, self.rank
+            a, b = self.layers[0].lora_A, self.layers[0].lora_B
+            self.stacks = (torch.empty_like(self.weight), self.weight.new_empty((g, r, k)),
+                           self.weight.new_empty((g, o, r)), a.new_empty((g, r, k)), b.new_empty((g, o, r)))
+        merged, a_s, b_s = self.stacks[:3]
+        layer, layout = self.layers[i], self.layouts[i]
+        return (_unrows(merged[i], layout, layer.base.weight.shape), _unrows(a_s[i], layout, layer.lora_A.shape),
+                b_s[i])
+
+    def ready(self) -> bool:
+        """Whether `rebuild` refreshes every layer's cache: rank 1, each weight in its slot, each cache a view."""
+        if self.rank != 1 or self.stacks is None:
+            return False
+        merged = self.stacks[0]
+        return all(self.holds(i) and w._cache is not None and w._cache[0].data_ptr() == merged[i].data_ptr()
+                   for i, w in enumerate(self.layers))
+
+    @torch.no_grad()
+    def rebuild(self) -> None:
+        """W' = W + s·B·A, s·A and s·B for every layer of the group (rank 1; `ready()` holds)."""
+        assert self.stacks is not None
+        merged, a_s, b_s, a32, b32 = self.stacks
+        torch.stack([_rows(w.lora_A.detach(), lay) for w, lay in zip(self.layers, self.layouts, strict=True)],
+                    out=a32)  # (G, 1, K)
+        torch.stack([w.lora_B.detach() for w in self.layers], out=b32)  # (G, out, 1)
+        torch.addcmul(self.weight, b32, a32, value=self.scale, out=merged)  # W + s·(b ⊗ a) in fp32, rounded once
+        torch.mul(a32, self.scale, out=a_s)
+        torch.mul(b32, self.scale, out=b_s)
+
+    def release(self) -> None:
+        """Free the stacks once no layer holds a view of them."""
+        if all(w._cache is None for w in self.layers):
+            self.stacks = None
+
+    def unpack(self) -> None:
+        """Give every layer's weight its own storage again (the packed tensor goes with the last view)."""
+        with torch.no_grad():
+            for i, w in enumerate(self.layers):
+                if self.holds(i):
+                    p = w.base.weight
+                    p.data = p.data.clone(memory_format=torch.preserve_format)
+                w._group = None
+        self.stacks = None
+
+
+def pack(layers: Sequence[LoRAWrap]) -> list[_Group]:
+    """Group the layers by their weight's rows (out, K), dtype, device, rank and scale, packing each group's W."""
+    groups: dict[tuple[Any, ...], list[LoRAWrap]] = {}
+    for w in layers:
+        p = w.base.weight
+        if _layout(p) is None:  # a weight of unusual strides keeps its storage (rebuilt on its own)
+            continue
+        key = (p.shape[0], p[0].numel(), p.dtype, p.device, w.lora_A.shape[0], w.lora_A.dtype, w.scale)
+        groups.setdefault(key, []).append(w)
+    return [_Group(ws) for ws in groups.values()]
+
+
 class FastLoRA:
     """A trainable rank-r LoRA on a frozen diffusers UNet, on the targets and init rules of `lora.attach_lora`.
 
@@ -318,11 +458,13 @@ class FastLoRA:
     (one kernel with W + s·B·A, hand-written backward); `merge_nograd` runs no-grad passes
     through the merged weight (always so in "merged" mode). The engine's `teacher_mode` sees
     it as a PEFT adapter: `disable_adapters` / `enable_adapters` toggle it (bound on the
-    UNet instance until `remove`).
+    UNet instance until `remove`). `pack_weights` stacks the frozen target weights by shape
+    (`_Group`: the per-step rebuild of W' a few kernels a group); attach it before capturing
+    any CUDA graph of the UNet (the weights move), as for any change of its modules.
     """
 
     def __init__(self, unet: nn.Module, rank: int = 1, targets: Sequence[str] | None = None, seed: int = 0,
-                 merge_nograd: bool = True, mode: str = "unmerged") -> None:
+                 merge_nograd: bool = True, mode: str = "unmerged", pack_weights: bool = True) -> None:
         from .lora import LORA_TARGETS
 
         if rank < 1:
@@ -344,6 +486,8 @@ class FastLoRA:
                 self.layers[name] = wrap
         if not self.layers:
             raise UserError(f"none of the LoRA targets {list(targets)} is a Linear/Conv2d of this UNet")
+        # the frozen weights stacked by shape (`_Group`); pack_weights=False: each layer alone (perf.rebuild)
+        self.groups = pack(list(self.layers.values())) if pack_weights else []
         self._saved = {k: unet.__dict__.get(k) for k in ("_hf_peft_config_loaded", "disable_adapters",
                                                         "enable_adapters")}
         unet.__dict__["_hf_peft_config_loaded"] = True
@@ -415,7 +559,10 @@ class FastLoRA:
         self.drop_cache()
 
     def remove(self) -> None:
-        """Put the base layers back and unbind the adapter switches."""
+        """Put the base layers back (each weight in its own storage again) and unbind the adapter switches."""
+        for group in self.groups:
+            group.unpack()
+        self.groups = []
         for name, w in self.layers.items():
             parent_name, _, child = name.rpartition(".")
             parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
@@ -431,10 +578,11 @@ class FastLoRA:
 class _Refresh:
     """Brings the merged weights of a UNet's FastLoRA layers up to date, once per optimiser step.
 
-    After a step every layer is stale; rebuilding them one by one launches ~7 kernels a layer (SDXL: ~6,000
-    launches, ~50 ms of host time while the GPU waits). On CUDA the full in-place rebuild is captured once as
-    a CUDA graph and replayed: the same kernels on the same buffers, one launch. Anything else (the CPU, a
-    cache not yet built, some layers stale and others not, another set of active layers) rebuilds eagerly.
+    After a step every layer is stale. A packed group (`_Group`) rebuilds at once (rank 1: five kernels for
+    all its layers; SDXL: 31 groups); any other layer rebuilds alone (a few kernels a layer). On CUDA the full
+    in-place rebuild is captured once as a CUDA graph and replayed: the same kernels on the same buffers, one
+    launch. Anything else (the CPU, some layers stale and others not, another set of active layers) rebuilds
+    eagerly, by groups where it can.
     """
 
     def __init__(self, layers: list[LoRAWrap]) -> None:
@@ -443,16 +591,35 @@ class _Refresh:
         self.captured: tuple[int, ...] = ()  # ids of the layers the graph rebuilds
         self.replays = 0
 
+    @staticmethod
+    def _rebuild(todo: list[LoRAWrap], compiled: bool) -> None:
+        """Recompute the caches of `todo`: every group whose layers are all in it at once, each other layer alone."""
+        ids = {id(w) for w in todo}
+        alone = set(ids)
+        for group in {id(w._group): w._group for w in todo if w._group is not None}.values():
+            if group.ready() and all(id(w) in ids for w in group.layers):
+                group.rebuild()
+                alone -= {id(w) for w in group.layers}
+        for w in todo:
+            if id(w) in alone:
+                if w.in_place():
+                    w.rebuild(compiled=compiled)
+                else:
+                    w.cached()  # a first cache of its own (a layer outside any group)
+
     def __call__(self) -> None:
         active = [w for w in self.layers if w.enabled and (w.merge_nograd or w.mode == "merged")]
         keys = [w._key() for w in active]
         stale = [w for w, k in zip(active, keys, strict=True) if w._cache is None or w._cache_key != k]
         if not stale:
             return
+        for w in stale:
+            w.attach_cache()
         whole = len(stale) == len(active) and all(w.in_place() for w in active)
         if not whole or not active[0].base.weight.is_cuda:
+            self._rebuild(stale, compiled=False)
             for w in stale:
-                w.cached()
+                w._cache_key = w._key()
             return
         # the graph writes into the buffers it was captured with: a dropped and rebuilt cache needs a new one
         ids = tuple((id(w), w._cache[0].data_ptr()) for w in active if w._cache is not None)
@@ -461,13 +628,11 @@ class _Refresh:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up (compiles; cuBLAS workspaces on this stream); idempotent
-                for w in active:
-                    w.rebuild(compiled=True)
+                self._rebuild(active, compiled=True)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=side):  # captured, not run: the replay below runs it
-                for w in active:
-                    w.rebuild(compiled=True)
+                self._rebuild(active, compiled=True)
             self.graph = graph
         self.graph.replay()
         self.replays += 1

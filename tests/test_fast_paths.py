@@ -383,17 +383,19 @@ def test_fast_grad_is_eager_on_the_cpu():
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("compiled", [False, True])
-def test_graphed_refresh_rebuilds_every_merged_weight(monkeypatch, compiled):
+@pytest.mark.parametrize(("pack", "compiled"), [(True, False), (False, False), (False, True)])
+def test_graphed_refresh_rebuilds_every_merged_weight(monkeypatch, pack, compiled):
     """On CUDA the rebuild after an optimiser step is one replayed graph; every W' equals the eager rebuild
-    (bit for bit with the eager per-layer kernels; within an fp32 rounding with the compiled `merge_into`)."""
+    (bit for bit with the eager per-layer kernels; within an fp32 rounding with the packed groups' addcmul or the
+    compiled `merge_into`)."""
     from rapm_bench import fastlora
     from rapm_bench.fastlora import FastLoRA, refresher
 
     monkeypatch.setattr(fastlora, "COMPILE_REBUILD", compiled)
-    tol = {"rtol": 1e-6, "atol": 1e-7} if compiled else {"rtol": 0, "atol": 0}
+    tol = {"rtol": 1e-6, "atol": 1e-7} if compiled or pack else {"rtol": 0, "atol": 0}
     world = small_world("cuda")
-    lora = FastLoRA(world.unet, 1, seed=0, mode="merged")
+    lora = FastLoRA(world.unet, 1, seed=0, mode="merged", pack_weights=pack)
+    assert bool(lora.groups) == pack
     refresh = refresher(world.unet)
     refresh()  # no caches yet: built eagerly
     assert refresh.replays == 0
@@ -415,7 +417,8 @@ def test_graphed_refresh_rebuilds_every_merged_weight(monkeypatch, compiled):
         refresh()  # fresh: nothing to do
         assert refresh.replays == step + 1
     wrap = next(iter(lora.layers.values()))
-    wrap.drop_cache()  # a new buffer: the graph is captured again (it writes into the buffers it was made with)
+    wrap.drop_cache()  # unpacked: a new buffer, so the graph is captured again (it writes into the buffers it
+    #                   was made with); packed: the same views of the group's stacks again
     wrap.cached()
     for p in lora.parameters():
         p.grad = torch.ones_like(p)

@@ -373,6 +373,57 @@ def test_passes_after_an_optimiser_step_use_the_new_weights(base_unet: nn.Module
     lora.remove()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_packed_groups_rebuild_all_their_layers_at_once(base_unet: nn.Module, dtype: torch.dtype,
+                                                        channels_last: bool):
+    """The frozen weights are packed by shape, values and strides kept; a refresh rebuilds each group in five ops
+    whatever its size (A and B stacked, one addcmul, s·A, s·B), and every cache equals the layer's own rebuild
+    (W' within an fp32 rounding, one bf16 step at most; s·A, s·B exactly) in the weight's layout. `remove` gives
+    every weight its own storage back, unchanged; dropping every cache frees the stacks."""
+    from rapm_bench.fastlora import refresher
+
+    unet = copy.deepcopy(base_unet).to(dtype)
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    before = {n: (p.detach().clone(), p.stride()) for n, p in unet.named_parameters()}
+    lora = FastLoRA(unet, 1, seed=0, mode="merged")
+    assert 1 < len(lora.groups) < len(lora.layers) / 2
+    assert sorted(id(w) for g in lora.groups for w in g.layers) == sorted(id(w) for w in lora.layers.values())
+    for g in lora.groups:
+        assert all(w.base.weight.data_ptr() == g.weight[i].data_ptr() for i, w in enumerate(g.layers))
+    params = dict(unet.named_parameters())
+    for name, (value, stride) in before.items():
+        base = params[name.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
+                      if name.rsplit(".", 1)[0] in lora.layers else name]
+        assert torch.equal(base, value) and base.stride() == stride, name
+    refresh = refresher(unet)
+    assert refresh is not None
+    refresh()  # the first: the caches are allocated as views of the stacks
+    randomise(lora.parameters(), 3)  # an optimiser step's in-place writes
+    log = OpLog()
+    with log:
+        refresh()
+    ops = sorted(op for op in log.ops if op != "select")  # views of the stacks' slots (the readiness checks)
+    assert ops == sorted(["stack", "stack", "addcmul", "mul", "mul"] * len(lora.groups))
+    step = 2**-7 if dtype == torch.bfloat16 else 1e-6
+    for name, w in lora.layers.items():
+        got = w.cached()
+        merged, a_s, b_s = w._merged()
+        weight = w.base.weight
+        torch.testing.assert_close(got[0].float(), merged.view(weight.shape).to(dtype).float(), rtol=step,
+                                   atol=1e-6, msg=name)
+        assert torch.equal(got[1], a_s) and torch.equal(got[2], b_s), name
+        assert got[0].stride() == weight.stride(), name  # W' in W's layout (the kernels a CUDA graph holds)
+    lora.drop_cache()
+    assert all(g.stacks is None for g in lora.groups)
+    lora.remove()
+    params = dict(unet.named_parameters())
+    assert all(torch.equal(params[n], v) and params[n].stride() == st for n, (v, st) in before.items())
+    storages = {p.untyped_storage().data_ptr() for p in params.values()}
+    assert len(storages) == len(params)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_merged_is_finite_and_close_to_fp32(base_unet: nn.Module, peft_rank, dtype: torch.dtype):
     ref = peft_rank(1)
@@ -399,3 +450,19 @@ def test_bad_mode_and_rank():
         FastLoRA(host, 0, ("layer",))
     with pytest.raises(UserError, match="none of the LoRA targets"):
         FastLoRA(host, 1, ("nope",))
+
+
+def test_rebuild_benchmark_runs_every_form_on_the_cpu(tmp_path):
+    """`python -m rapm_bench.perf.rebuild` (the GPU's timing of the three rebuild forms) runs on a CPU with the
+    tiny SDXL-architecture UNet and writes its JSON; the packed form has fewer groups than layers."""
+    import json
+
+    from rapm_bench.perf import rebuild
+
+    result = rebuild.main(["--size", "tiny", "--repeats", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "rebuild-cpu.json").read_text())
+    assert [r["name"] for r in saved["forms"]] == list(rebuild.FORMS) == [r["name"] for r in result["forms"]]
+    packed, *alone = saved["forms"]
+    assert 0 < packed["groups"] < packed["layers"] and all(r["groups"] == 0 for r in alone)
+    assert all(r["layers"] == packed["layers"] and r["floor_seconds"] > 0 for r in saved["forms"])
+    assert saved["command"].startswith("python -m rapm_bench.perf.rebuild --size tiny")
