@@ -17,8 +17,9 @@ The cache holds one copy of every target weight in the UNet's dtype (SDXL, bf16:
 rebuilt in place once per optimiser step (in place, so that a CUDA graph captured with it stays valid:
 `refresher` before a replay). The frozen weights of equal shape are packed into one tensor per shape
 (`_Group`; SDXL's 790 target layers have 31 shapes), and so are their merged copies: at rank 1 the rebuild
-of a group is one `addcmul` over all its layers (read W, write W', the fp32 sum rounded once) instead of a
-few kernels a layer. The teacher (adapters disabled) runs W alone.
+of a group is one pointwise kernel over all its layers (read W, write W', the fp32 sum rounded once;
+`merge_rank1`, compiled inside the rebuild's CUDA graph on a GPU) instead of a few kernels a layer. The
+teacher (adapters disabled) runs W alone.
 
 The UNet looks like a PEFT model to the engine: `teacher_mode` calls `disable_adapters` /
 `enable_adapters`, and `FastLoRA.state_dict` has `lora.lora_state_dict`'s keys and shapes.
@@ -40,8 +41,8 @@ MODES: tuple[str, ...] = ("unmerged", "merged")  # the gradient path of a LoRA l
 
 _aten = torch.ops.aten
 
-COMPILE_REBUILD = True  # on CUDA: the in-place rebuild through `merge_into` compiled (tests turn it off)
-_compiled_merge: list[Any] = []  # [the compiled `merge_into`] once built; [None] after a failed compile
+COMPILE_REBUILD = True  # on CUDA: the rebuild graph's kernels compiled (`merge_rank1`, `merge_into`; tests turn it off)
+_compiled: dict[Callable[..., None], Any] = {}  # a merge function -> its torch.compile, or None after a failure
 _RECOMPILE_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
@@ -60,12 +61,40 @@ def merge_into(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, out_
     out_b.copy_(b * s)
 
 
-def compiled_merge() -> Any:
-    """`merge_into` through torch.compile (dynamic shapes: one graph for the Linear layers, a few for the
-    convolutions), or None when it cannot be compiled here; inductor's on-disk cache keeps it across runs."""
-    if not _compiled_merge:
-        _compiled_merge.append(torch.compile(merge_into, dynamic=True, fullgraph=True))
-    return _compiled_merge[0]
+def merge_rank1(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, out_w: torch.Tensor,
+                out_a: torch.Tensor, out_b: torch.Tensor) -> None:
+    """A packed group at rank 1: out_w = W + s·(b ⊗ a) for W (G, out, K), b (G, out, 1), a (G, 1, K), summed in
+    fp32 and rounded once; out_a = s·a, out_b = s·b.
+
+    Pointwise (no sum over the rank), so that inductor makes it one kernel that reads W and writes W' (4 bytes a
+    weight in bf16); aten's addcmul of these mixed dtypes and broadcasts runs ~9x the copy time (perf.rebuild).
+    """
+    out_w.copy_(w.float() + s * (b.float() * a.float()))
+    out_a.copy_(a * s)
+    out_b.copy_(b * s)
+
+
+def run_compiled(fn: Callable[..., None], *args: Any) -> bool:
+    """`fn(*args)` through torch.compile (dynamic shapes, one graph; inductor's on-disk cache keeps it across
+    runs); False when it cannot be compiled here (a warning, once): the caller then runs its eager kernels."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    compiled = _compiled[fn]
+    if compiled is None:
+        return False
+    try:
+        # one graph per layer kind, dtype and layout (dynamic sizes; dynamo guards on equal sizes too):
+        # more than dynamo's default of 8 graphs for one function in a large UNet
+        with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: 64}):
+            compiled(*args)
+        return True
+    except Exception as e:  # inductor's errors have no common base class
+        import warnings
+
+        warnings.warn(f"compiled LoRA rebuild failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "rebuilding eagerly", stacklevel=3)
+        _compiled[fn] = None
+        return False
 
 
 def _pair(v: int | Sequence[int]) -> list[int]:
@@ -255,20 +284,9 @@ class LoRAWrap(nn.Module):
         every call, so an eager rebuild layer by layer keeps the aten kernels)."""
         assert self._cache is not None
         w = self.base.weight.detach()
-        fn = compiled_merge() if compiled and COMPILE_REBUILD and w.is_cuda else None
-        if fn is not None:
-            try:
-                # one graph per layer kind, dtype and layout (dynamic sizes; dynamo guards on equal sizes too):
-                # more than dynamo's default of 8 graphs for one function in a large UNet
-                with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: 64}):
-                    fn(w, self.lora_A.detach(), self.lora_B.detach(), self.scale, *self._cache)
-                return
-            except Exception as e:  # inductor's errors have no common base class
-                import warnings
-
-                warnings.warn(f"compiled LoRA rebuild failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                              "rebuilding eagerly", stacklevel=2)
-                _compiled_merge[:] = [None]
+        if (compiled and COMPILE_REBUILD and w.is_cuda
+                and run_compiled(merge_into, w, self.lora_A.detach(), self.lora_B.detach(), self.scale, *self._cache)):
+            return
         merged, a_s, b_s = self._merged()
         for buf, value in zip(self._cache, (merged.view(self._cache[0].shape), a_s, b_s), strict=True):
             buf.copy_(value)
@@ -364,9 +382,9 @@ class _Group:
 
     At construction the layers' frozen weights W move into one tensor (each layer's weight becomes a view of it,
     its layout kept); the merged copies W' and s·A, s·B live in stacks of their own, each layer's cache a view
-    of its slot. At rank 1 a rebuild is five kernels for the whole group, whatever G is: A and B stacked into
-    fp32 buffers, W' = W + s·(B ⊗ A) in one `addcmul` (fp32, rounded once, as `LoRAWrap._merged`), and the
-    rounded s·A, s·B. The stacks are freed when every layer has dropped its cache.
+    of its slot. At rank 1 a rebuild is a few kernels for the whole group, whatever G is: A and B stacked into
+    fp32 buffers, W' = W + s·(B ⊗ A) in one pass (fp32, rounded once, as `LoRAWrap._merged`; `merge_rank1`
+    compiled on a GPU, aten's addcmul otherwise), and the rounded s·A, s·B. The stacks are freed when every layer has dropped its cache.
     """
 
     def __init__(self, layers: list[LoRAWrap]) -> None:
@@ -412,13 +430,17 @@ class _Group:
                    for i, w in enumerate(self.layers))
 
     @torch.no_grad()
-    def rebuild(self) -> None:
-        """W' = W + s·B·A, s·A and s·B for every layer of the group (rank 1; `ready()` holds)."""
+    def rebuild(self, compiled: bool = False) -> None:
+        """W' = W + s·B·A, s·A and s·B for every layer of the group (rank 1; `ready()` holds). `compiled`: through
+        the compiled `merge_rank1` on CUDA (the graph `refresher` captures); else aten's addcmul."""
         assert self.stacks is not None
         merged, a_s, b_s, a32, b32 = self.stacks
         torch.stack([_rows(w.lora_A.detach(), lay) for w, lay in zip(self.layers, self.layouts, strict=True)],
                     out=a32)  # (G, 1, K)
         torch.stack([w.lora_B.detach() for w in self.layers], out=b32)  # (G, out, 1)
+        if (compiled and COMPILE_REBUILD and self.weight.is_cuda
+                and run_compiled(merge_rank1, self.weight, a32, b32, self.scale, merged, a_s, b_s)):
+            return
         torch.addcmul(self.weight, b32, a32, value=self.scale, out=merged)  # W + s·(b ⊗ a) in fp32, rounded once
         torch.mul(a32, self.scale, out=a_s)
         torch.mul(b32, self.scale, out=b_s)
@@ -598,7 +620,7 @@ class _Refresh:
         alone = set(ids)
         for group in {id(w._group): w._group for w in todo if w._group is not None}.values():
             if group.ready() and all(id(w) in ids for w in group.layers):
-                group.rebuild()
+                group.rebuild(compiled)
                 alone -= {id(w) for w in group.layers}
         for w in todo:
             if id(w) in alone:

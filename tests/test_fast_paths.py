@@ -383,11 +383,12 @@ def test_fast_grad_is_eager_on_the_cpu():
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize(("pack", "compiled"), [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize(("pack", "compiled"), [(True, True), (True, False), (False, False), (False, True)])
 def test_graphed_refresh_rebuilds_every_merged_weight(monkeypatch, pack, compiled):
     """On CUDA the rebuild after an optimiser step is one replayed graph; every W' equals the eager rebuild
-    (bit for bit with the eager per-layer kernels; within an fp32 rounding with the packed groups' addcmul or the
-    compiled `merge_into`)."""
+    (bit for bit with the eager per-layer kernels; within an fp32 rounding with the packed groups' kernels or the
+    compiled `merge_into`). Packed, the first refresh already runs from the graph (the caches are the stacks'
+    views); unpacked, it builds them eagerly."""
     from rapm_bench import fastlora
     from rapm_bench.fastlora import FastLoRA, refresher
 
@@ -397,15 +398,16 @@ def test_graphed_refresh_rebuilds_every_merged_weight(monkeypatch, pack, compile
     lora = FastLoRA(world.unet, 1, seed=0, mode="merged", pack_weights=pack)
     assert bool(lora.groups) == pack
     refresh = refresher(world.unet)
-    refresh()  # no caches yet: built eagerly
-    assert refresh.replays == 0
+    refresh()
+    first = refresh.replays
+    assert first == (1 if pack else 0)
     opt = torch.optim.AdamW(lora.parameters(), lr=0.1)
     for step in range(2):
         for p in lora.parameters():
             p.grad = torch.randn(p.shape, device=p.device, generator=torch.Generator("cuda").manual_seed(step))
         opt.step()
         refresh()
-        assert refresh.replays == step + 1
+        assert refresh.replays == first + step + 1
         for wrap in lora.layers.values():
             key = wrap._cache_key
             got = wrap.cached()  # up to date: no eager rebuild here
@@ -415,7 +417,7 @@ def test_graphed_refresh_rebuilds_every_merged_weight(monkeypatch, pack, compile
             torch.testing.assert_close(got[0], want.to(w.dtype), **tol)
             torch.testing.assert_close(got[1], a.to(w.dtype), rtol=0, atol=0)
         refresh()  # fresh: nothing to do
-        assert refresh.replays == step + 1
+        assert refresh.replays == first + step + 1
     wrap = next(iter(lora.layers.values()))
     wrap.drop_cache()  # unpacked: a new buffer, so the graph is captured again (it writes into the buffers it
     #                   was made with); packed: the same views of the group's stacks again
@@ -427,22 +429,26 @@ def test_graphed_refresh_rebuilds_every_merged_weight(monkeypatch, pack, compile
     w, a, b = wrap.base.weight, wrap.lora_A.detach(), wrap.lora_B.detach()
     want = torch.addmm(w.reshape(w.shape[0], -1).float(), b, a.reshape(a.shape[0], -1)).view(w.shape)
     torch.testing.assert_close(wrap.cached()[0], want.to(w.dtype), **tol)
-    assert refresh.replays == 3
-    if compiled:
-        assert fastlora._compiled_merge[0] is not None  # compiled, and no fallback to the eager rebuild
+    assert refresh.replays == first + 3
+    if compiled:  # compiled, and no fallback to the eager rebuild
+        assert fastlora._compiled[fastlora.merge_rank1 if pack else fastlora.merge_into] is not None
 
 
 @pytest.mark.gpu
 @cuda
-def test_compiled_merge_is_the_eager_merge_in_bf16():
+def test_compiled_merges_are_the_eager_merge_in_bf16():
     """The compiled `merge_into` on the SDXL UNet's layer kinds (Linear, 3×3 and 1×1 convolutions, channels_last)
-    in bf16: W' within one bf16 rounding step of the eager fp32 addmm rounded once, on few weights; s·A, s·B exact."""
+    and the compiled `merge_rank1` on stacked rows (a packed group) in bf16: W' within one bf16 rounding step of
+    the eager fp32 addmm rounded once, on few weights; s·A, s·B exact; dynamo compiled both."""
     from torch._dynamo.utils import counters
 
     from rapm_bench import fastlora
 
+    def check(got: torch.Tensor, want: torch.Tensor, what: object) -> None:
+        ulp = (got.float() - want.float()).abs() / want.float().abs().clamp_min(1e-30) * 2**7
+        assert float(ulp.max()) <= 1.01 and float((got != want).float().mean()) < 0.01, what
+
     gen = torch.Generator().manual_seed(0)
-    fn = fastlora.compiled_merge()
     graphs = counters["stats"]["unique_graphs"]
     for shape, rank in [((64, 96), 1), ((32, 16, 3, 3), 1), ((48, 24, 1, 1), 1), ((64, 96), 4)]:
         w = torch.randn(shape, generator=gen).to("cuda", torch.bfloat16)
@@ -451,14 +457,19 @@ def test_compiled_merge_is_the_eager_merge_in_bf16():
         for layout in (torch.contiguous_format, torch.channels_last) if len(shape) == 4 else (torch.contiguous_format,):
             out = (torch.empty_like(w, memory_format=layout), torch.empty_like(a, dtype=w.dtype),
                    torch.empty_like(b, dtype=w.dtype))
-            with torch._dynamo.config.patch(**{fastlora._RECOMPILE_LIMIT: 64}):  # as `LoRAWrap.rebuild` calls it
-                fn(w, a, b, 1.0, *out)
+            assert fastlora.run_compiled(fastlora.merge_into, w, a, b, 1.0, *out)
             want = torch.addmm(w.reshape(shape[0], -1).float(), b.reshape(shape[0], rank), a.reshape(rank, -1))
-            want = want.view(shape).to(torch.bfloat16)
-            ulp = (out[0].float() - want.float()).abs() / want.float().abs().clamp_min(1e-30) * 2**7
-            assert float(ulp.max()) <= 1.01 and float((out[0] != want).float().mean()) < 0.01, (shape, layout)
+            check(out[0], want.view(shape).to(torch.bfloat16), (shape, layout))
             assert torch.equal(out[1], a.to(w.dtype)) and torch.equal(out[2], b.to(w.dtype))
-    assert counters["stats"]["unique_graphs"] > graphs  # dynamo compiled it (it did not fall back to eager unseen)
+    for g, o, k in [(3, 64, 96), (1, 32, 144), (5, 48, 24)]:
+        w = torch.randn((g, o, k), generator=gen).to("cuda", torch.bfloat16)
+        a = torch.randn((g, 1, k), generator=gen).cuda() * 0.05
+        b = torch.randn((g, o, 1), generator=gen).cuda() * 0.05
+        out = (torch.empty_like(w), torch.empty_like(a, dtype=w.dtype), torch.empty_like(b, dtype=w.dtype))
+        assert fastlora.run_compiled(fastlora.merge_rank1, w, a, b, 1.0, *out)
+        check(out[0], torch.baddbmm(w.float(), b, a).to(torch.bfloat16), (g, o, k))
+        assert torch.equal(out[1], a.to(w.dtype)) and torch.equal(out[2], b.to(w.dtype))
+    assert counters["stats"]["unique_graphs"] > graphs  # dynamo compiled them (no fall back to eager unseen)
 
 
 @pytest.mark.gpu

@@ -3,9 +3,9 @@
     python -m rapm_bench.perf.rebuild --out results/bench
 
 On a random-weight SDXL UNet (perf.sdxl, size full, bf16) with the engine's rank-1 merged FastLoRA, times the
-refresh that follows every optimiser step (`fastlora.refresher`, replayed from its CUDA graph) in three forms:
-the packed groups (`_Group`: five kernels a group), each layer alone through the compiled `merge_into`, and each
-layer alone through the aten kernels. The floor is one copy of every target weight (the bytes the rebuild must
+refresh that follows every optimiser step (`fastlora.refresher`, replayed from its CUDA graph) in four forms:
+the packed groups (`_Group`) through the compiled `merge_rank1` or aten's addcmul, and each layer alone through
+the compiled `merge_into` or the aten kernels. The floor is one copy of every target weight (the bytes the rebuild must
 move: read W, write W'), timed in the same run. Writes
 <out>/rebuild-<device>.json with the command and the machine. The CPU runs it too (no graphs; `--size tiny`).
 """
@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-FORMS: dict[str, dict[str, bool]] = {  # name: FastLoRA packing, compiled per-layer rebuild
-    "packed groups": {"pack": True, "compiled": False},
+FORMS: dict[str, dict[str, bool]] = {  # name: FastLoRA packing, the rebuild graph's kernels compiled
+    "packed groups, compiled merge_rank1": {"pack": True, "compiled": True},
+    "packed groups, aten addcmul": {"pack": True, "compiled": False},
     "per layer, compiled merge_into": {"pack": False, "compiled": True},
     "per layer, aten": {"pack": False, "compiled": False},
 }
