@@ -74,11 +74,18 @@ def merge_rank1(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, out
     out_b.copy_(b * s)
 
 
+_STATIC: tuple[Callable[..., None], ...] = ()  # filled below: compiled for each shape (no dynamic sizes)
+
+
 def run_compiled(fn: Callable[..., None], *args: Any) -> bool:
-    """`fn(*args)` through torch.compile (dynamic shapes, one graph; inductor's on-disk cache keeps it across
-    runs); False when it cannot be compiled here (a warning, once): the caller then runs its eager kernels."""
+    """`fn(*args)` through torch.compile (one graph; inductor's on-disk cache keeps it across runs); False when it
+    cannot be compiled here (a warning, once): the caller then runs its eager kernels.
+
+    `merge_rank1` compiles once per group shape (SDXL: 31): constant sizes let inductor index W without dynamic
+    divisions, 5.9 ms for SDXL's rebuild on an H200 against 13.7 ms with dynamic sizes (2.4 ms is the copy).
+    `merge_into` (per layer, ~900 shapes) keeps dynamic sizes."""
     if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+        _compiled[fn] = torch.compile(fn, dynamic=fn not in _STATIC, fullgraph=True)
     compiled = _compiled[fn]
     if compiled is None:
         return False
@@ -95,6 +102,9 @@ def run_compiled(fn: Callable[..., None], *args: Any) -> bool:
                       "rebuilding eagerly", stacklevel=3)
         _compiled[fn] = None
         return False
+
+
+_STATIC = (merge_rank1,)
 
 
 def _pair(v: int | Sequence[int]) -> list[int]:

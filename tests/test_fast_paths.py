@@ -237,6 +237,46 @@ def test_vae_decoder_precisions_on_the_sdxl_architecture():
     assert dec.network() is not vae and next(dec.network().parameters()).dtype == torch.bfloat16
 
 
+def test_vae_decode_is_compiled_on_a_gpu_only_and_never_in_fp32():
+    """`VAEDecoder.compiled()`: a GPU, a precision other than fp32 and `compile` on; the CPU decodes eagerly."""
+    from rapm_bench.bench import build_sdxl_vae
+    from rapm_bench.worlds.sdxl import VAEDecoder
+
+    dec = VAEDecoder(build_sdxl_vae(True, torch.device("cpu")))
+    assert dec.compile and not dec.compiled()  # the CPU
+    if torch.cuda.is_available():
+        dec = VAEDecoder(build_sdxl_vae(True, torch.device("cuda")))
+        assert dec.compiled()
+        dec.precision = "fp32"
+        assert not dec.compiled() and dec.network() is dec.vae
+
+
+@pytest.mark.gpu
+@cuda
+def test_compiled_vae_decode_is_within_one_level_of_eager_and_compiles():
+    """The compiled TF32 decode: within one level of the eager TF32 decode on under 10 % of the values, the fp32
+    decode still the VAE itself; it compiles (dynamo graphs) even when its first call is under FLOP counting."""
+    from torch._dynamo.utils import counters
+
+    from rapm_bench.bench import build_sdxl_vae, uint8_difference
+    from rapm_bench.perf.measure import count_flops
+    from rapm_bench.worlds.sdxl import VAEDecoder
+
+    dec = VAEDecoder(build_sdxl_vae(True, torch.device("cuda")))
+    latents = torch.randn(2, 4, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    dec.compile = False
+    eager = dec(latents)
+    dec.compile = True
+    graphs = counters["stats"]["unique_graphs"]
+    assert count_flops(lambda: dec(latents)) > 0  # eager under the counter, and no skipped frame after it
+    compiled = dec(latents)
+    assert counters["stats"]["unique_graphs"] > graphs
+    d = uint8_difference(compiled, eager)
+    assert d["max"] <= 1 and d["changed_share"] < 0.10, d
+    dec.precision = "fp32"
+    assert dec.network() is dec.vae
+
+
 def test_adamw_is_fused_on_a_gpu_only_and_resumes_across_implementations():
     """The engine's AdamW: the CPU's default implementation on the CPU; a fused optimiser's state loads into a
     default one (and back) with each keeping its own implementation and the same update."""

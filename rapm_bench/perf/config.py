@@ -66,7 +66,8 @@ class GenerateStage:
     batch: int = 4  # images per call
     steps: int = 4
     images: int = 30_000  # for the estimate (coco30k)
-    vae_variants: tuple[str, ...] = ("fp32", "tf32", "bf16", "tf32/channels_last", "bf16/channels_last")  # GPU
+    vae_variants: tuple[str, ...] = ("fp32", "tf32/eager", "tf32", "bf16", "tf32/channels_last",
+                                     "bf16/channels_last")  # GPU; TF32/bf16 compiled unless "/eager"
     vae_channels_last: bool = False  # the protocol precision's layout in the bigger batches (and the headline)
     big_batches: tuple[int, ...] = ()  # more batch sizes, graphs and the protocol's VAE (the last is the headline)
 
@@ -123,7 +124,7 @@ BENCH_PRESETS: dict[str, BenchConfig] = {
     "tiny": BenchConfig(traj=TrajectoryStage(batch=4), gen=GenerateStage(batch=4), eval=EvalStage(batch=64),
                         rapm=RapmStage(iterations=200, trajectories=256)),
     "sdxl": BenchConfig(preset="sdxl", rapm=_SDXL_RAPM, forward=ForwardStage(batches=(1, 2, 8)),
-                        gen=GenerateStage(vae_variants=("fp32", "tf32", "bf16"), big_batches=(16,))),
+                        gen=GenerateStage(vae_variants=("fp32", "tf32/eager", "tf32", "bf16"), big_batches=(16,))),
     "sdxl-small": BenchConfig(preset="sdxl", scale="small", repeats=1, matmul_size=512, rapm=_SDXL_RAPM,
                               traj=TrajectoryStage(batch=2), gen=GenerateStage(batch=2),
                               eval=EvalStage(batch=2, precision_images=64)),

@@ -3,6 +3,7 @@ for the floors."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -63,8 +64,12 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
+    # compiled modules (the VAE decode) run eagerly while counting: a first call under the counter's dispatch
+    # mode would not compile, and later calls would not either (a bench row then timed the eager decode)
+    stance = getattr(torch._dynamo, "set_stance", None)
     try:
-        with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter, eager():
+        with (FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter, eager(),
+              stance("force_eager") if stance is not None else contextlib.nullcontext()):
             fn()
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -15,7 +15,7 @@ from ..worlds.base import Cond
 from ..worlds.registry import get_world_spec
 from .config import BenchConfig, RapmVariant, parse_variant
 from .measure import Measurement, count_flops, free_memory, measure
-from .worlds import TunedWorld, build_world, compiled_unet, set_channels_last, set_sdpa
+from .worlds import TunedWorld, build_world, compiled_unet, set_channels_last, set_sdpa, set_vae_variant
 
 
 # --- the run context ---------------------------------------------------------------------------------------
@@ -325,17 +325,16 @@ def stage_generate(b: Bench) -> dict[str, Any]:
         if cuda:
             with graphed_predict(w):
                 for vae in cfg.gen.vae_variants:
-                    precision, _, layout = vae.partition("/")
-                    w.set_vae_precision(precision, channels_last=layout == "channels_last")
+                    set_vae_variant(w, vae)
                     ms.append(b.measure(f"LoRA merged, graphs, VAE {vae}", run, "image", n, warmup=1))
-                w.set_vae_precision(protocol_vae, channels_last=cfg.gen.vae_channels_last)
+                set_vae_variant(w, protocol_vae + ("/channels_last" if cfg.gen.vae_channels_last else ""))
                 for big in cfg.gen.big_batches:
                     ms.append(b.measure(f"LoRA merged, graphs, VAE {protocol_vae}, batch {big}", runner(big),
                                         "image", big, warmup=1))
         w.unet.unfuse_lora()
     finally:
         w.unet.unload_lora()
-        w.set_vae_precision("fp32", channels_last=False)
+        set_vae_variant(w, "fp32")
     names = [m.name for m in ms]
     layout = "/channels_last" if cfg.gen.vae_channels_last else ""
     best = [f"LoRA merged, graphs, VAE {protocol_vae}, batch {big}" for big in cfg.gen.big_batches[-1:]]

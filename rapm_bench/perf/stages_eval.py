@@ -12,7 +12,7 @@ from torch import nn
 from ..worlds.registry import get_world_spec
 from .measure import free_memory
 from .stages import Bench
-from .worlds import TunedWorld
+from .worlds import TunedWorld, set_vae_variant
 
 # --- architectures (diffusers / open_clip configs as dicts: nothing is downloaded) ---------------------
 CLIP_SMALL: dict[str, Any] = {
@@ -49,17 +49,16 @@ def stage_vae_precision(b: Bench) -> dict[str, Any]:
     reference: torch.Tensor | None = None
     try:
         for vae in ["fp32", *[v for v in variants if v != "fp32"]]:
-            precision, _, layout = vae.partition("/")
-            w.set_vae_precision(precision, channels_last=layout == "channels_last")
+            precision, layout = set_vae_variant(w, vae), vae.partition("/")[2]
             images = w.decode(latents)
             if reference is None:
                 reference = images
             diffs[vae] = uint8_difference(images, reference)
             ms.append(b.measure(f"decode {vae}", lambda: w.decode(latents), "image", n, precision=precision,
-                                channels_last=layout == "channels_last", **{f"uint8_{k}": v for k, v in diffs[vae].items()}))
+                                channels_last="channels_last" in layout, compiled=w.inner.decoder.compiled(), **{f"uint8_{k}": v for k, v in diffs[vae].items()}))
         inside = float(((reference > 0) & (reference < 255)).float().mean()) if reference is not None else None
     finally:
-        w.set_vae_precision("fp32", channels_last=False)
+        set_vae_variant(w, "fp32")
     return b.stage(ms, None, images=n, unsaturated_share=inside, differences_vs_fp32=diffs,
                    inputs="random N(0, 1) latents through the random-weight SDXL VAE")
 

@@ -170,6 +170,17 @@ def set_sdpa(module: nn.Module, sdpa: bool) -> None:
         module.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
 
 
+def set_vae_variant(world: World, vae: str) -> str:
+    """Decode as the bench's VAE variant `<precision>[/channels_last][/eager]` says (eager: not compiled, which a
+    GPU's TF32 and bf16 decodes otherwise are, worlds/sdxl.py VAEDecoder); returns the precision."""
+    precision, *flags = vae.split("/")
+    world.set_vae_precision(precision, channels_last="channels_last" in flags)
+    decoder = getattr(getattr(world, "inner", world), "decoder", None)
+    if decoder is not None:
+        decoder.compile = "eager" not in flags
+    return precision
+
+
 def set_channels_last(module: nn.Module, on: bool) -> None:
     """Convolution weights in NHWC (True) or NCHW."""
     module.to(memory_format=torch.channels_last if on else torch.contiguous_format)

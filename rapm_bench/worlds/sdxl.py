@@ -34,24 +34,39 @@ def activation_gib(resolution: int) -> float:
 
 class VAEDecoder:
     """The SDXL VAE decode in a declared precision (precision.COMPUTE_PRECISIONS; the protocol's
-    `vae_precision`): "fp32" with TF32 off, "tf32", or a bf16 copy of the VAE; channels_last optional."""
+    `vae_precision`): "fp32" with TF32 off, "tf32", or a bf16 copy of the VAE; channels_last optional.
+
+    On a GPU the TF32 and bf16 decodes run compiled (`compile`, inductor's fused normalisation and SiLU
+    kernels; one graph per batch shape): on an H200 at 1024 px, TF32, 0.064 s an image against 0.108 eager,
+    with images within one level of the eager TF32 decode (4.2 % of the values at batch 4), as close to fp32 as
+    the eager TF32 decode (one level on 4.7 %). The fp32 decode, the exact one, stays eager.
+    """
 
     def __init__(self, vae: torch.nn.Module) -> None:
         self.vae = vae
         self.precision = "tf32"  # `generate`'s (PyTorch's default ran TF32 convolutions); `eval`: the protocol's
         self.channels_last = False
-        self._copies: dict[tuple[str, bool], torch.nn.Module] = {}
+        self.compile = True  # compiled TF32/bf16 decodes on CUDA (above); False: eager in every precision
+        self._copies: dict[tuple[str, bool, bool], torch.nn.Module] = {}
+
+    def compiled(self) -> bool:
+        """Whether this decode runs compiled: a GPU, a precision other than the exact fp32, `compile` on."""
+        return self.compile and self.precision != "fp32" and next(self.vae.parameters()).is_cuda
 
     def network(self) -> torch.nn.Module:
-        """The VAE in this precision and memory format (copies made once; the fp32 NCHW one is the VAE itself)."""
+        """The VAE in this precision and memory format (copies made once; the fp32 NCHW eager one is the VAE)."""
         import copy
 
-        key = ("bf16" if self.precision == "bf16" else "fp32", self.channels_last)
-        if key == ("fp32", False) or self.vae.dtype != torch.float32:  # an fp16-fixed VAE runs as given
+        key = ("bf16" if self.precision == "bf16" else "fp32", self.channels_last, self.compiled())
+        if key == ("fp32", False, False) or self.vae.dtype != torch.float32:  # an fp16-fixed VAE runs as given
             return self.vae
         if key not in self._copies:
             net = copy.deepcopy(self.vae).to(torch.bfloat16 if key[0] == "bf16" else torch.float32)
-            self._copies[key] = net.to(memory_format=torch.channels_last) if key[1] else net
+            net = net.to(memory_format=torch.channels_last) if key[1] else net
+            if key[2]:  # the decode path only: post_quant_conv, then the decoder
+                net.post_quant_conv.compile(dynamic=False)
+                net.decoder.compile(dynamic=False)
+            self._copies[key] = net
         return self._copies[key]
 
     @torch.no_grad()
