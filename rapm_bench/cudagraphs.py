@@ -135,15 +135,21 @@ class GradGraphed:
     autograd node: the backward replays the captured backward kernels into the inputs that require grad and
     into `net`'s trainable parameters (the LoRA). Same contract as `Graphed` (fixed modules, weights written in
     place, `prepare` before each replay), plus: no gradient checkpointing inside (the caller checks), and an
-    output is used before the next call (outputs are cloned, so that holds by construction). Every other call
+    output is used before the next call (outputs are cloned, so that holds by construction). FastLoRA's merged
+    layers add their LoRA gradients into its one gradient buffer inside the captured backward (fastlora._Master),
+    so the replayed backward hands autograd no per-layer gradients. Every other call
     (grad off, CPU inputs, inside `eager()`) runs `fn` itself.
     """
 
     def __init__(self, fn: Callable[..., Any], net: nn.Module | None = None, prepare: Callable[[], None] | None = None,
                  max_graphs: int = 4) -> None:
+        from .fastlora import masters
+
         self.fn, self.net, self.prepare, self.max_graphs = fn, net, prepare, max_graphs
         self.graphs: dict[Any, Callable[..., Any]] = {}
         self.replays = 0
+        # FastLoRA's gradient buffers: a captured merged backward adds into them in place (fastlora._Master)
+        self.masters = masters(net) if net is not None else []
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> Any:
         if _eager or not torch.is_grad_enabled() or x.device.type != "cuda":
@@ -156,10 +162,15 @@ class GradGraphed:
             return self.fn(x, t, cond)
         if self.prepare is not None:
             self.prepare()
+        for m in self.masters:  # the buffers the captured backward writes are the LoRA's gradients
+            m.ensure_all()
         if graphed is None:
+            from .fastlora import capturing
+
             samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
-            graphed = self.graphs[key] = torch.cuda.make_graphed_callables(
-                _Call(self.fn, self.net, keys), samples, allow_unused_input=True)
+            with capturing(self.masters):  # the warm-up's gradients are undone
+                graphed = self.graphs[key] = torch.cuda.make_graphed_callables(
+                    _Call(self.fn, self.net, keys), samples, allow_unused_input=True)
         out = graphed(*args)
         self.replays += 1
         return pytree.tree_map(lambda o: o.clone() if isinstance(o, torch.Tensor) else o, out)

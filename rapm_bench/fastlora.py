@@ -21,6 +21,12 @@ of a group is one pointwise kernel over all its layers (read W, write W', the fp
 `merge_rank1`, compiled inside the rebuild's CUDA graph on a GPU) instead of a few kernels a layer. The
 teacher (adapters disabled) runs W alone.
 
+The trainable A and B of all layers live in one fp32 tensor (`_Master`; the optimiser and the clipping see that
+one tensor), and their gradients in another: each layer's A and B are views of the first, their `.grad` views of
+the second. A merged layer's backward adds its rank-r gradients into those views in place and hands autograd
+nothing for A and B, so that a graphed backward ends in one gradient buffer instead of ~1,600 tensors for
+autograd to accumulate one by one (issue 14: host time the GPU waited on).
+
 The UNet looks like a PEFT model to the engine: `teacher_mode` calls `disable_adapters` /
 `enable_adapters`, and `FastLoRA.state_dict` has `lora.lora_state_dict`'s keys and shapes.
 """
@@ -106,6 +112,135 @@ def run_compiled(fn: Callable[..., None], *args: Any) -> bool:
 
 _STATIC = (merge_rank1,)
 
+_capturing = 0  # > 0 inside `capturing()`: torch.autograd.grad through a merged layer writes into the LoRA grads
+
+
+class _Master:
+    """The trainable weights of a FastLoRA as one fp32 Parameter (`param`) and their gradient as one tensor (`grad`);
+    every layer's A and B are views of `param`'s storage, their `.grad` views of `grad`."""
+
+    def __init__(self, layers: list[LoRAWrap]) -> None:
+        params = [w._parameters[k] for w in layers for k in ("lora_A", "lora_B")]
+        device = params[0].device
+        self.slots: list[tuple[int, torch.Size, tuple[int, ...]]] = []  # (offset, shape, strides) per tensor
+        off = 0
+        for p in params:
+            self.slots.append((off, p.shape, p.stride()))
+            off += p.numel()
+        self.param = nn.Parameter(torch.empty(off, device=device, dtype=params[0].dtype))
+        self.grad = torch.zeros_like(self.param)
+        with torch.no_grad():
+            for p, (o, shape, stride) in zip(params, self.slots, strict=True):
+                view = self.param.data[o:o + p.numel()].as_strided(shape, stride)
+                view.copy_(p.detach())
+                p.data = view
+                p.grad = self.grad[o:o + p.numel()].as_strided(shape, stride)
+        self.param.grad = self.grad
+        self.params = params
+        self.views = [p.grad for p in params]
+        for w in layers:
+            w._master = self
+            w._grad_views = (w.lora_A.grad, w.lora_B.grad)
+            # the AccumulateGrad nodes of A and B, held so that they stay the nodes autograd uses
+            w._acc = tuple(t.view_as(t).grad_fn.next_functions[0][0] for t in (w.lora_A, w.lora_B))
+
+    def ensure(self) -> None:
+        """Make `grad` the Parameter's gradient again after an optimiser's zero_grad(set_to_none=True) (then it
+        starts from zero) or an assignment (its values are taken)."""
+        g = self.param.grad
+        if g is not self.grad:
+            with torch.no_grad():
+                if g is None:
+                    self.grad.zero_()
+                else:
+                    self.grad.copy_(g)
+            self.param.grad = self.grad
+
+    def ensure_all(self) -> None:
+        """`ensure`, and every layer's `.grad` its view again (zeroed where a zero_grad set it to None): before a
+        graphed gradient pass, whose backward writes the views whatever `.grad` holds."""
+        self.ensure()
+        with torch.no_grad():
+            for p, view in zip(self.params, self.views, strict=True):
+                g = p.grad
+                if g is not view:
+                    view.zero_() if g is None else view.copy_(g)
+                    p.grad = view
+
+    def to_flat_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """An optimiser state over the per-layer A, B (A then B per layer: older checkpoints) as one over `param`."""
+        ids = [i for group in state["param_groups"] for i in group["params"]]
+        if len(ids) == 1:
+            return state
+        if len(ids) != len(self.slots) or len(state["param_groups"]) != 1:
+            raise UserError(f"the optimiser state holds {len(ids)} LoRA tensors, this LoRA {len(self.slots)}")
+        per = state["state"]
+        flat: dict[str, torch.Tensor] = {}
+        for field in (per.get(ids[0]) or {}):
+            values = [per[i][field] for i in ids]
+            if values[0].ndim == 0:  # the step count, one for all
+                flat[field] = values[0].clone()
+                continue
+            buf = torch.zeros(self.param.shape, dtype=values[0].dtype)
+            for v, (o, shape, stride) in zip(values, self.slots, strict=True):
+                buf[o:o + v.numel()].as_strided(shape, stride).copy_(v.reshape(shape))
+            flat[field] = buf
+        return {"state": {0: flat} if flat else {}, "param_groups": [{**state["param_groups"][0], "params": [0]}]}
+
+
+def _sink(layer: LoRAWrap) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The gradient views a merged layer's backward adds A's and B's gradients into, or None: return them to autograd
+    (a layer outside a `_Master`, its `.grad` replaced, or torch.autograd.grad outside a capture, which returns them)."""
+    views = layer._grad_views
+    if views is None or layer.lora_A.grad is not views[0] or layer.lora_B.grad is not views[1]:
+        return None
+    try:
+        wanted = torch._C._will_engine_execute_node(layer._acc[0])
+    except RuntimeError:  # inside torch.autograd.grad (a leaf cannot be asked about there)
+        wanted = _capturing > 0
+    return views if wanted else None
+
+
+def _into(sink: tuple[torch.Tensor, torch.Tensor] | None, i: int, grad: torch.Tensor,
+          dtype: torch.dtype) -> torch.Tensor | None:
+    """A's (i = 0) or B's (i = 1) gradient added into its view (then None for autograd), or as the master's dtype."""
+    if sink is None:
+        return grad.to(dtype)
+    sink[i].add_(grad)  # fp32 += the activations' dtype: the same sum autograd's accumulation would make
+    return None
+
+
+class capturing:
+    """Inside the block, torch.autograd.grad through merged layers writes the LoRA gradients into their views (a CUDA
+    graph's capture, `cudagraphs.GradGraphed`); what the warm-up runs add is undone at the end."""
+
+    def __init__(self, masters: Sequence[_Master]) -> None:
+        self.masters = list(masters)
+        self.saved: list[torch.Tensor] = []
+
+    def __enter__(self) -> capturing:
+        global _capturing
+        for m in self.masters:
+            m.ensure_all()
+        self.saved = [m.grad.clone() for m in self.masters]
+        _capturing += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _capturing
+        _capturing -= 1
+        if self.masters and self.masters[0].grad.is_cuda:
+            torch.cuda.synchronize()  # the warm-up ran on a side stream
+        with torch.no_grad():
+            for m, s in zip(self.masters, self.saved, strict=True):
+                m.grad.copy_(s)
+
+
+def masters(net: nn.Module) -> list[_Master]:
+    """The `_Master`s of the FastLoRA layers in `net`."""
+    found = {id(m._master): m._master for m in net.modules() if isinstance(m, LoRAWrap) and m._master is not None}
+    return list(found.values())
+
 
 def _pair(v: int | Sequence[int]) -> list[int]:
     """An int or a pair as a list of two ints (what aten's convolution ops take)."""
@@ -125,9 +260,9 @@ class _MergedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor], layer: LoRAWrap) -> torch.Tensor:
         ctx.save_for_backward(x)
-        ctx.cache, ctx.master = cache, (lora_a.dtype, lora_b.dtype)
+        ctx.cache, ctx.master, ctx.layer = cache, (lora_a.dtype, lora_b.dtype), layer
         return F.linear(x, cache[0], bias)
 
     @staticmethod
@@ -142,11 +277,14 @@ class _MergedLinear(torch.autograd.Function):
         if need_bias:
             grad_bias = g2.sum(0)
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
+        sink = _sink(ctx.layer) if need_a or need_b else None
         if need_b:
-            grad_b = (g2.t() @ F.linear(x2, a_s)).to(ctx.master[1])  # gᵀ·u, u = s·x·Aᵀ: (out, r)
+            grad_b = g2.t() @ F.linear(x2, a_s)  # gᵀ·u, u = s·x·Aᵀ: (out, r)
+            grad_b = _into(sink, 1, grad_b, ctx.master[1])
         if need_a:
-            grad_a = ((g2 @ b_s).t() @ x2).to(ctx.master[0])  # vᵀ·x, v = s·g·B: (r, in)
-        return grad_x, grad_bias, grad_a, grad_b, None
+            grad_a = (g2 @ b_s).t() @ x2  # vᵀ·x, v = s·g·B: (r, in)
+            grad_a = _into(sink, 0, grad_a, ctx.master[0])
+        return grad_x, grad_bias, grad_a, grad_b, None, None
 
 
 class _MergedConv2d(torch.autograd.Function):
@@ -164,9 +302,9 @@ class _MergedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                conv: tuple[list[int], list[int], list[int]]) -> torch.Tensor:
+                conv: tuple[list[int], list[int], list[int]], layer: LoRAWrap) -> torch.Tensor:
         ctx.save_for_backward(x)
-        ctx.cache, ctx.conv, ctx.master = cache, conv, (lora_a.dtype, lora_b.dtype)
+        ctx.cache, ctx.conv, ctx.master, ctx.layer = cache, conv, (lora_a.dtype, lora_b.dtype), layer
         return F.conv2d(x, cache[0], bias, *conv)
 
     @staticmethod
@@ -189,12 +327,15 @@ class _MergedConv2d(torch.autograd.Function):
                 u = g.new_empty(1).expand(n, r, h, w)
             v, grad_b4, _ = _aten.convolution_backward(  # the 1×1 conv u ↦ conv2d(u, sB): v = s·gB, ∂L/∂B = g ⊗ u
                 g, u, b_s[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_a, need_b, False])
+            sink = _sink(ctx.layer)
             if need_b:
-                grad_b = grad_b4.view(b_s.shape).to(ctx.master[1])
+                grad_b = grad_b4.view(b_s.shape)
+                grad_b = _into(sink, 1, grad_b, ctx.master[1])
             if need_a:
                 grad_a = _aten.convolution_backward(v, x, a_s, None, stride, padding, dilation, False, [0, 0], 1,
-                                                    [False, True, False])[1].to(ctx.master[0])
-        return grad_x, grad_bias, grad_a, grad_b, None, None
+                                                    [False, True, False])[1]
+                grad_a = _into(sink, 0, grad_a, ctx.master[0])
+        return grad_x, grad_bias, grad_a, grad_b, None, None, None
 
 
 class LoRAWrap(nn.Module):
@@ -228,6 +369,9 @@ class LoRAWrap(nn.Module):
         self._cache_key: tuple[Any, ...] | None = None
         self._group: _Group | None = None  # set by `pack`: W, W', s·A and s·B live in the group's stacks
         self._slot = 0
+        self._master: _Master | None = None  # set by `_Master`: A and B views of one fp32 tensor, their grads too
+        self._grad_views: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._acc: tuple[Any, ...] = ()
         self._base_params = base._parameters  # the base's weight and bias, read without Module.__getattr__
         self._mergeable = self.mergeable
         self._is_conv = isinstance(base, nn.Conv2d)
@@ -247,7 +391,9 @@ class LoRAWrap(nn.Module):
         # plain dict look-ups: nn.Module.__getattr__ costs ~0.3 µs a name, and this runs on every layer call
         p, w = self._parameters, self._base_params["weight"]
         a, b = p["lora_A"], p["lora_B"]
-        return (a._version, b._version, w._version, a.data_ptr(), b.data_ptr(), w.data_ptr(), w.dtype)
+        m = self._master  # the optimiser steps its Parameter, whose version counter is not A's or B's
+        return (a._version, b._version, w._version, a.data_ptr(), b.data_ptr(), w.data_ptr(), w.dtype,
+                0 if m is None else m.param._version)
 
     def cached(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W + s·B·A, s·A, s·B) in the base weight's dtype; W' in its layout. Built in fp32 once per A/B update."""
@@ -318,12 +464,23 @@ class LoRAWrap(nn.Module):
             return self.base._conv_forward(x, weight, self._base_params["bias"])
         return F.linear(x, weight, self._base_params["bias"])
 
+    def _attach_grads(self) -> None:
+        """Before a gradient pass: the master's gradient and this layer's `.grad` views are attached (a zero_grad
+        that set them to None zeroes them instead; a `.grad` assigned elsewhere is copied in)."""
+        assert self._master is not None and self._grad_views is not None
+        self._master.ensure()
+        for p, view in zip((self.lora_A, self.lora_B), self._grad_views, strict=True):
+            if p.grad is not view:
+                with torch.no_grad():
+                    view.zero_() if p.grad is None else view.copy_(p.grad)
+                p.grad = view
+
     def _merged_grad(self, x: torch.Tensor) -> torch.Tensor:
         """One kernel forward through W'; `_MergedLinear` / `_MergedConv2d` backward."""
         p, bias = self._parameters, self._base_params["bias"]
         if self._conv is not None:
-            return _MergedConv2d.apply(x, bias, p["lora_A"], p["lora_B"], self.cached(), self._conv)
-        return _MergedLinear.apply(x, bias, p["lora_A"], p["lora_B"], self.cached())
+            return _MergedConv2d.apply(x, bias, p["lora_A"], p["lora_B"], self.cached(), self._conv, self)
+        return _MergedLinear.apply(x, bias, p["lora_A"], p["lora_B"], self.cached(), self)
 
     def _unmerged(self, x: torch.Tensor) -> torch.Tensor:
         """base(x) + s·B·(A x) in the activations' dtype, differentiated by autograd."""
@@ -346,6 +503,8 @@ class LoRAWrap(nn.Module):
             if self.merge_nograd or self.mode == "merged":
                 return self._base_with(x, self.cached()[0])
             return self._unmerged(x)
+        if self._master is not None:
+            self._attach_grads()
         if self.mode == "merged" and self._mergeable and not torch.is_autocast_enabled(x.device.type):
             return self._merged_grad(x)
         return self._unmerged(x)
@@ -520,6 +679,7 @@ class FastLoRA:
             raise UserError(f"none of the LoRA targets {list(targets)} is a Linear/Conv2d of this UNet")
         # the frozen weights stacked by shape (`_Group`); pack_weights=False: each layer alone (perf.rebuild)
         self.groups = pack(list(self.layers.values())) if pack_weights else []
+        self.master = _Master(list(self.layers.values()))  # A and B of every layer in one tensor, their grads too
         self._saved = {k: unet.__dict__.get(k) for k in ("_hf_peft_config_loaded", "disable_adapters",
                                                         "enable_adapters")}
         unet.__dict__["_hf_peft_config_loaded"] = True
@@ -529,6 +689,11 @@ class FastLoRA:
     def parameters(self) -> list[nn.Parameter]:
         """The trainable fp32 LoRA weights, A then B per layer in module order (attach_lora's order)."""
         return [p for w in self.layers.values() for p in (w.lora_A, w.lora_B)]
+
+    def master_parameters(self) -> list[nn.Parameter]:
+        """The same weights as one fp32 Parameter, whose `.grad` holds every layer's gradient: for the optimiser
+        and the clipping (one tensor instead of ~1,600). Backward runs into `parameters()`."""
+        return [self.master.param]
 
     def set_enabled(self, enabled: bool) -> None:
         """Student (True) or teacher (False)."""

@@ -373,6 +373,83 @@ def test_passes_after_an_optimiser_step_use_the_new_weights(base_unet: nn.Module
     lora.remove()
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_lands_in_one_gradient_buffer_equal_to_autograds(base_unet: nn.Module, peft_rank, monkeypatch,
+                                                                 mode: str):
+    """`.backward()` into the LoRA: a merged layer adds A's and B's gradients into views of one buffer (autograd gets
+    none), an unmerged one through autograd's accumulation into the same views; the master's `.grad` equals
+    torch.autograd.grad's gradients, accumulates over two passes, restarts from zero after an optimiser's
+    zero_grad(set_to_none=True), and a backward that does not ask for the LoRA leaves it alone."""
+    from rapm_bench import fastlora
+
+    unet = copy.deepcopy(base_unet)
+    inp = unet_inputs(unet)
+    lora = FastLoRA(unet, 1, seed=0, mode=mode)
+    lora.load_peft_state(peft_rank(1)["state"])
+    params, (master,) = lora.parameters(), lora.master_parameters()
+    _, want = grads_of(unet, inp, params)  # returned to autograd.grad: no buffer involved
+    want_flat = torch.cat([g.permute(0, 2, 3, 1).reshape(-1) if g.ndim == 4 and p.is_contiguous(
+        memory_format=torch.channels_last) and not p.is_contiguous() else g.reshape(-1) for p, g in zip(
+        params, want, strict=True)])
+    sunk = []
+    real = fastlora._sink
+    monkeypatch.setattr(fastlora, "_sink", lambda layer: sunk.append(real(layer)) or sunk[-1])
+    opt = torch.optim.AdamW(lora.master_parameters(), lr=1e-3)
+    probe = torch.randn(call(unet, inp).shape, generator=torch.Generator().manual_seed(7))
+    for passes in (1, 2):
+        opt.zero_grad(set_to_none=True)
+        assert master.grad is None
+        for _ in range(passes):
+            (call(unet, inp) * probe).mean().backward(inputs=params)
+        assert master.grad is not None and all(p.grad.untyped_storage().data_ptr() == master.grad.untyped_storage()
+                                               .data_ptr() for p in params)
+        for p, g in zip(params, want, strict=True):
+            assert grad_err(p.grad, passes * g, float(max(w.abs().max() for w in want))) <= 1
+        assert float((master.grad - passes * want_flat).abs().max()) <= 1e-4 * float(want_flat.abs().max())
+    merged_layers = sum(w.mode == "merged" and w._mergeable for w in lora.layers.values())
+    assert sum(v is not None for v in sunk) == (3 * merged_layers if mode == "merged" else 0)  # one a layer a pass
+    before = master.grad.clone()
+    x = inp["sample"].clone().requires_grad_(True)
+    (call(unet, inp | {"sample": x}) * probe).mean().backward(inputs=[x])
+    assert x.grad is not None and torch.equal(master.grad, before)
+    lora.remove()
+
+
+def test_an_older_per_layer_optimiser_state_resumes_as_the_master_state(base_unet: nn.Module, peft_rank):
+    """A per-layer AdamW state (checkpoints before the master tensor) converts to the master's: the next step is the
+    same as the per-layer optimiser's."""
+    unet = copy.deepcopy(base_unet)
+    inp = unet_inputs(unet)
+    lora = FastLoRA(unet, 1, seed=0, mode="merged")
+    lora.load_peft_state(peft_rank(1)["state"])
+    params, (master,) = lora.parameters(), lora.master_parameters()
+    _, grads = grads_of(unet, inp, params)
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    per_layer = torch.optim.AdamW(copies, lr=1e-2)
+    for _ in range(2):
+        for c, g in zip(copies, grads, strict=True):
+            c.grad = g.clone()
+        per_layer.step()
+    flat = torch.optim.AdamW([master], lr=1e-2)
+    flat.load_state_dict(lora.master.to_flat_state(per_layer.state_dict()))
+    with torch.no_grad():
+        for p, c in zip(params, copies, strict=True):
+            p.copy_(c)
+    for c, g in zip(copies, grads, strict=True):
+        c.grad = g.clone()
+    per_layer.step()
+    lora.master.ensure_all()
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.grad.copy_(g)
+    flat.step()
+    for p, c in zip(params, copies, strict=True):
+        torch.testing.assert_close(p.detach(), c.detach(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(UserError, match="holds 3 LoRA tensors"):
+        lora.master.to_flat_state({"state": {}, "param_groups": [{"params": [0, 1, 2]}]})
+    lora.remove()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_packed_groups_rebuild_all_their_layers_at_once(base_unet: nn.Module, dtype: torch.dtype,

@@ -243,9 +243,11 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
         fast = FastLoRA(world.unet, cfg.rank, cfg.lora_targets, cfg.seed, merge_nograd=merged,
                         mode="merged" if merged else "unmerged")
         lora_params = fast.parameters()
+        opt_params = fast.master_parameters()  # the same weights as one tensor, whose .grad holds all their grads
         student_state, load_student = fast.state_dict, fast.load_peft_state
     else:
         lora_params = attach_lora(world.unet, cfg.rank, cfg.lora_targets, ADAPTER, cfg.seed)
+        opt_params = lora_params
 
         def student_state() -> dict[str, torch.Tensor]:
             return lora_state_dict(world.unet, ADAPTER)
@@ -255,7 +257,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     objective = build_objective(cfg, world, sched, guidance, lora_params, world.encode_prompts([prompts[0]]))
     critic = objective.critic_groups()
     critic_params = [p for params, _ in critic for p in params]
-    opt_g = adamw(lora_params, cfg.lr, cfg.betas, cfg.weight_decay, device)  # fused on a GPU (distill/optim.py)
+    opt_g = adamw(opt_params, cfg.lr, cfg.betas, cfg.weight_decay, device)  # fused on a GPU (distill/optim.py)
     optimizers: dict[str, torch.optim.Optimizer] = {"g": opt_g}
     base_lrs: dict[str, list[float]] = {"g": [cfg.lr]}
     if critic:
@@ -288,7 +290,10 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
         objective.load_state({name: {k: v.to(device) for k, v in module_state(tensors, name).items()}
                               for name in objective.state()})
         for name, opt in optimizers.items():
-            load_optimizer(opt, unflatten_optimizer(tensors, meta[f"groups.{name}"], name))
+            saved = unflatten_optimizer(tensors, meta[f"groups.{name}"], name)
+            if name == "g" and opt_params is not lora_params:  # FastLoRA: one tensor (a per-layer state converted)
+                saved = fast.master.to_flat_state(saved)
+            load_optimizer(opt, saved)
         torch.set_rng_state(tensors["rng.torch"])
         if start > cfg.iters:
             raise UserError(f"the run in {out} is already at iteration {start}; pass --iters {start} or more")
@@ -338,8 +343,8 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
                 sums[key] = sums[key] + value if key in sums else value
 
         # 4c. NaN/inf guard: stop before the update, keep the last good checkpoint.
-        if any(p.grad is not None for p in lora_params):
-            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(lora_params,
+        if any(p.grad is not None for p in opt_params):
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(opt_params,
                                                                cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         critic_grads = [p.grad for p in critic_params if p.grad is not None]
         critic_ok = torch.stack([torch.isfinite(g).all() for g in critic_grads]).all() if critic_grads else None

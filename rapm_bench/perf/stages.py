@@ -115,7 +115,8 @@ class RapmSetup:
     """One RAPM iteration's moving parts (engine.distill phases 2 and 4)."""
 
     loss_fn: Any
-    params: list[nn.Parameter]
+    params: list[nn.Parameter]  # what backward runs into
+    opt_params: list[nn.Parameter]  # what the optimiser steps and the clipping reads (FastLoRA: one tensor)
     head_params: list[nn.Parameter]
     optimizers: list[torch.optim.Optimizer]
     z_tilde: torch.Tensor
@@ -145,17 +146,19 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
     student: Callable[..., torch.Tensor] = world.predict
     if variant.lora == "peft":
         params = attach_lora(unet, dcfg.rank, dcfg.lora_targets, ADAPTER, dcfg.seed)
+        opt_params = params
         cleanups.append(unet.unload_lora)
     elif variant.lora in ("fast", "merged"):  # FastLoRA; "merged": gradient passes through W + s·B·A too
         lora = FastLoRA(unet, dcfg.rank, dcfg.lora_targets, dcfg.seed, merge_nograd=variant.merged,
                         mode="merged" if variant.lora == "merged" else "unmerged")
         params = lora.parameters()
+        opt_params = lora.master_parameters()  # as the engine: one tensor for the optimiser and the clipping
         cleanups.append(lora.remove)
     else:  # no LoRA: the same passes with the gradient going to the student's input (a scalar gain)
         # a Parameter, so that the ParameterList GradGraphed differentiates into holds this very tensor (a plain
         # tensor would be wrapped in a new Parameter, and backward(inputs=[gain]) would skip the UNet's backward)
         gain = nn.Parameter(torch.ones((), device=device))
-        params = [gain]
+        params = opt_params = [gain]
 
         def student(x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
             return world.predict(x * gain, t, cond)
@@ -175,7 +178,7 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
         fast_nograd(loss_fn, world)
     if variant.grad_graphs and fast_grad(loss_fn, world) and variant.lora == "plain":
         loss_fn.grad_student = GradGraphed(student, nn.ParameterList(params))  # the gain is what trains
-    optimizers = [adamw(params, dcfg.lr, dcfg.betas, dcfg.weight_decay, device)]  # the engine's (fused on a GPU)
+    optimizers = [adamw(opt_params, dcfg.lr, dcfg.betas, dcfg.weight_decay, device)]  # the engine's (fused on a GPU)
     if head_params:
         optimizers.append(adamw(head_params, dcfg.disc_lr, dcfg.betas, 0.0, device))
     gen = torch.Generator().manual_seed(seed)
@@ -187,7 +190,7 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
         for fn in reversed(cleanups):
             fn()
 
-    return RapmSetup(loss_fn, params, head_params, optimizers, z_tilde, z_delta, "bench prompt",
+    return RapmSetup(loss_fn, params, opt_params, head_params, optimizers, z_tilde, z_delta, "bench prompt",
                      variant.chunk or dcfg.slot_chunk, dcfg.grad_clip, dcfg.seed, cleanup)
 
 
@@ -204,7 +207,7 @@ def rapm_iteration(world: TunedWorld, s: RapmSetup, step: int) -> None:
             terms.g_loss.backward(inputs=s.params)
         if terms.d_loss is not None:
             terms.d_loss.backward(inputs=s.head_params)
-    torch.nn.utils.clip_grad_norm_(s.params, s.grad_clip if s.grad_clip > 0 else math.inf)
+    torch.nn.utils.clip_grad_norm_(s.opt_params, s.grad_clip if s.grad_clip > 0 else math.inf)
     for opt in s.optimizers:
         opt.step()
 
