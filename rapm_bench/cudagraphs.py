@@ -150,6 +150,9 @@ class GradGraphed:
         self.replays = 0
         # FastLoRA's gradient buffers: a captured merged backward adds into them in place (fastlora._Master)
         self.masters = masters(net) if net is not None else []
+        # what the captured backward differentiates into: FastLoRA's tokens (its A and B get their gradients in place),
+        # else `net`'s trainable parameters
+        self.surface = nn.ParameterList([p for m in self.masters for p in m.surface()]) if self.masters else net
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> Any:
         if _eager or not torch.is_grad_enabled() or x.device.type != "cuda":
@@ -170,7 +173,7 @@ class GradGraphed:
             samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
             with capturing(self.masters):  # the warm-up's gradients are undone
                 graphed = self.graphs[key] = torch.cuda.make_graphed_callables(
-                    _Call(self.fn, self.net, keys), samples, allow_unused_input=True)
+                    _Call(self.fn, self.surface, keys), samples, allow_unused_input=True)
         out = graphed(*args)
         self.replays += 1
         return pytree.tree_map(lambda o: o.clone() if isinstance(o, torch.Tensor) else o, out)

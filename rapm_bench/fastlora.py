@@ -136,13 +136,16 @@ class _Master:
                 p.data = view
                 p.grad = self.grad[o:o + p.numel()].as_strided(shape, stride)
         self.param.grad = self.grad
-        self.params = params
+        # a 0-d leaf every merged layer takes as an input and returns a zero gradient for: a captured backward's
+        # inputs are this token, never the ~1,600 A and B (torch 2.11's graph capture fails on a leaf input whose
+        # gradient is undefined, which A's and B's are once written in place)
+        self.token = nn.Parameter(torch.zeros((), device=device))
+        self.zero = torch.zeros((), device=device)
+        self.params, self.layers = params, layers
         self.views = [p.grad for p in params]
         for w in layers:
             w._master = self
             w._grad_views = (w.lora_A.grad, w.lora_B.grad)
-            # the AccumulateGrad nodes of A and B, held so that they stay the nodes autograd uses
-            w._acc = tuple(t.view_as(t).grad_fn.next_functions[0][0] for t in (w.lora_A, w.lora_B))
 
     def ensure(self) -> None:
         """Make `grad` the Parameter's gradient again after an optimiser's zero_grad(set_to_none=True) (then it
@@ -167,6 +170,12 @@ class _Master:
                     view.zero_() if g is None else view.copy_(g)
                     p.grad = view
 
+    def surface(self) -> list[nn.Parameter]:
+        """What a captured backward differentiates into: the token, and A and B of every layer off the merged path
+        (autograd's own gradients: a layer the merged backward does not handle)."""
+        off = [p for w in self.layers if not (w.mode == "merged" and w._mergeable) for p in (w.lora_A, w.lora_B)]
+        return [self.token, *off]
+
     def to_flat_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """An optimiser state over the per-layer A, B (A then B per layer: older checkpoints) as one over `param`."""
         ids = [i for group in state["param_groups"] for i in group["params"]]
@@ -188,17 +197,28 @@ class _Master:
         return {"state": {0: flat} if flat else {}, "param_groups": [{**state["param_groups"][0], "params": [0]}]}
 
 
-def _sink(layer: LoRAWrap) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The gradient views a merged layer's backward adds A's and B's gradients into, or None: return them to autograd
-    (a layer outside a `_Master`, its `.grad` replaced, or torch.autograd.grad outside a capture, which returns them)."""
+def _sink(layer: LoRAWrap, ctx: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The gradient views a merged layer's backward (`ctx`, whose input 2 is A) adds A's and B's gradients into, or
+    None: return them to autograd (a layer outside a `_Master`, its `.grad` replaced, or torch.autograd.grad outside a
+    capture, which returns them)."""
     views = layer._grad_views
     if views is None or layer.lora_A.grad is not views[0] or layer.lora_B.grad is not views[1]:
         return None
+    if _capturing:  # a graph's capture differentiates into the token only: A and B are written here
+        return views
+    node = ctx.next_functions[2][0]  # A's AccumulateGrad in this graph (never held: it keeps the stream it was made on)
+    if node is None:
+        return None
     try:
-        wanted = torch._C._will_engine_execute_node(layer._acc[0])
-    except RuntimeError:  # inside torch.autograd.grad (a leaf cannot be asked about there)
-        wanted = _capturing > 0
+        wanted = torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # inside torch.autograd.grad (a leaf cannot be asked about there): it returns them
+        return None
     return views if wanted else None
+
+
+def _token_grad(ctx: Any) -> torch.Tensor | None:
+    """The `_Master.token`'s gradient from a merged layer: zero (it trains nothing), defined whenever it is asked for."""
+    return ctx.layer._master.zero if ctx.needs_input_grad[-1] else None
 
 
 def _into(sink: tuple[torch.Tensor, torch.Tensor] | None, i: int, grad: torch.Tensor,
@@ -260,7 +280,8 @@ class _MergedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor], layer: LoRAWrap) -> torch.Tensor:
+                cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor], layer: LoRAWrap,
+                token: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.cache, ctx.master, ctx.layer = cache, (lora_a.dtype, lora_b.dtype), layer
         return F.linear(x, cache[0], bias)
@@ -277,14 +298,14 @@ class _MergedLinear(torch.autograd.Function):
         if need_bias:
             grad_bias = g2.sum(0)
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-        sink = _sink(ctx.layer) if need_a or need_b else None
+        sink = _sink(ctx.layer, ctx) if need_a or need_b else None
         if need_b:
             grad_b = g2.t() @ F.linear(x2, a_s)  # gᵀ·u, u = s·x·Aᵀ: (out, r)
             grad_b = _into(sink, 1, grad_b, ctx.master[1])
         if need_a:
             grad_a = (g2 @ b_s).t() @ x2  # vᵀ·x, v = s·g·B: (r, in)
             grad_a = _into(sink, 0, grad_a, ctx.master[0])
-        return grad_x, grad_bias, grad_a, grad_b, None, None
+        return grad_x, grad_bias, grad_a, grad_b, None, None, _token_grad(ctx)
 
 
 class _MergedConv2d(torch.autograd.Function):
@@ -302,7 +323,8 @@ class _MergedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                conv: tuple[list[int], list[int], list[int]], layer: LoRAWrap) -> torch.Tensor:
+                conv: tuple[list[int], list[int], list[int]], layer: LoRAWrap,
+                token: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.cache, ctx.conv, ctx.master, ctx.layer = cache, conv, (lora_a.dtype, lora_b.dtype), layer
         return F.conv2d(x, cache[0], bias, *conv)
@@ -327,7 +349,7 @@ class _MergedConv2d(torch.autograd.Function):
                 u = g.new_empty(1).expand(n, r, h, w)
             v, grad_b4, _ = _aten.convolution_backward(  # the 1×1 conv u ↦ conv2d(u, sB): v = s·gB, ∂L/∂B = g ⊗ u
                 g, u, b_s[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_a, need_b, False])
-            sink = _sink(ctx.layer)
+            sink = _sink(ctx.layer, ctx)
             if need_b:
                 grad_b = grad_b4.view(b_s.shape)
                 grad_b = _into(sink, 1, grad_b, ctx.master[1])
@@ -335,7 +357,7 @@ class _MergedConv2d(torch.autograd.Function):
                 grad_a = _aten.convolution_backward(v, x, a_s, None, stride, padding, dilation, False, [0, 0], 1,
                                                     [False, True, False])[1]
                 grad_a = _into(sink, 0, grad_a, ctx.master[0])
-        return grad_x, grad_bias, grad_a, grad_b, None, None, None
+        return grad_x, grad_bias, grad_a, grad_b, None, None, None, _token_grad(ctx)
 
 
 class LoRAWrap(nn.Module):
@@ -371,7 +393,6 @@ class LoRAWrap(nn.Module):
         self._slot = 0
         self._master: _Master | None = None  # set by `_Master`: A and B views of one fp32 tensor, their grads too
         self._grad_views: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._acc: tuple[Any, ...] = ()
         self._base_params = base._parameters  # the base's weight and bias, read without Module.__getattr__
         self._mergeable = self.mergeable
         self._is_conv = isinstance(base, nn.Conv2d)
@@ -478,9 +499,10 @@ class LoRAWrap(nn.Module):
     def _merged_grad(self, x: torch.Tensor) -> torch.Tensor:
         """One kernel forward through W'; `_MergedLinear` / `_MergedConv2d` backward."""
         p, bias = self._parameters, self._base_params["bias"]
+        token = None if self._master is None else self._master.token
         if self._conv is not None:
-            return _MergedConv2d.apply(x, bias, p["lora_A"], p["lora_B"], self.cached(), self._conv, self)
-        return _MergedLinear.apply(x, bias, p["lora_A"], p["lora_B"], self.cached(), self)
+            return _MergedConv2d.apply(x, bias, p["lora_A"], p["lora_B"], self.cached(), self._conv, self, token)
+        return _MergedLinear.apply(x, bias, p["lora_A"], p["lora_B"], self.cached(), self, token)
 
     def _unmerged(self, x: torch.Tensor) -> torch.Tensor:
         """base(x) + s·B·(A x) in the activations' dtype, differentiated by autograd."""
@@ -689,6 +711,11 @@ class FastLoRA:
     def parameters(self) -> list[nn.Parameter]:
         """The trainable fp32 LoRA weights, A then B per layer in module order (attach_lora's order)."""
         return [p for w in self.layers.values() for p in (w.lora_A, w.lora_B)]
+
+    def backward_inputs(self) -> list[nn.Parameter]:
+        """What a backward into this LoRA names as its `inputs`: the layers' A and B (eager passes) and the master's
+        token (a graphed pass's backward is reached through it alone: `cudagraphs.GradGraphed`)."""
+        return [*self.parameters(), self.master.token]
 
     def master_parameters(self) -> list[nn.Parameter]:
         """The same weights as one fp32 Parameter, whose `.grad` holds every layer's gradient: for the optimiser

@@ -33,7 +33,7 @@ def rapm_loss(world, merged_lora: bool = False):
     from rapm_bench.lora import attach_lora
 
     if merged_lora:
-        params = FastLoRA(world.unet, 1, seed=0, mode="merged").parameters()
+        params = FastLoRA(world.unet, 1, seed=0, mode="merged").backward_inputs()  # A, B and the token
     else:
         params = attach_lora(world.unet, 1, seed=0)
     with torch.no_grad():

@@ -243,11 +243,12 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
         fast = FastLoRA(world.unet, cfg.rank, cfg.lora_targets, cfg.seed, merge_nograd=merged,
                         mode="merged" if merged else "unmerged")
         lora_params = fast.parameters()
+        grad_inputs = fast.backward_inputs()  # A and B, and the token a graphed backward is reached through
         opt_params = fast.master_parameters()  # the same weights as one tensor, whose .grad holds all their grads
         student_state, load_student = fast.state_dict, fast.load_peft_state
     else:
         lora_params = attach_lora(world.unet, cfg.rank, cfg.lora_targets, ADAPTER, cfg.seed)
-        opt_params = lora_params
+        opt_params = grad_inputs = lora_params
 
         def student_state() -> dict[str, torch.Tensor]:
             return lora_state_dict(world.unet, ADAPTER)
@@ -333,7 +334,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
         for terms in objective.chunks(ex, cond, gen, cfg.slot_chunk):
             parts: dict[str, torch.Tensor] = {}
             if terms.g_loss is not None:
-                terms.g_loss.backward(inputs=lora_params)
+                terms.g_loss.backward(inputs=grad_inputs)
                 parts["g_loss"] = terms.g_loss.detach()
             parts |= terms.logs
             if terms.d_loss is not None:

@@ -151,7 +151,7 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
     elif variant.lora in ("fast", "merged"):  # FastLoRA; "merged": gradient passes through W + s·B·A too
         lora = FastLoRA(unet, dcfg.rank, dcfg.lora_targets, dcfg.seed, merge_nograd=variant.merged,
                         mode="merged" if variant.lora == "merged" else "unmerged")
-        params = lora.parameters()
+        params = lora.backward_inputs()  # A and B, and the token a graphed backward is reached through
         opt_params = lora.master_parameters()  # as the engine: one tensor for the optimiser and the clipping
         cleanups.append(lora.remove)
     else:  # no LoRA: the same passes with the gradient going to the student's input (a scalar gain)
@@ -228,7 +228,7 @@ def stage_rapm_iteration(b: Bench) -> dict[str, Any]:
                                 merged_nograd=v.merged and v.lora in ("fast", "merged"),
                                 merged_grad=v.lora == "merged",
                                 slot_chunk=s.chunk,
-                                lora_params=sum(p.numel() for p in s.params) if v.lora != "plain" else 0))
+                                lora_params=sum(p.numel() for p in s.opt_params) if v.lora != "plain" else 0))
         finally:
             s.cleanup()
             del s
