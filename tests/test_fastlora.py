@@ -146,6 +146,8 @@ def test_layers_the_merged_path_does_not_take_fall_back_to_unmerged(make):
         lora = FastLoRA(host, 2, ("layer",), seed=0, mode=mode)
         randomise(lora.parameters(), seed=1)
         assert not lora.layers["layer"].mergeable
+        wrap = lora.layers["layer"]  # a captured backward differentiates into its A and B (autograd's gradients)
+        assert lora.master.surface() == [lora.master.token, wrap.lora_A, wrap.lora_B]
         outs.append(_run(host, x, lora.parameters()))
     assert rel(outs[1][0], outs[0][0]) == 0.0
     assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1], strict=True))
@@ -407,6 +409,7 @@ def test_backward_lands_in_one_gradient_buffer_equal_to_autograds(base_unet: nn.
             assert grad_err(p.grad, passes * g, float(max(w.abs().max() for w in want))) <= 1
         assert float((master.grad - passes * want_flat).abs().max()) <= 1e-4 * float(want_flat.abs().max())
     merged_layers = sum(w.mode == "merged" and w._mergeable for w in lora.layers.values())
+    assert len(lora.master.surface()) == 1 + (0 if mode == "merged" else len(params))  # the token alone when merged
     assert sum(v is not None for v in sunk) == (3 * merged_layers if mode == "merged" else 0)  # one a layer a pass
     before = master.grad.clone()
     x = inp["sample"].clone().requires_grad_(True)
