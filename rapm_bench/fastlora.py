@@ -80,7 +80,7 @@ def merge_rank1(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, out
     out_b.copy_(b * s)
 
 
-_STATIC: tuple[Callable[..., None], ...] = ()  # filled below: compiled for each shape (no dynamic sizes)
+_STATIC: tuple[Callable[..., None], ...] = (merge_rank1,)  # compiled for each shape (no dynamic sizes)
 
 
 def run_compiled(fn: Callable[..., None], *args: Any) -> bool:
@@ -109,8 +109,6 @@ def run_compiled(fn: Callable[..., None], *args: Any) -> bool:
         _compiled[fn] = None
         return False
 
-
-_STATIC = (merge_rank1,)
 
 _capturing = 0  # > 0 inside `capturing()`: torch.autograd.grad through a merged layer writes into the LoRA grads
 
@@ -163,12 +161,8 @@ class _Master:
         """`ensure`, and every layer's `.grad` its view again (zeroed where a zero_grad set it to None): before a
         graphed gradient pass, whose backward writes the views whatever `.grad` holds."""
         self.ensure()
-        with torch.no_grad():
-            for p, view in zip(self.params, self.views, strict=True):
-                g = p.grad
-                if g is not view:
-                    view.zero_() if g is None else view.copy_(g)
-                    p.grad = view
+        for p, view in zip(self.params, self.views, strict=True):
+            attach(p, view)
 
     def surface(self) -> list[nn.Parameter]:
         """What a captured backward differentiates into: the token, and A and B of every layer off the merged path
@@ -195,6 +189,15 @@ class _Master:
                 buf[o:o + v.numel()].as_strided(shape, stride).copy_(v.reshape(shape))
             flat[field] = buf
         return {"state": {0: flat} if flat else {}, "param_groups": [{**state["param_groups"][0], "params": [0]}]}
+
+
+@torch.no_grad()
+def attach(p: torch.Tensor, view: torch.Tensor) -> None:
+    """`p.grad` is `view` again: zeroed where a zero_grad set it to None, a `.grad` assigned elsewhere copied in."""
+    g = p.grad
+    if g is not view:
+        view.zero_() if g is None else view.copy_(g)
+        p.grad = view
 
 
 def _sink(layer: LoRAWrap, ctx: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -491,10 +494,7 @@ class LoRAWrap(nn.Module):
         assert self._master is not None and self._grad_views is not None
         self._master.ensure()
         for p, view in zip((self.lora_A, self.lora_B), self._grad_views, strict=True):
-            if p.grad is not view:
-                with torch.no_grad():
-                    view.zero_() if p.grad is None else view.copy_(p.grad)
-                p.grad = view
+            attach(p, view)
 
     def _merged_grad(self, x: torch.Tensor) -> torch.Tensor:
         """One kernel forward through W'; `_MergedLinear` / `_MergedConv2d` backward."""
