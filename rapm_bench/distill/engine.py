@@ -52,6 +52,14 @@ def trajectory_index(seed: int, step: int, num: int) -> int:
     return int(perm[i])
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A cached trajectory tensor as fp32 on `device`; to a GPU through pinned memory, without the stream sync of a
+    copy from pageable memory (issue 14)."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory().to(device, non_blocking=True)
+    return x.to(device, torch.float32)
+
+
 def lr_at(step: int, base: float, warmup: int) -> float:
     """Linear warm-up, then constant (so `--resume --iters` can extend a run without changing its past)."""
     return base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
@@ -314,8 +322,8 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
         gen = torch.Generator(device).manual_seed(derived_seed(cfg.seed, "step", step))
         torch.manual_seed(derived_seed(cfg.seed, "global", step))  # any hidden global-RNG user follows (seed, step)
         k = trajectory_index(cfg.seed, step, len(trajs))
-        ex = Example(trajs.z_tilde[k].to(device, torch.float32), trajs.z_delta[k].to(device, torch.float32),
-                     None if trajs.z_fine is None else trajs.z_fine[k].to(device, torch.float32), step)
+        ex = Example(to_device(trajs.z_tilde[k], device), to_device(trajs.z_delta[k], device),
+                     None if trajs.z_fine is None else to_device(trajs.z_fine[k], device), step)
         cond = conds.get(k)  # the text encoders run once per trajectory prompt, not once per iteration
         if cond is None:
             cond = world.encode_prompts([trajs.prompts[k]])

@@ -63,9 +63,18 @@ def ddim_jump(
     cond: Cond,
 ) -> torch.Tensor:
     """DDIM(z_b, t_from_b → t_to_b; ε_φ) for a batch of (point, slot) pairs: the student's jump."""
-    t = torch.tensor(t_from, device=z.device)
+    t = sched.timesteps(t_from, z.device)  # made once on the device: no host-to-device copy (a stream sync) per jump
     out = student(z, t, repeat_cond(cond, len(t_from)))
-    return ddim_step(z, out, sched.alphabar(torch.tensor(t_from)), sched.alphabar(torch.tensor(t_to)), prediction_type)
+    return ddim_step(z, out, sched.alphabar(t), sched.alphabar(sched.timesteps(t_to, z.device)), prediction_type)
+
+
+def take(x: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    """x[slots] for a chunk's slots (consecutive, descending: `slot_chunks`) as a slice and a flip: indexing a CUDA
+    tensor with a Python list copies the list to the device, which synchronises the stream."""
+    lo, hi = slots[-1], slots[0]
+    if slots == list(range(hi, lo - 1, -1)):
+        return x[lo : hi + 1].flip(0)
+    return x[slots]
 
 
 def slot_chunks(slots: int, chunk: int) -> list[list[int]]:
@@ -160,17 +169,20 @@ class RAPMLoss:
         z = z_tilde[n_slots : n_slots + 1]  # z_N = z̃_N
         for slots in slot_chunks(n_slots, chunk):
             # detach between slots: the inputs carry no graph; the relative targets ẑ_n need none either
-            z_in, rel = self.nograd_passes(z, slots, z_delta[slots].to(z) if self.w.lambda_rel > 0 else None, cond)
+            deltas = take(z_delta, slots)
+            z_in, rel = self.nograd_passes(z, slots, deltas.to(z) if self.w.lambda_rel > 0 else None, cond)
             fake = self.step(z_in, slots, cond)
-            yield self.terms(fake, slots, z_tilde[slots], z_delta[slots], cond, t_prime[slots], eps[slots], rel)
+            yield self.terms(fake, slots, take(z_tilde, slots), deltas, cond, take(t_prime, slots), take(eps, slots),
+                             rel)
             z = fake[-1:].detach()
 
     def draw_renoise(self, gen: torch.Generator, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per slot n: t' uniform in the slot above, (t_n, t_{n+1}], and the re-noising ε (shape of `like`)."""
+        """Per slot n: t' uniform in the slot above, (t_n, t_{n+1}], and the re-noising ε (shape of `like`); both on
+        the generator's device (t' as the CPU would compute it: float64 products, truncated)."""
         b = self.sched.boundaries
-        lo = torch.tensor(b[:-1]) + 1
-        hi = torch.tensor(b[1:])
-        u = torch.rand(len(lo), generator=gen, device=gen.device).cpu().double()
+        lo = self.sched.timesteps(b[:-1], gen.device) + 1
+        hi = self.sched.timesteps(b[1:], gen.device)
+        u = torch.rand(len(b) - 1, generator=gen, device=gen.device).double()
         t_prime = torch.minimum(lo + (u * (hi - lo + 1)).long(), hi)
         eps = torch.randn(like.shape, generator=gen, device=gen.device).to(like)
         return t_prime, eps
@@ -219,9 +231,9 @@ class RAPMLoss:
         assert self.grad_features is not None
         w, b, k = self.w, self.sched.boundaries, len(slots)
         eps = eps.to(fake)
-        ab_n = self.sched.alphabar(torch.tensor([b[n] for n in slots]))
-        ab_p = self.sched.alphabar(t_prime)
+        ab_n = self.sched.alphabar(self.sched.timesteps([b[n] for n in slots], fake.device))
         t_dev = t_prime.to(fake.device)
+        ab_p = self.sched.alphabar(t_dev)
 
         def noisy(x: torch.Tensor) -> torch.Tensor:
             return renoise(x, ab_n, ab_p, eps)

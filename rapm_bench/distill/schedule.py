@@ -9,7 +9,9 @@ t_{n+1} − Δ.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,6 +32,9 @@ class SlotSchedule:
     alphas_cumprod: torch.Tensor  # alphabar_t, t = 0..T-1 (float64, CPU)
     slots: int  # N
     substeps: int  # M
+    # device copies of the table and of timestep lists, made once: a host-to-device copy from pageable memory
+    # synchronises the stream, and a RAPM iteration's few dozen of them left the GPU idle (issue 14)
+    _on_device: dict[Any, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def boundaries(self) -> list[int]:
@@ -50,9 +55,28 @@ class SlotSchedule:
         return self.fine(n)[1]
 
     def alphabar(self, t: int | torch.Tensor) -> torch.Tensor:
-        """alphabar_t (float64); t = −1 means alphabar_0."""
+        """alphabar_t (float64, on t's device); t = −1 means alphabar_0."""
         t = torch.as_tensor(t, dtype=torch.long)
-        return self.alphas_cumprod[t.clamp(min=0)]
+        return self._table(t.device)[t.clamp(min=0)]
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """The alphabar table on `device` (the same float64 values)."""
+        if device.type == "cpu":
+            return self.alphas_cumprod
+        key = ("table", device)
+        if key not in self._on_device:
+            self._on_device[key] = self.alphas_cumprod.to(device)
+        return self._on_device[key]
+
+    def timesteps(self, ts: Sequence[int], device: torch.device | str) -> torch.Tensor:
+        """`ts` as a long tensor on `device`, made once per list and device (callers must not write into it)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return torch.tensor(list(ts), dtype=torch.long)
+        key = (tuple(int(t) for t in ts), device)
+        if key not in self._on_device:
+            self._on_device[key] = torch.tensor(key[0], dtype=torch.long).to(device)
+        return self._on_device[key]
 
 
 def _expand(v: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:

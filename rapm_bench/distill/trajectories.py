@@ -132,7 +132,8 @@ def teacher_points(
         grid = sched.fine(n)
         inside: list[torch.Tensor] = []
         for k, (t, s) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
-            z = ddim_step(z, denoise(z, torch.tensor(t, device=z.device)), sched.alphabar(t), sched.alphabar(s), pred)
+            ts = sched.timesteps([t, s], z.device)  # on the device once: no stream sync per sub-step
+            z = ddim_step(z, denoise(z, ts[0]), sched.alphabar(ts[0]), sched.alphabar(ts[1]), pred)
             if k == 0:
                 z_delta.append(z)
             if k < len(grid) - 2:
