@@ -121,7 +121,7 @@ class RapmSetup:
     optimizers: list[torch.optim.Optimizer]
     z_tilde: torch.Tensor
     z_delta: torch.Tensor
-    prompt: str
+    cond: Cond  # the prompt's encoding, made once (the engine encodes each trajectory's prompt once and keeps it)
     chunk: int
     grad_clip: float
     seed: int
@@ -190,7 +190,8 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
         for fn in reversed(cleanups):
             fn()
 
-    return RapmSetup(loss_fn, params, opt_params, head_params, optimizers, z_tilde, z_delta, "bench prompt",
+    return RapmSetup(loss_fn, params, opt_params, head_params, optimizers, z_tilde, z_delta,
+                     world.encode_prompts(["bench prompt"]),
                      variant.chunk or dcfg.slot_chunk, dcfg.grad_clip, dcfg.seed, cleanup)
 
 
@@ -199,7 +200,7 @@ def rapm_iteration(world: TunedWorld, s: RapmSetup, step: int) -> None:
     from ..distill.engine import derived_seed
 
     gen = torch.Generator(world.device).manual_seed(derived_seed(s.seed, "step", step))
-    cond = world.encode_prompts([s.prompt])
+    cond = s.cond
     for opt in s.optimizers:
         opt.zero_grad(set_to_none=True)
     for terms in s.loss_fn.chunks(s.z_tilde, s.z_delta, cond, gen, s.chunk):
