@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .errors import UserError
 
 MODES: tuple[str, ...] = ("unmerged", "merged")  # the gradient path of a LoRA layer
@@ -48,6 +49,7 @@ MODES: tuple[str, ...] = ("unmerged", "merged")  # the gradient path of a LoRA l
 _aten = torch.ops.aten
 
 COMPILE_REBUILD = True  # on CUDA: the rebuild graph's kernels compiled (`merge_rank1`, `merge_into`; tests turn it off)
+TRITON_REBUILD = True  # on CUDA with Triton: a packed group's rank-1 rebuild by kernels.merge_rank1_triton (one pass)
 _compiled: dict[Callable[..., None], Any] = {}  # a merge function -> its torch.compile, or None after a failure
 _RECOMPILE_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
@@ -629,6 +631,9 @@ class _Group:
         torch.stack([_rows(w.lora_A.detach(), lay) for w, lay in zip(self.layers, self.layouts, strict=True)],
                     out=a32)  # (G, 1, K)
         torch.stack([w.lora_B.detach() for w in self.layers], out=b32)  # (G, out, 1)
+        if compiled and COMPILE_REBUILD and TRITON_REBUILD and kernels.available(self.weight):
+            kernels.merge_rank1_triton(self.weight, a32, b32, self.scale, merged, a_s, b_s)
+            return
         if (compiled and COMPILE_REBUILD and self.weight.is_cuda
                 and run_compiled(merge_rank1, self.weight, a32, b32, self.scale, merged, a_s, b_s)):
             return

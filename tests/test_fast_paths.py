@@ -379,6 +379,51 @@ def test_fast_iterations_equal_eager(merged_lora, grad):
 
 @pytest.mark.gpu
 @cuda
+def test_rapm_iteration_never_synchronises_the_stream():
+    """After a first iteration (graph captures, the schedule's device tables), a RAPM iteration on the fast paths
+    (roll-out, relative targets, the discriminator, both backward passes) and an optimiser step make no host-device
+    synchronisation: each one drained the GPU's queue, which then waited on the host (issue 14)."""
+    from rapm_bench.distill.objectives import fast_grad, fast_nograd
+
+    world = small_world("cuda")
+    loss, params, heads = rapm_loss(world, True)
+    assert fast_nograd(loss, world) and fast_grad(loss, world)
+    z_tilde, z_delta = trajectory("cuda")
+    cond = world.encode_prompts(["a red circle in the centre"])
+    head_params = [p for h in heads for p in h.parameters()]
+    opt = torch.optim.SGD([*params, *head_params], lr=1e-2)
+
+    def iteration(seed: int) -> None:
+        for t in loss.chunks(z_tilde, z_delta, cond, torch.Generator("cuda").manual_seed(seed), 4):
+            t.g_loss.backward(inputs=list(params))
+            t.d_loss.backward(inputs=head_params)
+        opt.step()
+
+    for seed in range(2):
+        iteration(seed)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        iteration(2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert loss.nograd_student.replays > 0 and loss.grad_student.replays == 3
+
+
+def test_take_is_list_indexing():
+    """`take` (a slice and a flip for a chunk's consecutive slots) is indexing by the list, also for other lists."""
+    from rapm_bench.distill.rapm import slot_chunks, take
+
+    x = torch.randn(7, 3)
+    for chunk in (1, 2, 3, 4, 7):
+        for slots in slot_chunks(7, chunk):
+            assert torch.equal(take(x, slots), x[slots])
+    assert torch.equal(take(x, [5, 1, 3]), x[[5, 1, 3]])
+
+
+@pytest.mark.gpu
+@cuda
 def test_grad_graphed_input_gain_equals_eager():
     """The bench's plain variant: the gradient of a scalar gain on the input, through a graphed UNet call
     (forward and backward replayed), equals the eager gradient over three calls."""
@@ -472,6 +517,38 @@ def test_graphed_refresh_rebuilds_every_merged_weight(monkeypatch, pack, compile
     assert refresh.replays == first + 3
     if compiled:  # compiled, and no fallback to the eager rebuild
         assert fastlora._compiled[fastlora.merge_rank1 if pack else fastlora.merge_into] is not None
+
+
+@pytest.mark.gpu
+@cuda
+def test_triton_merge_rank1_is_the_eager_merge():
+    """`kernels.merge_rank1_triton` (a packed group's rebuild in one launch) on shapes that end inside a tile and
+    on poisoned outputs: W' within one bf16 rounding step of the fp32 sum rounded once (fp32: equal within
+    round-off), every element written; s·A and s·B exact."""
+    from rapm_bench import kernels
+
+    assert kernels.available(torch.zeros(1, device="cuda"))
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        for g, o, k in [(3, 64, 96), (1, 33, 300), (5, 48, 24), (2, 1280, 1157)]:
+            w = torch.randn((g, o, k), generator=gen).to("cuda", dtype)
+            a = torch.randn((g, 1, k), generator=gen).cuda() * 0.05
+            b = torch.randn((g, o, 1), generator=gen).cuda() * 0.05
+            out = (torch.full_like(w, float("nan")), torch.full((g, 1, k), float("nan"), dtype=dtype, device="cuda"),
+                   torch.full((g, o, 1), float("nan"), dtype=dtype, device="cuda"))
+            kernels.merge_rank1_triton(w, a, b, 0.5, *out)
+            want = torch.baddbmm(w.float(), b, a, alpha=0.5)
+            if dtype == torch.float32:
+                torch.testing.assert_close(out[0], want, rtol=1e-6, atol=1e-6)
+            else:
+                ulp = (out[0].float() - want).abs() / want.abs().clamp_min(1e-30) * 2**7
+                assert float(ulp.max()) <= 1.01 and float((out[0] != want.to(dtype)).float().mean()) < 0.01
+            assert torch.equal(out[1], (a * 0.5).to(dtype)) and torch.equal(out[2], (b * 0.5).to(dtype))
+    with pytest.raises(ValueError, match="contiguous"):
+        w = torch.zeros((2, 4, 6), device="cuda")
+        kernels.merge_rank1_triton(w, torch.zeros(2, 6, 1, device="cuda").transpose(1, 2), torch.zeros(2, 4, 1,
+                                   device="cuda"), 1.0, torch.empty_like(w), torch.empty(2, 1, 6, device="cuda"),
+                                   torch.empty(2, 4, 1, device="cuda"))
 
 
 @pytest.mark.gpu

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-FORMS: dict[str, dict[str, bool]] = {  # name: FastLoRA packing, the rebuild graph's kernels compiled
-    "packed groups, compiled merge_rank1": {"pack": True, "compiled": True},
+FORMS: dict[str, dict[str, bool]] = {  # name: FastLoRA packing, the rebuild graph's kernels compiled, Triton's
+    "packed groups, triton merge_rank1": {"pack": True, "compiled": True, "triton": True},
+    "packed groups, compiled merge_rank1": {"pack": True, "compiled": True, "triton": False},
     "packed groups, aten addcmul": {"pack": True, "compiled": False},
     "per layer, compiled merge_into": {"pack": False, "compiled": True},
     "per layer, aten": {"pack": False, "compiled": False},
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unet = build_unet(a.size, device, dtype).requires_grad_(False)
     rows = []
     for name, form in FORMS.items():
-        saved = fastlora.COMPILE_REBUILD
-        fastlora.COMPILE_REBUILD = form["compiled"]
+        saved = fastlora.COMPILE_REBUILD, fastlora.TRITON_REBUILD
+        fastlora.COMPILE_REBUILD, fastlora.TRITON_REBUILD = form["compiled"], form.get("triton", False)
         lora = fastlora.FastLoRA(unet, dcfg.rank, dcfg.lora_targets, dcfg.seed, mode="merged",
                                  pack_weights=form["pack"])
         params = lora.parameters()
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{name}: {rows[-1]['seconds'] * 1e3:.2f} ms ({len(lora.layers)} layers, {len(lora.groups)} groups, "
               f"{refresh.replays} graph replays)", flush=True)
         lora.remove()
-        fastlora.COMPILE_REBUILD = saved
+        fastlora.COMPILE_REBUILD, fastlora.TRITON_REBUILD = saved
         del lora, params, refresh
     moved = rows[0]["bytes"]
     pair = [torch.empty(moved // 2, dtype=torch.uint8, device=device) for _ in range(2)]  # W's bytes: W' = W
