@@ -631,8 +631,9 @@ class _Group:
         torch.stack([_rows(w.lora_A.detach(), lay) for w, lay in zip(self.layers, self.layouts, strict=True)],
                     out=a32)  # (G, 1, K)
         torch.stack([w.lora_B.detach() for w in self.layers], out=b32)  # (G, out, 1)
-        if compiled and COMPILE_REBUILD and TRITON_REBUILD and kernels.available(self.weight):
-            kernels.merge_rank1_triton(self.weight, a32, b32, self.scale, merged, a_s, b_s)
+        if (compiled and COMPILE_REBUILD and TRITON_REBUILD and kernels.available(self.weight)
+                and kernels.run_or_warn(kernels.merge_rank1_triton, self.weight, a32, b32, self.scale, merged, a_s,
+                                        b_s)):
             return
         if (compiled and COMPILE_REBUILD and self.weight.is_cuda
                 and run_compiled(merge_rank1, self.weight, a32, b32, self.scale, merged, a_s, b_s)):

@@ -10,6 +10,8 @@ callers keep their other kernels (compiled or aten).
 from __future__ import annotations
 
 import functools
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,9 +51,27 @@ def _kernel() -> Any:
     return merge_rank1_kernel
 
 
+_failed: set[str] = set()  # kernels that failed to build or run here: their callers use their other kernels
+
+
 def available(t: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on `t`'s device (a CUDA GPU with Triton installed)."""
     return t.is_cuda and _kernel() is not None
+
+
+def run_or_warn(fn: Callable[..., None], *args: Any) -> bool:
+    """`fn(*args)`; False (a warning, once) when it failed to compile or launch here: the caller then runs its other
+    kernels. A first call must come outside a CUDA graph's capture (FastLoRA's refresh warms up before capturing)."""
+    if fn.__name__ in _failed:
+        return False
+    try:
+        fn(*args)
+        return True
+    except Exception as e:  # Triton's compile and launch errors have no common base class
+        _failed.add(fn.__name__)
+        warnings.warn(f"Triton kernel {fn.__name__} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "using the other kernels", stacklevel=2)
+        return False
 
 
 def merge_rank1_triton(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, out_w: torch.Tensor,
