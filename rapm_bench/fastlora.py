@@ -49,7 +49,8 @@ MODES: tuple[str, ...] = ("unmerged", "merged")  # the gradient path of a LoRA l
 _aten = torch.ops.aten
 
 COMPILE_REBUILD = True  # on CUDA: the rebuild graph's kernels compiled (`merge_rank1`, `merge_into`; tests turn it off)
-TRITON_REBUILD = False  # on CUDA with Triton: a packed group's rank-1 rebuild by kernels.merge_rank1_triton (one pass); off until timed on a GPU (perf.rebuild)
+TRITON_REBUILD = False  # on CUDA with Triton: a packed group's rank-1 rebuild by kernels.merge_rank1_triton (one pass);
+#                        off: the iteration was no faster than with the compiled merge (H100, results/bench/README.md)
 _compiled: dict[Callable[..., None], Any] = {}  # a merge function -> its torch.compile, or None after a failure
 _RECOMPILE_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
