@@ -4,7 +4,9 @@
 W' = W + s·(b ⊗ a), summed in fp32 and rounded once, plus s·a and s·b. One pass over W (read W, write W'),
 tiled 2-D so that each program loads its slice of a and b once: the rebuild must move 2 bytes in and 2
 bytes out per bf16 weight, and nothing else. Where Triton or a GPU is missing, `available` is False and the
-callers keep their other kernels (compiled or aten).
+callers keep their other kernels (compiled or aten). FastLoRA uses it only with `fastlora.TRITON_REBUILD` on
+(off: on an H100 it ran at 3.5 ms an iteration, near the copy floor, but the iteration was no faster than with
+inductor's compiled merge; results/bench/README.md).
 """
 
 from __future__ import annotations
