@@ -164,13 +164,14 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
             return world.predict(x * gain, t, cond)
 
     sched = SlotSchedule(world.alphas_cumprod, dcfg.slots, dcfg.substeps)
+    cond = world.encode_prompts(["bench prompt"])  # once: the engine keeps each trajectory prompt's encoding
     rc = dcfg.method("rapm")  # RAPM's settings (distill/rapm_config.py)
     weights = LossWeights(rc.lambda_abs, rc.lambda_rel, rc.lambda_reg, rc.distance, rc.huber_c)
     features = EncoderFeatures(world) if rc.adversarial else None
     heads_abs = heads_rel = None
     head_params: list[nn.Parameter] = []
     if features is not None:
-        channels = feature_channels(features, world.encode_prompts(["bench prompt"]))
+        channels = feature_channels(features, cond)
         heads_abs, heads_rel = build_heads(channels, dcfg.disc_hidden, dcfg.seed, device)
         head_params = [*heads_abs.parameters(), *heads_rel.parameters()]
     loss_fn = RAPMLoss(student, sched, world.noise_schedule.prediction_type, weights, features, heads_abs, heads_rel)
@@ -190,8 +191,7 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
         for fn in reversed(cleanups):
             fn()
 
-    return RapmSetup(loss_fn, params, opt_params, head_params, optimizers, z_tilde, z_delta,
-                     world.encode_prompts(["bench prompt"]),
+    return RapmSetup(loss_fn, params, opt_params, head_params, optimizers, z_tilde, z_delta, cond,
                      variant.chunk or dcfg.slot_chunk, dcfg.grad_clip, dcfg.seed, cleanup)
 
 
@@ -200,10 +200,9 @@ def rapm_iteration(world: TunedWorld, s: RapmSetup, step: int) -> None:
     from ..distill.engine import derived_seed
 
     gen = torch.Generator(world.device).manual_seed(derived_seed(s.seed, "step", step))
-    cond = s.cond
     for opt in s.optimizers:
         opt.zero_grad(set_to_none=True)
-    for terms in s.loss_fn.chunks(s.z_tilde, s.z_delta, cond, gen, s.chunk):
+    for terms in s.loss_fn.chunks(s.z_tilde, s.z_delta, s.cond, gen, s.chunk):
         if terms.g_loss is not None:
             terms.g_loss.backward(inputs=s.params)
         if terms.d_loss is not None:
