@@ -92,6 +92,11 @@ def distill(
         "--fast-grad/--no-fast-grad",
         help="GPU with --lora-impl merged and no gradient checkpointing: replay RAPM's gradient passes (forward "
              "and backward) from CUDA graphs; default: on (otherwise, and on the CPU, eager).")] = None,
+    compile_blocks: Annotated[bool | None, typer.Option(
+        "--compile-blocks/--no-compile-blocks",
+        help="GPU with --lora-impl merged or fast and no gradient checkpointing: compile each ResNet and transformer "
+             "block of the UNet (LoRA layers stay eager); the first iterations compile (4+ minutes on a new machine, "
+             "under a minute from inductor's on-disk cache); default: on (the CPU path is eager).")] = None,
     log_every: Annotated[int | None, typer.Option(help="Iterations per train_log.jsonl row (interval means); "
                                                        "default: the preset's (tiny 10, sdxl 50).")] = None,
     targets: Annotated[str | None, typer.Option(help="Comma-separated LoRA target module suffixes; default: "
@@ -135,6 +140,7 @@ def distill(
         lambda_reg=lambda_reg, distance=distance, num_trajectories=num_trajectories,
         trajectory_batch=trajectory_batch, prompts=prompts, format=format,
         grad_checkpointing=grad_checkpointing, fast_nograd=fast_nograd, fast_grad=fast_grad,
+        compile_blocks=compile_blocks,
         log_every=log_every, lora_targets=_targets(targets), teacher=teacher, device=device,
         precision=precision, seed=seed, cache_dir=cache_dir, checkpoint_every=checkpoint_every,
         sample_every=sample_every, slot_chunk=slot_chunk, lora_impl=lora_impl, pcm_huber_c=pcm_huber_c, pcm_ema=pcm_ema,

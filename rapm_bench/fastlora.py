@@ -521,6 +521,7 @@ class LoRAWrap(nn.Module):
         out = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t(), alpha=self.scale)
         return out.view(y.shape)
 
+    @torch.compiler.disable  # host logic (the cache, the hand-written backward): eager inside compiled blocks (regions)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:  # the teacher: W alone
             return self._base_with(x, self._base_params["weight"])

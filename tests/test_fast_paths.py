@@ -350,11 +350,14 @@ def test_graphed_predict_equals_eager():
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize(("merged_lora", "grad"), [(True, False), (False, False), (True, True)])
-def test_fast_iterations_equal_eager(merged_lora, grad):
+@pytest.mark.parametrize(("merged_lora", "grad", "blocks"),
+                         [(True, False, False), (False, False, False), (True, True, False), (True, True, True)])
+def test_fast_iterations_equal_eager(merged_lora, grad, blocks):
     """Three RAPM iterations (optimiser steps between) with the no-grad passes graphed and merged (and with
-    `grad`, the gradient passes graphed too, forward and backward: FastLoRA merged) equal the eager path's
-    losses and gradients within round-off: the graphs see every update of the LoRA (in place, refreshed)."""
+    `grad`, the gradient passes graphed too, forward and backward: FastLoRA merged; with `blocks`, each UNet block
+    compiled by inductor as well) equal the eager path's losses and gradients within round-off: the graphs see
+    every update of the LoRA (in place, refreshed)."""
+    from rapm_bench import regions
     from rapm_bench.distill.objectives import fast_grad, fast_nograd
 
     results = []
@@ -362,6 +365,7 @@ def test_fast_iterations_equal_eager(merged_lora, grad):
         world = small_world("cuda")
         loss, params, heads = rapm_loss(world, merged_lora)
         if fast:
+            assert not blocks or regions.compile_blocks(world.unet) > 0
             assert fast_nograd(loss, world) and (not grad or fast_grad(loss, world))
         # SGD: Adam's first updates are lr·sign(g), so round-off in a near-zero gradient would flip one
         opt = torch.optim.SGD([*params, *[p for h in heads for p in h.parameters()]], lr=1e-2)
@@ -594,7 +598,7 @@ def test_compiled_merges_are_the_eager_merge_in_bf16():
 @cuda
 def test_engine_fast_paths_equal_eager_on_sdxl(tmp_path, tiny_sdxl):
     """`distill --preset sdxl --lora-impl merged` on the random SDXL pipeline: with every CUDA-graph path on
-    (no-grad and gradient passes, the graphed rebuild) the logged losses and gradient norms of 4 iterations
+    (no-grad and gradient passes, the graphed rebuild) and the blocks compiled, the logged losses and gradient norms of 4 iterations
     equal the eager run's (SGD-like regime: lr 1e-4, so that Adam's sign-like first steps stay small)."""
     from rapm_bench.distill.config import resolve_distill
     from rapm_bench.distill.engine import distill
@@ -605,7 +609,8 @@ def test_engine_fast_paths_equal_eager_on_sdxl(tmp_path, tiny_sdxl):
     for fast in (False, True):
         cfg = resolve_distill("sdxl", teacher=str(tiny_sdxl), prompts=str(prompts), num_trajectories=2, iters=4,
                               substeps=2, lr=1e-4, warmup=0, log_every=1, device="cuda", precision="fp32", lora_impl="merged",
-                              grad_checkpointing=False, fast_nograd=fast, fast_grad=fast, sample_every=0,
+                              grad_checkpointing=False, fast_nograd=fast, fast_grad=fast, compile_blocks=fast,
+                              sample_every=0,
                               cache_dir=str(tmp_path / "cache"), out=str(tmp_path / f"run{fast}"))
         distill(cfg, progress=False)
         rows = (tmp_path / f"run{fast}" / "train_log.jsonl").read_text().splitlines()
@@ -640,3 +645,49 @@ def test_graphed_generation_equals_eager_and_ignores_batch_size():
     d = (singles.int() - graphed.int()).abs()
     # cuDNN picks its kernels per batch size: on an H200, 1.5 % of the values move by one level (the CPU: none)
     assert int(d.max()) <= 1 and float((d > 0).float().mean()) < 0.05
+
+
+def test_compiled_blocks_give_the_eager_losses_and_gradients():
+    """Each UNet block compiled (regions.compile_blocks) through dynamo with the `aot_eager` backend (the graph
+    breaks at FastLoRA's eager layers and the autograd of the compiled pieces, without inductor's kernels): dynamo
+    compiles graphs, and the RAPM losses and the LoRA and head gradients equal the eager ones; uncompiling restores
+    the eager blocks (no new graphs)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from rapm_bench import regions
+
+    world = small_world()
+    loss, params, heads = rapm_loss(world, True)
+    eager = run_terms(loss, params, heads, world, 4)
+    assert not regions.compiled(world.unet)
+    counter = CompileCounterWithBackend("aot_eager")
+    n = regions.compile_blocks(world.unet, backend=counter)
+    try:
+        assert n == len(regions.blocks(world.unet)) > 0 and regions.compiled(world.unet)
+        compiled = run_terms(loss, params, heads, world, 4)
+        assert counter.frame_count > 0 and counter.op_count > 0  # the blocks' ops went through dynamo's graphs
+    finally:
+        regions.uncompile_blocks(world.unet)
+    assert not regions.compiled(world.unet)
+    frames = counter.frame_count
+    run_terms(loss, params, heads, world, 4)
+    assert counter.frame_count == frames  # eager again
+    assert_close_terms(eager, compiled, 1e-6, 1e-7)
+
+
+def test_engine_compiles_blocks_only_where_it_applies(monkeypatch):
+    """The engine's rule (distill.engine.compile_blocks_here): asked for, a GPU, FastLoRA, no checkpointing, a torch
+    that inlines modules (regions.supported)."""
+    from rapm_bench import regions
+    from rapm_bench.distill.config import distill_preset
+    from rapm_bench.distill.engine import compile_blocks_here
+
+    cfg = replace(distill_preset("sdxl"), lora_impl="merged", grad_checkpointing=False)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compile_blocks_here(cfg, gpu) and not compile_blocks_here(cfg, cpu)
+    assert not compile_blocks_here(replace(cfg, compile_blocks=False), gpu)
+    assert not compile_blocks_here(replace(cfg, lora_impl="peft"), gpu)
+    assert not compile_blocks_here(replace(cfg, grad_checkpointing=True), gpu)
+    monkeypatch.setattr(regions, "supported", lambda: False)
+    assert not compile_blocks_here(cfg, gpu)
+

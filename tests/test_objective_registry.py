@@ -16,11 +16,11 @@ from rapm_bench.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# config.json's names before objectives were a registry (plus fast_grad, issue 14): every run folder written so far
-# has (a subset of) these
+# config.json's names before objectives were a registry (plus fast_grad and compile_blocks, issue 14): every run
+# folder written so far has (a subset of) these
 FLAT_KEYS = {
     "betas", "cache_dir", "checkpoint_every", "disc_hidden", "disc_lr", "distance", "dmd2_fake_lr", "dmd2_fake_rank",
-    "dmd2_fake_steps", "dmd2_gan_weight", "dmd2_t_max", "dmd2_t_min", "fast_grad", "fast_nograd", "format",
+    "dmd2_fake_steps", "dmd2_gan_weight", "dmd2_t_max", "dmd2_t_min", "compile_blocks", "fast_grad", "fast_nograd", "format",
     "grad_checkpointing",
     "grad_clip", "guidance", "huber_c", "iters", "lambda_abs", "lambda_reg", "lambda_rel", "log_every", "log_with",
     "lora_impl", "lora_targets", "lr", "num_trajectories", "objective", "out", "pcm_adv_weight", "pcm_ema",

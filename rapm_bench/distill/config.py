@@ -130,6 +130,11 @@ class DistillConfig:
     fast_grad: bool = True  # GPU, lora_impl "merged", no gradient checkpointing: RAPM's gradient passes (the
     #                         student's jumps, the fake side's features) replayed from CUDA graphs, forward and
     #                         backward (objectives.fast_grad); otherwise, and on the CPU, eager
+    compile_blocks: bool = True  # GPU, FastLoRA (lora_impl merged/fast), no gradient checkpointing: each ResNet and
+    #                              transformer block of the UNet compiled by inductor, LoRA layers eager (regions.py;
+    #                              trajectories and every pass; an H100: the engine 0.527 -> 0.486 s an iteration);
+    #                              the first iterations compile (cold: >= 4 min; from inductor's on-disk cache on the
+    #                              same machine: ~45 s); the CPU: eager
     lora_impl: str = "peft"  # "peft": diffusers/PEFT layers; "merged": fastlora.FastLoRA, every pass one kernel
     #                          with W + s·B·A and a low-rank backward (RAPM only; SDXL on an H100 at 4 slots per
     #                          pass: ×0.97 of the bare UNet passes vs PEFT's ×1.91, results/bench/README.md);

@@ -165,6 +165,15 @@ def machine(device: torch.device) -> str:
 
 
 # --- the loop ----------------------------------------------------------------------------------------
+def compile_blocks_here(cfg: DistillConfig, device: torch.device) -> bool:
+    """Whether this run compiles the UNet's blocks (regions.py): asked for, on a GPU, with FastLoRA (PEFT's layers
+    are not excluded from dynamo), without gradient checkpointing, and a torch that compiles regions."""
+    from .. import regions
+
+    return (cfg.compile_blocks and device.type == "cuda" and cfg.lora_impl != "peft" and not cfg.grad_checkpointing
+            and regions.supported())
+
+
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict[str, Any] | None:
     """`rapm-bench distill`: teacher trajectories, then training of a LoRA student with `cfg.objective`;
     returns the summary (None on the other processes of an `accelerate launch`: they only share the
@@ -231,6 +240,11 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     #    missing shards; then the main process trains alone and the others return.
     device = world.device
     guidance = world.default_guidance if cfg.guidance is None else cfg.guidance
+    compiled_blocks = 0
+    if compile_blocks_here(cfg, device):  # before the trajectories: the teacher's passes run compiled blocks too
+        from .. import regions
+
+        compiled_blocks = regions.compile_blocks(world.unet)
     spec = make_spec(world, prompts, cfg.trajectory_seed, guidance, cfg.slots, cfg.substeps, cfg.store_dtype,
                      cfg.trajectory_batch, interior=objective_spec(cfg.objective).interior)
     with graphed_predict(world, cfg.fast_nograd):  # GPU: the teacher's CFG passes replay CUDA graphs
@@ -403,6 +417,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "machine": machine(device),
         "grad_checkpointing": {"on": cfg.grad_checkpointing, "why": ckpt_why},
+        "compiled_blocks": compiled_blocks,
         "lora": {"path": str(lora_path), "format": cfg.format, "sha256": sha256_file(lora_path),
                  "params": sum(p.numel() for p in lora_params)},
         "sampler": {**objective.recipe.describe(), "steps": cfg.slots, "guidance": objective.sample_guidance},
