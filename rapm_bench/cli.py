@@ -300,8 +300,10 @@ def bench(
                                                   "preset's --lora-impl.")] = None,
     rapm_variants: Annotated[str | None, typer.Option(help="Comma-separated RAPM variants: plain, fast, merged or "
                                                            "peft, each optionally with /ckpt, /unmerged (not for "
-                                                           "merged), /chunkK slots per pass and /graphs (the "
-                                                           "engine's --fast-nograd) (default: the "
+                                                           "merged), /chunkK slots per pass, /graphs (the "
+                                                           "engine's --fast-nograd), /gradgraphs (its "
+                                                           "--fast-grad) and /blocks (compiled UNet "
+                                                           "blocks) (default: the "
                                                            "distill preset's), e.g. merged/ckpt/chunk1.")] = None,
     traj_batch: Annotated[int | None, typer.Option(help="Trajectories per teacher batch.")] = None,
     gen_batch: Annotated[int | None, typer.Option(help="Images per generation call.")] = None,
@@ -316,6 +318,12 @@ def bench(
                                               "classic processor); default: on.")] = None,
     compile_unet: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the UNet for "
                                                       "no-grad passes (slow start); default: off.")] = None,
+    compile_blocks: Annotated[bool | None, typer.Option("--compile-blocks/--no-compile-blocks", help="Compile each "
+                                                        "ResNet and transformer block of the UNet (regional "
+                                                        "compilation, LoRA layers eager) for unet-forward, "
+                                                        "trajectories and generate; default: trajectories as the "
+                                                        "distill engine (compiled on a GPU), the others eager. "
+                                                        "RAPM variants: /blocks.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result JSON on stdout.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and exit.")] = False,
 ) -> None:
@@ -329,7 +337,7 @@ def bench(
                resolution=resolution, device=device, dtype=dtype, threads=threads, peak_tflops=peak_tflops, lora=lora,
                rapm_variants=rapm_variants, traj_batch=traj_batch, gen_batch=gen_batch, eval_batch=eval_batch,
                merge_lora=merge_lora, cfg_batch=cfg_batch, channels_last=channels_last, sdpa=sdpa,
-               compile=compile_unet)
+               compile=compile_unet, compile_blocks=compile_blocks)
     if dry_run:
         typer.echo(cfg.to_json())
         return

@@ -280,7 +280,10 @@ def test_resolve_bench_presets_and_overrides():
     assert bm.parse_variant("merged/ckpt/chunk4", merge_default=False) == bm.RapmVariant("merged", True, True, 4)
     assert bm.parse_variant("merged/ckpt/chunk4", merge_default=False).name == "merged/ckpt/chunk4"
     sdxl = bm.resolve_bench("sdxl").rapm.variants
-    assert {"merged/graphs", "plain/graphs", "merged/ckpt", "plain/ckpt", "merged/ckpt/graphs"} <= set(sdxl)
+    assert {"merged/graphs/gradgraphs/blocks", "plain/graphs/gradgraphs/blocks", "merged/graphs/gradgraphs",
+            "merged/ckpt", "plain/ckpt", "merged/ckpt/graphs"} <= set(sdxl)
+    blocks = bm.parse_variant("merged/blocks/graphs/gradgraphs")
+    assert blocks.blocks and blocks.grad_graphs and blocks.name == "merged/graphs/gradgraphs/blocks"
     assert bm.parse_variant("merged/ckpt/graphs") == bm.RapmVariant("merged", True, True, None, True)
     assert bm.parse_variant("fast/graphs/unmerged").name == "fast/unmerged/graphs"
     assert bm.resolve_bench("sdxl", lora="merged").opts.lora == "merged"

@@ -32,6 +32,9 @@ class Optimisations:
     channels_last: bool = False  # NHWC activations and conv weights; off: NCHW was 8 % faster on an H100 (bf16, bs 8)
     sdpa: bool = True  # torch scaled_dot_product_attention (flash / memory-efficient), not the classic processor
     compile: bool = False  # torch.compile the UNet for no-grad passes (unet-forward, trajectories, generate)
+    compile_blocks: bool | None = None  # each UNet block compiled (rapm_bench.regions) for the no-grad stages; None:
+    #                                     as the distill engine (`trajectories` compiled where it compiles them, a GPU;
+    #                                     unet-forward and generate eager). RAPM variants say it with `/blocks`
     lora: str | None = None  # RAPM headline's LoRA: None = the distill preset's --lora-impl; "merged", "fast"
     #                          (FastLoRA through the low-rank branch) or "peft"
 
@@ -116,8 +119,8 @@ class BenchConfig:
         return self.preset if self.scale == "full" else f"{self.preset}-{self.scale}"
 
 
-_SDXL_RAPM = RapmStage(variants=("plain/graphs/gradgraphs", "merged/graphs/gradgraphs",  # the engine on an H200
-                                 "plain/graphs", "merged/graphs",  # without the gradient graphs
+_SDXL_RAPM = RapmStage(variants=("plain/graphs/gradgraphs/blocks", "merged/graphs/gradgraphs/blocks",  # the engine
+                                 "plain/graphs/gradgraphs", "merged/graphs/gradgraphs",  # blocks eager
                                  "plain/ckpt/graphs", "merged/ckpt/graphs",  # 24-48 GB cards
                                  "plain/ckpt", "merged/ckpt"))  # the engine before issue 14 (more: --rapm-variants)
 BENCH_PRESETS: dict[str, BenchConfig] = {
@@ -142,7 +145,7 @@ def _csv(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
 def resolve_bench(preset: str = "tiny", scale: str = "full", **overrides: Any) -> BenchConfig:
     """The preset's config with overrides (None = keep the preset's), validated.
 
-    Flat keys `merge_lora`, `cfg_batch`, `channels_last`, `sdpa`, `compile`, `lora` go to
+    Flat keys `merge_lora`, `cfg_batch`, `channels_last`, `sdpa`, `compile`, `compile_blocks`, `lora` go to
     `opts`; `rapm_variants`, `traj_batch`, `gen_batch`, `eval_batch` to their stages.
     """
     world = get_world_spec(preset)
@@ -211,22 +214,24 @@ class RapmVariant:
     chunk: int | None = None  # slots per student forward (`slot_chunk`); None = the distill preset's
     graphs: bool = False  # the engine's `fast_nograd`: no-grad passes from CUDA graphs, first jumps merged (GPU)
     grad_graphs: bool = False  # the engine's `fast_grad`: gradient passes from CUDA graphs (merged or plain, no ckpt)
+    blocks: bool = False  # each UNet block compiled, LoRA layers eager (rapm_bench.regions)
 
     @property
     def name(self) -> str:
         """The variant's spelling, e.g. `fast/ckpt/chunk4`."""
         return (self.lora + ("/ckpt" if self.ckpt else "") + ("" if self.merged or self.lora != "fast" else "/unmerged")
                 + ("" if self.chunk is None else f"/chunk{self.chunk}") + ("/graphs" if self.graphs else "")
-                + ("/gradgraphs" if self.grad_graphs else ""))
+                + ("/gradgraphs" if self.grad_graphs else "") + ("/blocks" if self.blocks else ""))
 
 
 def parse_variant(text: str, merge_default: bool = True) -> RapmVariant:
-    """`<lora>[/ckpt][/unmerged][/chunkK][/graphs][/gradgraphs]` -> RapmVariant (`merged` runs every pass merged)."""
+    """`<lora>[/ckpt][/unmerged][/chunkK][/graphs][/gradgraphs][/blocks]` -> RapmVariant (`merged` runs every pass merged)."""
     lora, *flags = text.split("/")
     chunks = [int(f[5:]) for f in flags if re.fullmatch(r"chunk[1-9]\d*", f)]
-    if lora not in LORA_IMPLS or any(f not in ("ckpt", "unmerged", "merged", "graphs", "gradgraphs")
+    if lora not in LORA_IMPLS or any(f not in ("ckpt", "unmerged", "merged", "graphs", "gradgraphs", "blocks")
                                      and not re.fullmatch(r"chunk[1-9]\d*", f) for f in flags) or len(chunks) > 1:
-        raise UserError(f"bad RAPM variant {text!r}: use <lora>[/ckpt][/unmerged][/chunkK][/graphs][/gradgraphs] "
+        raise UserError(f"bad RAPM variant {text!r}: use <lora>[/ckpt][/unmerged][/chunkK][/graphs][/gradgraphs]"
+                        f"[/blocks] "
                         f"with lora one of {', '.join(LORA_IMPLS)}")
     if "gradgraphs" in flags and (lora not in ("merged", "plain") or "ckpt" in flags):
         raise UserError(f"bad RAPM variant {text!r}: gradgraphs needs lora merged or plain, without ckpt (the "
@@ -236,4 +241,4 @@ def parse_variant(text: str, merge_default: bool = True) -> RapmVariant:
                         "for no-grad passes through the low-rank branch use fast/unmerged")
     merged = lora == "merged" or ("unmerged" not in flags and ("merged" in flags or merge_default))
     return RapmVariant(lora, "ckpt" in flags, merged, chunks[0] if chunks else None, "graphs" in flags,
-                       "gradgraphs" in flags)
+                       "gradgraphs" in flags, "blocks" in flags)

@@ -89,7 +89,7 @@ def stage_unet_forward(b: Bench) -> dict[str, Any]:
     def timed(name: str, fn: Callable[[], Any], batch: int) -> Measurement:
         return b.measure(name, fn, "image", batch, min_repeats=10)  # cheap calls: 10 timed calls at least
 
-    with compiled_unet(w, opts.compile):
+    with compiled_unet(w, opts.compile, bool(opts.compile_blocks)):
         for batch in b.cfg.forward.batches:
             ms.append(timed(f"batch {batch}", run(*_unet_inputs(w, batch, b.cfg.seed)), batch))
     x, t, cond = _unet_inputs(w, 2, b.cfg.seed)
@@ -143,6 +143,11 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
     if variant.ckpt:
         unet.enable_gradient_checkpointing()
     cleanups: list[Callable[[], None]] = [unet.disable_gradient_checkpointing] if variant.ckpt else []
+    if variant.blocks:
+        from .. import regions
+
+        regions.compile_blocks(unet)
+        cleanups.append(lambda: regions.uncompile_blocks(unet))
     student: Callable[..., torch.Tensor] = world.predict
     if variant.lora == "peft":
         params = attach_lora(unet, dcfg.rank, dcfg.lora_targets, ADAPTER, dcfg.seed)
@@ -212,6 +217,24 @@ def rapm_iteration(world: TunedWorld, s: RapmSetup, step: int) -> None:
         opt.step()
 
 
+def engine_variant(b: Bench) -> RapmVariant:
+    """The RAPM variant `rapm-bench distill` runs with the distill preset on this device (the stage's headline)."""
+    from ..distill.engine import compile_blocks_here
+
+    dcfg, opts = b.distill_config(), b.cfg.opts
+    ckpt = dcfg.grad_checkpointing
+    if ckpt is None:  # auto: what the engine would choose on this device
+        from ..distill.memory import choose_checkpointing
+
+        ckpt = choose_checkpointing(dcfg, b.world)[0]
+    graphs = bool(dcfg.fast_nograd) and b.device.type == "cuda"
+    impl = opts.lora or dcfg.lora_impl
+    return RapmVariant(impl, ckpt, impl == "merged" or (impl == "fast" and opts.lora is not None and opts.merge_lora),
+                       graphs=graphs,  # the engine's "fast" runs its no-grad passes through the low-rank branch too
+                       grad_graphs=graphs and bool(dcfg.fast_grad) and impl == "merged" and not ckpt,
+                       blocks=compile_blocks_here(replace(dcfg, grad_checkpointing=ckpt, lora_impl=impl), b.device))
+
+
 def stage_rapm_iteration(b: Bench) -> dict[str, Any]:
     """One RAPM iteration per variant; each LoRA variant's time over the plain one with the same checkpointing."""
     dcfg, opts = b.distill_config(), b.cfg.opts
@@ -222,9 +245,12 @@ def stage_rapm_iteration(b: Bench) -> dict[str, Any]:
         try:
             steps = iter(range(10**9))
             ms.append(b.measure(v.name, lambda s=s, it=steps: rapm_iteration(b.world, s, next(it)), "iteration", 1,
-                                warmup=min(b.cfg.warmup, 1 if v.graphs else get_world_spec(b.cfg.preset).bench_rapm_warmup),
-                                # the counted call warms up, but eagerly: graphs are captured in the warm-up
+                                warmup=max(int(v.blocks), min(b.cfg.warmup, 1 if v.graphs
+                                                              else get_world_spec(b.cfg.preset).bench_rapm_warmup)),
+                                # the counted call warms up, but eagerly: graphs are captured and blocks compiled
+                                # in the warm-up
                                 lora=v.lora, grad_checkpointing=v.ckpt, graphs=v.graphs, grad_graphs=v.grad_graphs,
+                                blocks=v.blocks,
                                 merged_nograd=v.merged and v.lora in ("fast", "merged"),
                                 merged_grad=v.lora == "merged",
                                 slot_chunk=s.chunk,
@@ -233,28 +259,22 @@ def stage_rapm_iteration(b: Bench) -> dict[str, Any]:
             s.cleanup()
             del s
     def same(m: Measurement) -> tuple[Any, ...]:
-        return m.extra["grad_checkpointing"], m.extra["slot_chunk"], m.extra["graphs"], m.extra["grad_graphs"]
+        return (m.extra["grad_checkpointing"], m.extra["slot_chunk"], m.extra["graphs"], m.extra["grad_graphs"],
+                m.extra["blocks"])
 
     plain = {same(m): m.median for m in ms if m.extra["lora"] == "plain"}
     for m in ms:  # over the plain variant with the same checkpointing, chunking and no-grad path
         base = plain.get(same(m))
         m.extra["vs_plain"] = None if base is None else m.median / base
-    ckpt = dcfg.grad_checkpointing
-    if ckpt is None:  # auto: what the engine would choose on this device
-        from ..distill.memory import choose_checkpointing
-
-        ckpt = choose_checkpointing(dcfg, b.world)[0]
-    graphs = bool(dcfg.fast_nograd) and b.device.type == "cuda"
-    impl = opts.lora or dcfg.lora_impl
-    want = RapmVariant(impl, ckpt, impl == "merged" or (impl == "fast" and opts.lora is not None and opts.merge_lora),
-                       graphs=graphs,  # the engine's "fast" runs its no-grad passes through the low-rank branch too
-                       grad_graphs=graphs and bool(dcfg.fast_grad) and impl == "merged" and not ckpt)
+    want = engine_variant(b)
+    ckpt = want.ckpt
     names = [m.name for m in ms]
     headline = want.name if want.name in names else next((n for n in names if not n.startswith("plain")), names[0])
     flat = dcfg.flat()  # config.json's names: RAPM's fields unprefixed
     return b.stage(ms, headline, objective={k: flat[k] for k in (
         "slots", "substeps", "slot_chunk", "rank", "distance", "lambda_abs", "lambda_rel", "lambda_reg",
-        "disc_hidden", "grad_checkpointing", "fast_nograd", "fast_grad")}, engine_grad_checkpointing=ckpt)
+        "disc_hidden", "grad_checkpointing", "fast_nograd", "fast_grad", "compile_blocks")},
+        engine_grad_checkpointing=ckpt)
 
 
 def stage_trajectories(b: Bench) -> dict[str, Any]:
@@ -265,6 +285,9 @@ def stage_trajectories(b: Bench) -> dict[str, Any]:
 
     dcfg, w, batch = b.distill_config(), b.world, b.cfg.traj.batch
     guidance = w.default_guidance if dcfg.guidance is None else dcfg.guidance
+    blocks = b.cfg.opts.compile_blocks
+    if blocks is None:  # as the engine: its teacher passes run compiled blocks where its iterations do
+        blocks = engine_variant(b).blocks
     sched = SlotSchedule(w.alphas_cumprod, dcfg.slots, dcfg.substeps)
     prompts = [f"bench prompt {i}" for i in range(batch)]
     seeds = range(b.cfg.seed, b.cfg.seed + batch)
@@ -274,15 +297,17 @@ def stage_trajectories(b: Bench) -> dict[str, Any]:
     ms = []
     w.calls_per_batch = 1 if b.cfg.opts.cfg_batch else 2
     try:
-        with compiled_unet(w, b.cfg.opts.compile), torch.no_grad():
+        with compiled_unet(w, b.cfg.opts.compile, blocks), torch.no_grad():
             step_flops = count_flops(lambda: step(x, t[0]))
             m = b.measure("cfg batched" if b.cfg.opts.cfg_batch else "cfg two calls",
                           lambda: teacher_trajectories(w, prompts, seeds, guidance, sched), "trajectory", batch,
-                          warmup=0, count=False)  # the counted CFG step warmed the UNet up
+                          # the counted CFG step warmed the UNet up, but eagerly (measure.count_flops): compiled
+                          # code compiles in a warm-up call
+                          warmup=int(b.cfg.opts.compile or blocks), count=False)
     finally:
         w.calls_per_batch = 1
     ms.append(replace(m, flops=step_flops * calls))
-    return b.stage(ms, ms[0].name, guidance=guidance, slots=dcfg.slots, substeps=dcfg.substeps,
+    return b.stage(ms, ms[0].name, guidance=guidance, slots=dcfg.slots, substeps=dcfg.substeps, compiled_blocks=blocks,
                    unet_calls_per_batch=calls * (1 if b.cfg.opts.cfg_batch else 2), unet_batch=2 * batch)
 
 
@@ -316,17 +341,17 @@ def stage_generate(b: Bench) -> dict[str, Any]:
     run, n = runner(cfg.gen.batch), cfg.gen.batch
     ms = []
     w.set_vae_precision("fp32", channels_last=False)
-    with compiled_unet(w, cfg.opts.compile):
+    with compiled_unet(w, cfg.opts.compile, bool(cfg.opts.compile_blocks)):
         ms.append(b.measure("teacher weights, no LoRA", run, "image", n))
     attach_lora(w.unet, dcfg.rank, dcfg.lora_targets, ADAPTER, dcfg.seed)
     _random_lora_b(w.unet, cfg.seed)
     try:
         ms.append(b.measure("LoRA unmerged (peft)", run, "image", n))
         w.unet.fuse_lora()
-        with compiled_unet(w, cfg.opts.compile):
+        with compiled_unet(w, cfg.opts.compile, bool(cfg.opts.compile_blocks)):
             ms.append(b.measure("LoRA merged", run, "image", n))
         if cuda:
-            with graphed_predict(w):
+            with compiled_unet(w, False, bool(cfg.opts.compile_blocks)), graphed_predict(w):
                 for vae in cfg.gen.vae_variants:
                     set_vae_variant(w, vae)
                     ms.append(b.measure(f"LoRA merged, graphs, VAE {vae}", run, "image", n, warmup=1))

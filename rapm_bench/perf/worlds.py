@@ -187,18 +187,26 @@ def set_channels_last(module: nn.Module, on: bool) -> None:
 
 
 @contextlib.contextmanager
-def compiled_unet(world: TunedWorld, enabled: bool) -> Iterator[None]:
-    """`torch.compile` the world's UNet for the duration (no-grad stages only)."""
-    if not enabled:
+def compiled_unet(world: TunedWorld, enabled: bool, blocks: bool = False) -> Iterator[None]:
+    """`torch.compile` the world's UNet for the duration (no-grad stages only); `blocks`: each of its blocks instead
+    (rapm_bench.regions)."""
+    from .. import regions
+
+    if not enabled and not blocks:
         yield
         return
     inner = world.inner
     plain = inner.unet
-    inner.unet = torch.compile(plain)
+    if blocks:
+        regions.compile_blocks(plain)
+    else:
+        inner.unet = torch.compile(plain)
     try:
         yield
     finally:
         inner.unet = plain
+        if blocks:
+            regions.uncompile_blocks(plain)
 
 
 def compute_dtype(cfg: BenchConfig, device: torch.device) -> torch.dtype:
