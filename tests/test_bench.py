@@ -92,6 +92,23 @@ def test_measurement_row_floor_and_ratio():
     assert row["seconds"] == 2.0 and row["throughput_per_s"] == 2.0 and row["flops_per_unit"] == 2e12
     assert row["floor_seconds"] == 1.0 and row["ratio"] == 0.5 and row["tflops_achieved"] == 4.0
     assert m.row(None)["ratio"] is None
+    assert row["warmup_seconds_all"] == [] and row["warmup_excess_seconds"] == 0
+
+
+def test_measure_reports_the_warm_up_apart():
+    """A first call that compiles (here: sleeps) shows up in the warm-up's excess, not in the timed median."""
+    import time
+
+    calls = []
+
+    def fn() -> None:
+        calls.append(1)
+        time.sleep(0.2 if len(calls) == 1 else 0.001)
+
+    m = bm.measure("x", fn, torch.device("cpu"), repeats=3, warmup=2, unit="call", units=1, count=False)
+    row = m.row(None)
+    assert len(calls) == 5 and len(row["warmup_seconds_all"]) == 2 and row["seconds"] < 0.1
+    assert row["warmup_excess_seconds"] >= 0.19
 
 
 def test_peak_table():

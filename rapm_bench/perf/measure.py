@@ -87,6 +87,7 @@ class Measurement:
     flops: int | None  # counted FLOPs of one call
     peak_memory_gib: float | None  # torch.cuda.max_memory_allocated during the timed calls
     extra: dict[str, Any] = field(default_factory=dict)
+    warmup_seconds: tuple[float, ...] = ()  # each untimed warm-up call (compiles and graph captures happen there)
 
     @property
     def median(self) -> float:
@@ -104,7 +105,11 @@ class Measurement:
             "flops_per_call": self.flops, "flops_per_unit": None if self.flops is None else self.flops / self.units,
             "tflops_achieved": None if self.flops is None else self.flops / t / 1e12,
             "floor_seconds": floor, "ratio": None if floor is None else floor / t,
-            "peak_memory_gib": self.peak_memory_gib, **self.extra,
+            "peak_memory_gib": self.peak_memory_gib,
+            # the warm-up calls' time beyond as many timed calls: compiling and capturing, reported apart
+            "warmup_seconds_all": list(self.warmup_seconds),
+            "warmup_excess_seconds": sum(self.warmup_seconds) - len(self.warmup_seconds) * t,
+            **self.extra,
         }
 
 
@@ -114,9 +119,13 @@ def measure(
 ) -> Measurement:
     """Count one call's FLOPs (that call warms up too; `count=False` skips it), run `warmup` more, time `repeats`."""
     flops = count_flops(fn) if count else None
+    warm = []
     for _ in range(warmup):
+        sync(device)
+        t0 = time.perf_counter()
         fn()
-    sync(device)
+        sync(device)
+        warm.append(time.perf_counter() - t0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -127,7 +136,8 @@ def measure(
         sync(device)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-    return Measurement(name, unit, units, tuple(times), flops, None if peak is None else round(peak, 3), dict(extra))
+    return Measurement(name, unit, units, tuple(times), flops, None if peak is None else round(peak, 3), dict(extra),
+                       tuple(warm))
 
 
 def free_memory(device: torch.device) -> None:
