@@ -143,7 +143,7 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
     if variant.ckpt:
         unet.enable_gradient_checkpointing()
     cleanups: list[Callable[[], None]] = [unet.disable_gradient_checkpointing] if variant.ckpt else []
-    if variant.blocks:
+    if variant.blocks and device.type == "cuda":  # as the engine: the CPU path stays eager (like /graphs)
         from .. import regions
 
         regions.compile_blocks(unet)

@@ -189,9 +189,10 @@ def set_channels_last(module: nn.Module, on: bool) -> None:
 @contextlib.contextmanager
 def compiled_unet(world: TunedWorld, enabled: bool, blocks: bool = False) -> Iterator[None]:
     """`torch.compile` the world's UNet for the duration (no-grad stages only); `blocks`: each of its blocks instead
-    (rapm_bench.regions)."""
+    (rapm_bench.regions; a GPU only, as the engine: elsewhere the blocks stay eager)."""
     from .. import regions
 
+    blocks = blocks and world.device.type == "cuda"
     if not enabled and not blocks:
         yield
         return
