@@ -288,6 +288,7 @@ def stage_trajectories(b: Bench) -> dict[str, Any]:
     blocks = b.cfg.opts.compile_blocks
     if blocks is None:  # as the engine: its teacher passes run compiled blocks where its iterations do
         blocks = engine_variant(b).blocks
+    blocks = blocks and b.device.type == "cuda"  # elsewhere eager (compiled_unet)
     sched = SlotSchedule(w.alphas_cumprod, dcfg.slots, dcfg.substeps)
     prompts = [f"bench prompt {i}" for i in range(batch)]
     seeds = range(b.cfg.seed, b.cfg.seed + batch)
