@@ -301,6 +301,9 @@ def test_resolve_bench_presets_and_overrides():
             "merged/ckpt", "plain/ckpt", "merged/ckpt/graphs"} <= set(sdxl)
     blocks = bm.parse_variant("merged/blocks/graphs/gradgraphs")
     assert blocks.blocks and blocks.grad_graphs and blocks.name == "merged/graphs/gradgraphs/blocks"
+    for bad in ("merged/ckpt/blocks", "peft/blocks"):
+        with pytest.raises(UserError, match="blocks needs lora plain, fast or merged, without ckpt"):
+            bm.parse_variant(bad)
     assert bm.parse_variant("merged/ckpt/graphs") == bm.RapmVariant("merged", True, True, None, True)
     assert bm.parse_variant("fast/graphs/unmerged").name == "fast/unmerged/graphs"
     assert bm.resolve_bench("sdxl", lora="merged").opts.lora == "merged"

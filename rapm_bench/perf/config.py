@@ -236,6 +236,9 @@ def parse_variant(text: str, merge_default: bool = True) -> RapmVariant:
     if "gradgraphs" in flags and (lora not in ("merged", "plain") or "ckpt" in flags):
         raise UserError(f"bad RAPM variant {text!r}: gradgraphs needs lora merged or plain, without ckpt (the "
                         "engine's --fast-grad)")
+    if "blocks" in flags and (lora == "peft" or "ckpt" in flags):
+        raise UserError(f"bad RAPM variant {text!r}: blocks needs lora plain, fast or merged, without ckpt (the "
+                        "engine's --compile-blocks)")
     if lora == "merged" and "unmerged" in flags:
         raise UserError(f"bad RAPM variant {text!r}: `merged` runs every pass through merged weights; "
                         "for no-grad passes through the low-rank branch use fast/unmerged")
