@@ -407,3 +407,29 @@ def test_gpu_sdxl_small_bench_runs(tmp_path: Path):
     rows = [r for stage in data["stages"].values() for r in stage["variants"]]
     assert all(r["peak_memory_gib"] > 0 and (r["ratio"] is None) == (data["device"]["peak_tflops"] is None)
                for r in rows)
+
+
+def test_profile_kinds_table_sums_gpu_kernels_by_kind():
+    """perf.profile: kernels sorted into kinds by name (cuDNN's implicit-GEMM convolutions are convolutions), only
+    GPU-side events counted (the ops' rows repeat their kernels' time), rates from the counted FLOPs."""
+    from types import SimpleNamespace
+
+    from rapm_bench.perf.profile import kernel_kind, kinds_table
+
+    assert kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert kernel_kind("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT") == "matmul"
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert kernel_kind("triton_poi_fused_gelu_mul_split_view_3") == "fused (triton)"
+    assert kernel_kind("Memset (Device)") == "other"
+    assert kernel_kind("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>") == "layout"
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, us, device=cuda):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=0, end=us))
+
+    prof = SimpleNamespace(events=lambda: [event("nvjet_tst_a", 3000), event("nvjet_tst_b", 1000),
+                                           event("aten::addmm", 4000, cpu), event("triton_poi_fused_x", 2000),
+                                           event("Command Buffer Full", 9000)])
+    rows = {line.split()[0]: line.split() for line in kinds_table(prof, 2, {"matmul": 10**12}).splitlines()[1:]}
+    assert rows["matmul"][1] == "2.00" and rows["matmul"][-1] == "500"  # 4 ms over 2 calls; 1 TFLOP in 2 ms
+    assert rows["fused"][2] == "1.00" and rows["all"][1] == "3.00"

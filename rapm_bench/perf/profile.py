@@ -1,11 +1,18 @@
-"""Where a RAPM iteration's GPU time goes: torch.profiler over the bench's replica of the engine's iteration.
+"""Where the GPU time goes: torch.profiler over the bench's replica of the engine's iteration, or over the
+no-grad passes of generation and trajectories.
 
     python -m rapm_bench.perf.profile --variants plain/graphs,merged/graphs --out results/bench
+    python -m rapm_bench.perf.profile --variants "" --passes unet,vae --out results/bench
 
 For each variant (`rapm-bench bench` spelling), three iterations warm up (graph captures), two are profiled;
 the table of the top CUDA kernels by self time goes to <out>/profile-<variant>.txt, headed by the iteration's
 wall time, the time the GPU was busy (the union of its kernels' intervals) and the stream synchronisations one
 iteration makes (torch.cuda's sync debug mode): each one drains the GPU's queue, which then waits on the host.
+
+`--passes unet`: the no-grad UNet call of generation and trajectories at `--unet-batch`, its blocks compiled as
+the engine runs them; `vae`: the decode at `--vae-batch` in the sdxl protocol's precision (compiled). Each file
+(profile-unet-b16.txt, profile-vae-tf32-b4.txt) adds a table by kernel kind: GPU time, counted FLOPs
+(FlopCounterMode) and the TF32/bf16 rate each kind reached, which names what limits the pass.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -44,6 +52,108 @@ def busy_seconds(prof: torch.profiler.profile) -> float:
     return total / 1e6  # the profiler's times are microseconds
 
 
+KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # kernel kind by substrings of the CUDA kernel's name, first match wins (cuDNN's convolution kernels on sm90
+    # carry "implicit_gemm" in their names, so convolutions come before matrix products, and its layout
+    # transposes "cudnn", so those come before convolutions)
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("layout", ("nchwtonhwc", "nhwctonchw")),  # cuDNN's own layout transposes around a convolution
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit", "winograd", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "cublas", "xmma")),
+    ("fused (triton)", ("triton",)),
+)
+OP_KINDS: dict[str, str] = {"mm": "matmul", "addmm": "matmul", "bmm": "matmul", "baddbmm": "matmul",
+                            "convolution": "convolution", "_convolution": "convolution"}
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel from its name (KINDS), else "other"."""
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
+
+
+def op_flops(fn: Callable[[], object]) -> dict[str, int]:
+    """FLOPs of one call by kernel kind (FlopCounterMode's per-op counts; the call runs eagerly)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .measure import _cpu_attention_flops
+
+    stance = getattr(torch._dynamo, "set_stance", None)
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter, stance("force_eager") if stance else nullcontext():
+        fn()
+    out: dict[str, int] = {}
+    for op, n in counter.get_flop_counts().get("Global", {}).items():
+        name = str(op).split(".")[1] if "." in str(op) else str(op)  # "aten.addmm" -> "addmm"
+        kind = "attention" if "attention" in name else OP_KINDS.get(name, "other")
+        out[kind] = out.get(kind, 0) + int(n)
+    return out
+
+
+def kinds_table(prof: torch.profiler.profile, calls: int, flops: dict[str, int]) -> str:
+    """GPU time per call by kernel kind, with the counted FLOPs and the rate each kind reached."""
+    times: dict[str, float] = {}
+    for e in prof.events():  # GPU-side events only: kernels, copies, memsets (an op's row repeats its kernels)
+        if e.device_type == torch.autograd.DeviceType.CUDA and "Command Buffer" not in e.name:
+            kind = kernel_kind(e.name)
+            times[kind] = times.get(kind, 0.0) + (e.time_range.end - e.time_range.start) / 1e3 / calls
+    total = sum(times.values())
+    lines = [f"{'kind':<16}{'ms':>9}{'share':>8}{'TFLOP':>9}{'TFLOP/s':>10}"]
+    for kind, ms in sorted(times.items(), key=lambda kv: -kv[1]):
+        tf = flops.get(kind, 0) / 1e12
+        rate = f"{tf / ms * 1e3:10.0f}" if tf else f"{'':>10}"
+        lines.append(f"{kind:<16}{ms:9.2f}{ms / total:8.1%}{tf:9.3f}{rate}")
+    lines.append(f"{'all':<16}{total:9.2f}{1:8.1%}{sum(flops.values()) / 1e12:9.3f}"
+                 f"{sum(flops.values()) / 1e9 / total:10.0f}")
+    return "\n".join(lines)
+
+
+def profile_pass(name: str, fn: Callable[[], object], calls: int, out: Path, rows: int, note: str) -> None:
+    """Warm `fn` up (compiles), profile `calls` calls, write <out>/profile-<name>.txt (kinds table + top kernels)."""
+    flops = op_flops(fn)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / calls
+    busy = busy_seconds(prof) / calls
+    head = (f"# {name}: {note}; {calls} calls profiled, {torch.cuda.get_device_name()}\n"
+            f"# per call (under the profiler): wall {wall * 1e3:.1f} ms, GPU busy {busy * 1e3:.1f} ms\n")
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90)
+    text = f"{head}\n{kinds_table(prof, calls, flops)}\n\n{table}\n"
+    (out / f"profile-{name}.txt").write_text(text)
+    print(f"== {name}\n{text}", flush=True)
+
+
+def profile_passes(world: object, passes: list[str], unet_batch: int, vae_batch: int, out: Path, rows: int) -> None:
+    """Profile generation's and trajectories' no-grad passes (`--passes`): the UNet with compiled blocks, the decode."""
+    from .. import regions
+    from ..eval.protocols import default_protocol
+    from .stages import _unet_inputs
+
+    if "unet" in passes:
+        x, t, cond = _unet_inputs(world, unet_batch, 0)  # type: ignore[arg-type]
+        unet = world.inner.unet  # type: ignore[attr-defined]
+        regions.compile_blocks(unet)
+        try:
+            profile_pass(f"unet-b{unet_batch}", torch.no_grad()(lambda: world.predict(x, t, cond)), 2, out, rows,  # type: ignore[attr-defined]
+                         f"no-grad UNet call at batch {unet_batch}, bf16, blocks compiled")
+        finally:
+            regions.uncompile_blocks(unet)
+    if "vae" in passes:
+        precision = default_protocol("sdxl").vae_precision
+        world.set_vae_precision(precision)  # type: ignore[attr-defined]
+        gen = torch.Generator().manual_seed(0)
+        z = torch.randn((vae_batch, *world.latent_shape), generator=gen).to(world.device)  # type: ignore[attr-defined]
+        decoder = world.inner.decoder  # type: ignore[attr-defined]
+        profile_pass(f"vae-{precision}-b{vae_batch}", lambda: decoder(z), 2, out, rows,
+                     f"VAE decode at batch {vae_batch}, {precision}, compiled")
+
+
 def main(argv: list[str] | None = None) -> None:
     from ..distill.config import distill_preset
     from .config import parse_variant, resolve_bench
@@ -51,7 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     from .worlds import build_world
 
     p = argparse.ArgumentParser(prog="python -m rapm_bench.perf.profile", description=__doc__.splitlines()[0])
-    p.add_argument("--variants", default="plain/graphs,merged/graphs")
+    p.add_argument("--variants", default="plain/graphs,merged/graphs", help="RAPM variants ('' for none)")
+    p.add_argument("--passes", default="", help="no-grad passes to profile too: unet, vae (comma-separated)")
+    p.add_argument("--unet-batch", type=int, default=16, help="the UNet pass's batch (16: generation's, trajectories')")
+    p.add_argument("--vae-batch", type=int, default=4, help="the decode's batch")
     p.add_argument("--out", type=Path, default=Path("results/bench"))
     p.add_argument("--rows", type=int, default=60)
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -60,7 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     world = build_world(cfg, device)
     dcfg = distill_preset("sdxl")
     a.out.mkdir(parents=True, exist_ok=True)
-    for name in a.variants.split(","):
+    passes = [x for x in a.passes.split(",") if x]
+    if passes:
+        profile_passes(world, passes, a.unet_batch, a.vae_batch, a.out, a.rows)
+    for name in filter(None, a.variants.split(",")):
         s = rapm_setup(world, dcfg, parse_variant(name), 0)
         try:
             for i in range(3):
