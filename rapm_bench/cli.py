@@ -69,6 +69,10 @@ def generate(
     seed: Annotated[int, typer.Option(help="Image i is drawn with seed + i, whatever the batch size.")] = 0,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch; default: the preset's.")] = None,
     grid: Annotated[str | None, typer.Option(help="Also write a contact sheet of the first 64 images here.")] = None,
+    compile_blocks: Annotated[bool | None, typer.Option(
+        "--compile-blocks/--no-compile-blocks", help="Compile each ResNet and transformer block of the UNet (a CUDA "
+        "GPU; about a minute on a new machine, seconds from inductor's cache in ~/.cache/rapm-bench/inductor); "
+        "default: when images x steps >= 16384, where it pays back.")] = None,
     preset: Preset = "tiny",
     teacher: Annotated[str | None, typer.Option(help="Teacher: hub id or local diffusers folder; "
                                                       "default: the preset's.")] = None,
@@ -84,7 +88,7 @@ def generate(
     cfg = GenerateConfig(
         world=WorldConfig(preset=preset, teacher=teacher, device=device, precision=precision, resolution=resolution),
         out=out, model=model, steps=steps, guidance=guidance, lora=lora, fuse=fuse, prompts=prompts,
-        num_images=num_images, seed=seed, batch_size=batch_size, grid=grid,
+        num_images=num_images, seed=seed, batch_size=batch_size, grid=grid, compile_blocks=compile_blocks,
     )
     if dry_run:
         typer.echo(_run(resolve_generate, cfg).to_json())
@@ -120,6 +124,10 @@ def evaluate(
     inception: Annotated[str | None, typer.Option(help="Local clean-fid Inception weights (coco protocols).")] = None,
     clip_checkpoint: Annotated[str | None, typer.Option(help="Local open_clip checkpoint (coco protocols).")] = None,
     save_images: Annotated[str | None, typer.Option(help="Also save the generated PNGs in this folder.")] = None,
+    compile_blocks: Annotated[bool | None, typer.Option(
+        "--compile-blocks/--no-compile-blocks", help="Compile each ResNet and transformer block of the UNet (a CUDA "
+        "GPU; about a minute on a new machine, seconds from inductor's cache in ~/.cache/rapm-bench/inductor); "
+        "default: when images x steps >= 16384, where it pays back.")] = None,
     preset: Preset = "tiny",
     teacher: Annotated[str | None, typer.Option(help="Teacher: hub id or local diffusers folder.")] = None,
     device: Annotated[str, typer.Option(help="`auto`, `cpu`, `cuda`, ...")] = "auto",
@@ -140,7 +148,7 @@ def evaluate(
         model=model, lora=lora, steps=steps, guidance=guidance, protocol=protocol, num_images=num_images, out=out,
         seed=seed,
         batch_size=batch_size, data_dir=data_dir, inception=inception, clip_checkpoint=clip_checkpoint,
-        images_out=save_images,
+        images_out=save_images, compile_blocks=compile_blocks,
     )
     result = _run(run_eval, cfg)
     if result is None:
@@ -322,8 +330,9 @@ def bench(
                                                         "ResNet and transformer block of the UNet (regional "
                                                         "compilation, LoRA layers eager) for unet-forward, "
                                                         "trajectories and generate; default: trajectories as the "
-                                                        "distill engine (compiled on a GPU), the others eager. "
-                                                        "RAPM variants: /blocks.")] = None,
+                                                        "distill engine and generate as generation at 30K images "
+                                                        "(both compiled on a GPU), unet-forward eager. RAPM "
+                                                        "variants: /blocks.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result JSON on stdout.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and exit.")] = False,
 ) -> None:

@@ -109,7 +109,9 @@ def distill(
     seed: Annotated[int | None, typer.Option(help="Seed of the LoRA/head init and every iteration's randomness.")]
     = None,
     cache_dir: Annotated[str | None, typer.Option(help="Trajectory cache root; default: ~/.cache/rapm-bench/"
-                                                       "trajectories.")] = None,
+                                                       "trajectories. Compiled UNet blocks keep inductor's kernels in "
+                                                       "its inductor/ (default ~/.cache/rapm-bench/inductor) unless "
+                                                       "TORCHINDUCTOR_CACHE_DIR is set.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Iterations between checkpoints.")] = None,
     sample_every: Annotated[int | None, typer.Option(help="Iterations between sample grids (0: only the last).")]
     = None,

@@ -52,10 +52,15 @@ class GenerateConfig:
     seed: int = 0  # image i uses seed + i
     batch_size: int | None = None  # None = the preset's
     grid: str | None = None  # optional contact-sheet PNG path
+    compile_blocks: bool | None = None  # the UNet's blocks compiled (regions.pays): None = on a CUDA GPU from
+    #                                     regions.MIN_PASSES images × steps
 
     def to_json(self) -> str:
-        """Stable JSON of the resolved config."""
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        """Stable JSON of the resolved config (`compile_blocks` only where set, so older folders still resume)."""
+        d = asdict(self)
+        if d["compile_blocks"] is None:
+            del d["compile_blocks"]
+        return json.dumps(d, indent=2, sort_keys=True)
 
 
 def resolve_generate(cfg: GenerateConfig) -> GenerateConfig:
@@ -98,3 +103,5 @@ class EvalConfig:
     clip_checkpoint: str | None = None  # local open_clip checkpoint (coco protocols)
     images_out: str | None = None  # also save the generated PNGs here (optional)
     fuse: bool = True  # merge the LoRA before sampling (same images, faster)
+    compile_blocks: bool | None = None  # the UNet's blocks compiled (regions.pays): None = on a CUDA GPU from
+    #                                     regions.MIN_PASSES images × steps (this process's share)

@@ -22,6 +22,7 @@ from .errors import UserError
 from .files import TMP_SUFFIX, atomic_write_bytes, is_stale_tmp, remove_stale_tmp, sha256_file  # noqa: F401 - re-exported
 from .lora import resolve_lora_path
 from .models import get_model
+from .regions import blocks_compiled, pays
 from .sampling import SamplerRecipe, cfg_denoiser, sample, seeded_noise
 from .worlds import World, load_world
 
@@ -218,8 +219,11 @@ def _generate(cfg: GenerateConfig) -> dict[str, Any]:
     known = _manifest_hashes(out / "manifest.json")
     batches = [records[i : i + bs] for i in range(0, len(records), bs)]
     todo = [b for b in batches if not all(_image_done(out / r["file"], known.get(r["file"])) for r in b)]
+    # from the whole run's size, so that a resumed run compiles as the uninterrupted one did (same images)
+    blocks = pays(world, len(records) * (cfg.steps or 0), cfg.compile_blocks)
     with tqdm(total=len(records), initial=len(records) - sum(map(len, todo)), desc=f"generate {cfg.model}",
-              unit="img") as bar, graphed_predict(world):  # GPU: the UNet passes replay CUDA graphs
+              unit="img") as bar, blocks_compiled(world.unet, blocks), graphed_predict(world):  # GPU: compiled
+        # blocks (regions.pays), the UNet passes replayed from CUDA graphs
         for chunk in todo:
             with oom_hint(f"generating {len(chunk)} images", batch_hint(bs, _memory_hint(cfg.world.preset))):
                 images = generate_batch(world, [r["prompt"] for r in chunk], [r["seed"] for r in chunk],

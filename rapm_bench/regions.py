@@ -21,7 +21,10 @@ backend (the graph breaks and the autograd plumbing, exact) and, `gpu`, with ind
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,3 +76,43 @@ def uncompile_blocks(unet: nn.Module) -> None:
 def compiled(unet: nn.Module) -> bool:
     """Whether `unet`'s blocks run compiled."""
     return any(getattr(m, "_compiled_call_impl", None) is not None for m in blocks(unet))
+
+
+def persist_cache(root: Path | None = None) -> Path:
+    """Keep inductor's compiled kernels under `root` (default: rapm-bench's cache, `inductor/`) unless
+    TORCHINDUCTOR_CACHE_DIR is set: torch's default lives in the temp folder, which a reboot or a new container
+    empties, and a cold compile of the sdxl engine takes minutes where a warm one takes ~45 s. Returns the folder."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        if root is None:
+            from .eval.engine import default_cache_dir
+
+            root = default_cache_dir()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(root).expanduser().resolve() / "inductor")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def pays(world: Any, passes: int, wanted: bool | None = None) -> bool:
+    """Whether generation compiles `world`'s UNet blocks: `wanted` if given (--compile-blocks/--no-compile-blocks),
+    else from the world's `compile_blocks_from` UNet passes on (SDXL; the tiny world never unasked); never off a
+    CUDA GPU (as the engine) or on a torch that cannot (`supported`)."""
+    if world.device.type != "cuda" or not supported():
+        return False
+    if wanted is not None:
+        return wanted
+    start = getattr(world, "compile_blocks_from", None)
+    return start is not None and passes >= start
+
+
+@contextlib.contextmanager
+def blocks_compiled(unet: nn.Module, enabled: bool) -> Iterator[int]:
+    """Inside the block `unet`'s blocks run compiled (`compile_blocks`, inductor's cache kept by `persist_cache`);
+    yields how many (0: eager). Blocks compiled before the block stay as they were."""
+    if not enabled or compiled(unet):
+        yield 0
+        return
+    persist_cache()
+    n = compile_blocks(unet)
+    try:
+        yield n
+    finally:
+        uncompile_blocks(unet)

@@ -691,3 +691,148 @@ def test_engine_compiles_blocks_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(regions, "supported", lambda: False)
     assert not compile_blocks_here(cfg, gpu)
 
+
+
+def test_gemm_attention_is_sdpa_in_any_chunking():
+    """The VAE's attention as two matrix products (worlds.attention.gemm_attention) = SDPA, in one chunk of queries
+    and in several with a remainder."""
+    import torch.nn.functional as F
+
+    from rapm_bench.worlds.attention import gemm_attention
+
+    q, k, v = torch.randn(3, 2, 3, 50, 16, generator=torch.Generator().manual_seed(0)).unbind(0)
+    want = F.scaled_dot_product_attention(q, k, v)
+    for max_scores in (2**26, 2 * 3 * 50 * 7):  # everything at once; 7 queries a chunk (8 chunks, the last of 1)
+        torch.testing.assert_close(gemm_attention(q, k, v, max_scores), want, rtol=1e-5, atol=1e-6)
+
+
+def test_gemm_attention_processor_decodes_as_sdpa():
+    """`use_gemm_attention` on an SDXL-architecture VAE: both attention layers change processor and the decode equals
+    SDPA's within fp32 round-off; a call with a mask or encoder states goes to diffusers' processor unchanged."""
+    from diffusers.models.attention_processor import Attention
+
+    from rapm_bench.bench import build_sdxl_vae
+    from rapm_bench.worlds.attention import GemmAttnProcessor, use_gemm_attention
+
+    vae = build_sdxl_vae(True, torch.device("cpu"))
+    gemm = copy.deepcopy(vae)
+    assert use_gemm_attention(gemm) == 2
+    assert all(isinstance(m.processor, GemmAttnProcessor) for m in gemm.modules() if isinstance(m, Attention))
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = vae.decode(z, return_dict=False)[0], gemm.decode(z, return_dict=False)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    attn = next(m for m in gemm.modules() if isinstance(m, Attention))
+    x, ctx = torch.randn(1, 5, attn.query_dim), torch.randn(1, 7, attn.query_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(attn.processor(attn, x, ctx), attn.processor.fallback(attn, x, ctx))
+
+
+def test_vae_decoder_uses_gemm_attention_for_tf32_on_a_gpu_only():
+    """The CPU's TF32 decode is the VAE itself (fp32 exactly); on a GPU the TF32 copy has the GEMM attention, the
+    bf16 and fp32 decodes and `gemm_attention=False` keep SDPA."""
+    from diffusers.models.attention_processor import Attention
+
+    from rapm_bench.bench import build_sdxl_vae
+    from rapm_bench.worlds.attention import GemmAttnProcessor
+    from rapm_bench.worlds.sdxl import VAEDecoder
+
+    def gemm(net: torch.nn.Module) -> bool:
+        return any(isinstance(m.processor, GemmAttnProcessor) for m in net.modules() if isinstance(m, Attention))
+
+    dec = VAEDecoder(build_sdxl_vae(True, torch.device("cpu")))
+    assert dec.precision == "tf32" and dec.network() is dec.vae and not gemm(dec.vae)
+    if torch.cuda.is_available():
+        dec = VAEDecoder(build_sdxl_vae(True, torch.device("cuda")))
+        dec.compile = False
+        assert gemm(dec.network()) and not gemm(dec.vae)
+        dec.gemm_attention = False
+        assert not gemm(dec.network())
+        dec.gemm_attention, dec.precision = True, "bf16"
+        assert not gemm(dec.network())
+
+
+@pytest.mark.gpu
+@cuda
+def test_tf32_decode_with_gemm_attention_is_as_close_to_fp32_as_sdpa():
+    """The TF32 decode with its attention on TF32 tensor cores stays within one level of the exact fp32 decode,
+    on about as many values as the TF32 decode through SDPA (compiled, as generation runs it)."""
+    from rapm_bench.bench import build_sdxl_vae, uint8_difference
+    from rapm_bench.worlds.sdxl import VAEDecoder
+
+    dec = VAEDecoder(build_sdxl_vae(True, torch.device("cuda")))
+    latents = torch.randn(2, 4, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 4
+    dec.precision = "fp32"
+    exact = dec(latents)
+    dec.precision = "tf32"
+    gemm = uint8_difference(dec(latents), exact)
+    dec.gemm_attention = False
+    sdpa = uint8_difference(dec(latents), exact)
+    assert gemm["max"] <= 1 and gemm["changed_share"] <= sdpa["changed_share"] + 0.02, (gemm, sdpa)
+
+
+def test_generation_compiles_blocks_where_it_pays(monkeypatch, tmp_path):
+    """`regions.pays`: never off a CUDA GPU or on a torch that cannot; --compile-blocks/--no-compile-blocks decide;
+    unasked, from the world's `compile_blocks_from` passes on (SDXL), never for the tiny world. `blocks_compiled`
+    compiles for its block only and leaves compiled blocks alone; `persist_cache` keeps a set TORCHINDUCTOR_CACHE_DIR."""
+    from types import SimpleNamespace
+
+    from rapm_bench import regions
+    from rapm_bench.worlds.sdxl import SDXLWorld
+    from rapm_bench.worlds.tiny import TinyWorld
+
+    gpu = torch.device("cuda")
+    sdxl = SimpleNamespace(device=gpu, compile_blocks_from=SDXLWorld.compile_blocks_from)
+    tiny = SimpleNamespace(device=gpu, compile_blocks_from=TinyWorld.compile_blocks_from)
+    n = SDXLWorld.compile_blocks_from
+    assert regions.pays(sdxl, n) and not regions.pays(sdxl, n - 1) and not regions.pays(sdxl, n, False)
+    assert not regions.pays(tiny, 10**9) and regions.pays(tiny, 1, True)
+    assert not regions.pays(SimpleNamespace(device=torch.device("cpu"), compile_blocks_from=1), 10**9, True)
+    monkeypatch.setattr(regions, "supported", lambda: False)
+    assert not regions.pays(sdxl, 10**9, True)
+
+    world = small_world()
+    with regions.blocks_compiled(world.unet, False) as k:
+        assert k == 0 and not regions.compiled(world.unet)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("RAPM_BENCH_CACHE", str(tmp_path))
+    with regions.blocks_compiled(world.unet, True) as k:  # the blocks compile lazily: nothing runs here
+        assert k == len(regions.blocks(world.unet)) > 0 and regions.compiled(world.unet)
+        import os
+
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path.resolve() / "inductor")
+        with regions.blocks_compiled(world.unet, True) as inner:
+            assert inner == 0
+        assert regions.compiled(world.unet)
+    assert not regions.compiled(world.unet)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert regions.persist_cache() == tmp_path / "mine"
+
+
+def test_generate_config_writes_compile_blocks_only_where_set():
+    """A folder written before `compile_blocks` existed still resumes: the field enters config.json only when set."""
+    from rapm_bench.config import GenerateConfig, WorldConfig
+
+    cfg = GenerateConfig(world=WorldConfig(), out="x")
+    assert "compile_blocks" not in json.loads(cfg.to_json())
+    assert json.loads(replace(cfg, compile_blocks=False).to_json())["compile_blocks"] is False
+
+
+@pytest.mark.gpu
+@cuda
+def test_generation_with_compiled_blocks_is_within_a_level_of_eager():
+    """Generation with the UNet's blocks compiled (inductor) and from CUDA graphs, as `generate` and `eval` run it:
+    within one level of the eager images on under 5 % of the values."""
+    from rapm_bench import regions
+    from rapm_bench.cudagraphs import graphed_predict
+    from rapm_bench.generate import generate_batch
+    from rapm_bench.sampling import DDIM_TRAILING
+
+    world = small_world("cuda")
+    prompts, seeds = ["a red circle", "a blue square", "a green triangle", "two stars"], [0, 1, 2, 3]
+    eager = generate_batch(world, prompts, seeds, DDIM_TRAILING, 4, 1.0)
+    with regions.blocks_compiled(world.unet, True) as n, graphed_predict(world):
+        compiled = generate_batch(world, prompts, seeds, DDIM_TRAILING, 4, 1.0)
+    assert n > 0 and not regions.compiled(world.unet)
+    d = (compiled.int() - eager.int()).abs()
+    assert int(d.max()) <= 1 and float((d > 0).float().mean()) < 0.05, (int(d.max()), float((d > 0).float().mean()))

@@ -244,10 +244,11 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     if compile_blocks_here(cfg, device):  # before the trajectories: the teacher's passes run compiled blocks too
         from .. import regions
 
+        cache = regions.persist_cache(Path(cfg.cache_dir) if cfg.cache_dir else None)
         compiled_blocks = regions.compile_blocks(world.unet)
         if progress and state.is_main_process:
             tqdm.write(f"the UNet's {compiled_blocks} blocks compile in the first passes: minutes on a new machine, "
-                       "less than one from inductor's cache (--no-compile-blocks: eager)")
+                       f"less than one from inductor's cache {cache} (--no-compile-blocks: eager)")
     spec = make_spec(world, prompts, cfg.trajectory_seed, guidance, cfg.slots, cfg.substeps, cfg.store_dtype,
                      cfg.trajectory_batch, interior=objective_spec(cfg.objective).interior)
     with graphed_predict(world, cfg.fast_nograd):  # GPU: the teacher's CFG passes replay CUDA graphs

@@ -26,6 +26,7 @@ from ..files import atomic_write_bytes, sha256_file
 from ..generate import batch_hint, generate_batch, oom_hint, png_bytes
 from ..models import get_model, with_lora
 from ..provenance import device_name, git_commit, versions
+from ..regions import blocks_compiled, pays
 from ..worlds import World, load_world
 from .fid import FeatureStats
 from .metrics import GROUP, Detector, Finish, detectors, finalize, metrics
@@ -179,8 +180,11 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
         atomic_write_bytes(images_out / "config.json", _images_config(cfg, steps, protocol).encode())
     memory = preset.eval_memory_hint
     t0 = time.perf_counter()
+    blocks = pays(world, n * steps, cfg.compile_blocks)  # the whole run's size: the same for every shard
     with tqdm(total=sum(len(g) for g in mine), desc=f"eval {spec.name} {steps}-step", unit="img",
-              disable=not state.is_main_process) as bar, graphed_predict(world):  # GPU: UNet passes from CUDA graphs
+              disable=not state.is_main_process) as bar, blocks_compiled(world.unet, blocks), graphed_predict(world):
+        # GPU: compiled blocks (regions.pays), UNet passes from CUDA graphs
+        first_s: float | None = None  # the first group's seconds: compiles, graph captures, cuDNN's warm-up
         for group in mine:
             imgs = []
             for start in range(group.start, group.stop, batch):
@@ -198,6 +202,10 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
             if images_out is not None:
                 for i, img in zip(group, images, strict=True):
                     atomic_write_bytes(images_out / f"{i:06d}.png", png_bytes(img))
+            if first_s is None:
+                if world.device.type == "cuda":
+                    torch.cuda.synchronize(world.device)
+                first_s = time.perf_counter() - t0
     _all_reduce(acc, state)
     if world.device.type == "cuda":
         torch.cuda.synchronize(world.device)
@@ -211,8 +219,11 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     intervals_s = time.perf_counter() - t_int
     result = _record(cfg, spec, steps, guidance, protocol, n, scores, world, lora, seconds, scorer)
     # Timings of this run (main process; not part of what identifies or compares a result).
+    rest = sum(len(g) for g in mine[1:])  # after the first group: the steady rate, for extrapolating a longer run
     result["timing"] = {"load_s": load_s, "loop_s": seconds, "images_per_s": result["images_per_second"],
-                        "intervals_s": intervals_s, "processes": state.num_processes}
+                        "first_group_s": first_s, "first_group_images": len(mine[0]) if mine else 0,
+                        "steady_images_per_s": rest / (seconds - first_s) if rest and first_s is not None else None,
+                        "compiled_blocks": blocks, "intervals_s": intervals_s, "processes": state.num_processes}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / result_name(spec.name, steps, protocol.name)
     atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())

@@ -33,8 +33,9 @@ class Optimisations:
     sdpa: bool = True  # torch scaled_dot_product_attention (flash / memory-efficient), not the classic processor
     compile: bool = False  # torch.compile the UNet for no-grad passes (unet-forward, trajectories, generate)
     compile_blocks: bool | None = None  # each UNet block compiled (rapm_bench.regions) for the no-grad stages; None:
-    #                                     as the distill engine (`trajectories` compiled where it compiles them, a GPU;
-    #                                     unet-forward and generate eager). RAPM variants say it with `/blocks`
+    #                                     as the product (`trajectories` as the distill engine, `generate` as generation
+    #                                     of the estimate's images: compiled on a GPU; unet-forward eager). RAPM variants
+    #                                     say it with `/blocks`
     lora: str | None = None  # RAPM headline's LoRA: None = the distill preset's --lora-impl; "merged", "fast"
     #                          (FastLoRA through the low-rank branch) or "peft"
 
@@ -70,7 +71,8 @@ class GenerateStage:
     steps: int = 4
     images: int = 30_000  # for the estimate (coco30k)
     vae_variants: tuple[str, ...] = ("fp32", "tf32/eager", "tf32", "bf16", "tf32/channels_last",
-                                     "bf16/channels_last")  # GPU; TF32/bf16 compiled unless "/eager"
+                                     "bf16/channels_last")  # GPU; TF32/bf16 compiled unless "/eager"; TF32's
+    #                                     attention as matrix products unless "/sdpa" (perf.worlds.set_vae_variant)
     vae_channels_last: bool = False  # the protocol precision's layout in the bigger batches (and the headline)
     big_batches: tuple[int, ...] = ()  # more batch sizes, graphs and the protocol's VAE (the last is the headline)
 
@@ -127,7 +129,8 @@ BENCH_PRESETS: dict[str, BenchConfig] = {
     "tiny": BenchConfig(traj=TrajectoryStage(batch=4), gen=GenerateStage(batch=4), eval=EvalStage(batch=64),
                         rapm=RapmStage(iterations=200, trajectories=256)),
     "sdxl": BenchConfig(preset="sdxl", rapm=_SDXL_RAPM, forward=ForwardStage(batches=(1, 2, 8)),
-                        gen=GenerateStage(vae_variants=("fp32", "tf32/eager", "tf32", "bf16"), big_batches=(16,))),
+                        gen=GenerateStage(vae_variants=("fp32", "tf32/eager/sdpa", "tf32/sdpa", "tf32", "bf16"),
+                                          big_batches=(16,))),
     "sdxl-small": BenchConfig(preset="sdxl", scale="small", repeats=1, matmul_size=512, rapm=_SDXL_RAPM,
                               traj=TrajectoryStage(batch=2), gen=GenerateStage(batch=2),
                               eval=EvalStage(batch=2, precision_images=64)),

@@ -328,11 +328,14 @@ def stage_generate(b: Bench) -> dict[str, Any]:
     from ..eval.protocols import default_protocol
     from ..generate import generate_batch
     from ..lora import attach_lora
+    from ..regions import pays
     from ..sampling import DDIM_TRAILING
 
     cfg, w, dcfg = b.cfg, b.world, b.distill_config()
     protocol_vae = default_protocol(cfg.preset).vae_precision
     cuda = b.device.type == "cuda"
+    # as `generate` and `eval` at the estimate's image count, unless --compile-blocks/--no-compile-blocks
+    blocks = pays(w, cfg.gen.images * cfg.gen.steps, cfg.opts.compile_blocks)
 
     def runner(batch: int) -> Callable[[], torch.Tensor]:
         prompts = [f"bench prompt {i}" for i in range(batch)]
@@ -342,17 +345,17 @@ def stage_generate(b: Bench) -> dict[str, Any]:
     run, n = runner(cfg.gen.batch), cfg.gen.batch
     ms = []
     w.set_vae_precision("fp32", channels_last=False)
-    with compiled_unet(w, cfg.opts.compile, bool(cfg.opts.compile_blocks)):
+    with compiled_unet(w, cfg.opts.compile, blocks):
         ms.append(b.measure("teacher weights, no LoRA", run, "image", n))
     attach_lora(w.unet, dcfg.rank, dcfg.lora_targets, ADAPTER, dcfg.seed)
     _random_lora_b(w.unet, cfg.seed)
     try:
         ms.append(b.measure("LoRA unmerged (peft)", run, "image", n))
         w.unet.fuse_lora()
-        with compiled_unet(w, cfg.opts.compile, bool(cfg.opts.compile_blocks)):
+        with compiled_unet(w, cfg.opts.compile, blocks):
             ms.append(b.measure("LoRA merged", run, "image", n))
         if cuda:
-            with compiled_unet(w, False, bool(cfg.opts.compile_blocks)), graphed_predict(w):
+            with compiled_unet(w, False, blocks), graphed_predict(w):
                 for vae in cfg.gen.vae_variants:
                     set_vae_variant(w, vae)
                     ms.append(b.measure(f"LoRA merged, graphs, VAE {vae}", run, "image", n, warmup=1))
@@ -370,4 +373,4 @@ def stage_generate(b: Bench) -> dict[str, Any]:
     headline = next((x for x in [*best, f"LoRA merged, graphs, VAE {protocol_vae}{layout}"] if x in names),
                     "LoRA merged" if cfg.opts.merge_lora else "LoRA unmerged (peft)")
     return b.stage(ms, headline, steps=cfg.gen.steps, guidance=1.0, resolution=w.image_size,
-                   protocol_vae_precision=protocol_vae)
+                   protocol_vae_precision=protocol_vae, compiled_blocks=blocks)

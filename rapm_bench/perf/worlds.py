@@ -44,6 +44,7 @@ class RandomSDXLWorld(UNetWorld):
 
     name = "sdxl"
     default_guidance = 5.0
+    compile_blocks_from = SDXLWorld.compile_blocks_from
     noise_schedule = NoiseSchedule()  # SDXL: scaled_linear 0.00085-0.012, eps
 
     def __init__(self, small: bool, device: torch.device, dtype: torch.dtype, resolution: int | None = None,
@@ -105,6 +106,7 @@ class TunedWorld(World):
         self.inner, self.opts = inner, opts
         self.name, self.noise_schedule, self.device = inner.name, inner.noise_schedule, inner.device
         self.default_guidance = inner.default_guidance
+        self.compile_blocks_from = inner.compile_blocks_from
         self.calls_per_batch = 1  # 2 = a CFG pair as two UNet calls (the trajectories stage sets it)
 
     @property
@@ -171,13 +173,15 @@ def set_sdpa(module: nn.Module, sdpa: bool) -> None:
 
 
 def set_vae_variant(world: World, vae: str) -> str:
-    """Decode as the bench's VAE variant `<precision>[/channels_last][/eager]` says (eager: not compiled, which a
-    GPU's TF32 and bf16 decodes otherwise are, worlds/sdxl.py VAEDecoder); returns the precision."""
+    """Decode as the bench's VAE variant `<precision>[/channels_last][/eager][/sdpa]` says (eager: not compiled,
+    which a GPU's TF32 and bf16 decodes otherwise are; sdpa: the TF32 decode's attention through SDPA, not two
+    TF32 matrix products; worlds/sdxl.py VAEDecoder); returns the precision."""
     precision, *flags = vae.split("/")
     world.set_vae_precision(precision, channels_last="channels_last" in flags)
     decoder = getattr(getattr(world, "inner", world), "decoder", None)
     if decoder is not None:
         decoder.compile = "eager" not in flags
+        decoder.gemm_attention = "sdpa" not in flags
     return precision
 
 

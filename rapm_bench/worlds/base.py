@@ -59,6 +59,8 @@ class World(abc.ABC):
     device: torch.device
     unet: torch.nn.Module  # a diffusers UNet2DConditionModel (LoRA targets are shared)
     default_guidance: float  # the teacher's CFG scale when a command gives none
+    compile_blocks_from: int | None = None  # UNet passes (images × steps) from which generation compiles the UNet's
+    #                                        blocks by default (regions.pays); None: never unasked
 
     @property
     @abc.abstractmethod

@@ -39,7 +39,8 @@ class VAEDecoder:
     On a GPU the TF32 and bf16 decodes run compiled (`compile`, inductor's fused normalisation and SiLU
     kernels; one graph per batch shape): on an H200 at 1024 px, TF32, 0.064 s an image against 0.108 eager,
     with images within one level of the eager TF32 decode (4.2 % of the values at batch 4), as close to fp32 as
-    the eager TF32 decode (one level on 4.7 %). The fp32 decode, the exact one, stays eager.
+    the eager TF32 decode (one level on 4.7 %). The fp32 decode, the exact one, stays eager. On a GPU the TF32
+    decode's attention runs as two TF32 matrix products (worlds/attention.py) instead of SDPA's fp32 kernel.
     """
 
     def __init__(self, vae: torch.nn.Module) -> None:
@@ -47,7 +48,8 @@ class VAEDecoder:
         self.precision = "tf32"  # `generate`'s (PyTorch's default ran TF32 convolutions); `eval`: the protocol's
         self.channels_last = False
         self.compile = True  # compiled TF32/bf16 decodes on CUDA (above); False: eager in every precision
-        self._copies: dict[tuple[str, bool, bool], torch.nn.Module] = {}
+        self.gemm_attention = True  # the TF32 decode's attention as TF32 matrix products on CUDA; False: SDPA
+        self._copies: dict[tuple[str, bool, bool, bool], torch.nn.Module] = {}
 
     def compiled(self) -> bool:
         """Whether this decode runs compiled: a GPU, a precision other than the exact fp32, `compile` on."""
@@ -57,13 +59,22 @@ class VAEDecoder:
         """The VAE in this precision and memory format (copies made once; the fp32 NCHW eager one is the VAE)."""
         import copy
 
-        key = ("bf16" if self.precision == "bf16" else "fp32", self.channels_last, self.compiled())
-        if key == ("fp32", False, False) or self.vae.dtype != torch.float32:  # an fp16-fixed VAE runs as given
+        cuda = next(self.vae.parameters()).is_cuda
+        gemm = self.gemm_attention and self.precision == "tf32" and cuda  # the attention's products on TF32 tensor cores (worlds/attention)
+        key = ("bf16" if self.precision == "bf16" else "fp32", self.channels_last, self.compiled(), gemm)
+        if key == ("fp32", False, False, False) or self.vae.dtype != torch.float32:  # an fp16-fixed VAE: as given
             return self.vae
         if key not in self._copies:
             net = copy.deepcopy(self.vae).to(torch.bfloat16 if key[0] == "bf16" else torch.float32)
             net = net.to(memory_format=torch.channels_last) if key[1] else net
+            if gemm:
+                from .attention import use_gemm_attention
+
+                use_gemm_attention(net)
             if key[2]:  # the decode path only: post_quant_conv, then the decoder
+                from ..regions import persist_cache
+
+                persist_cache()
                 net.post_quant_conv.compile(dynamic=False)
                 net.decoder.compile(dynamic=False)
             self._copies[key] = net
@@ -126,6 +137,9 @@ class SDXLWorld(World):
 
     name = "sdxl"
     default_guidance = 5.0  # diffusers' SDXL default CFG scale
+    # a cold compile of the no-grad blocks at one batch size takes ~40 s on an H100 and saves ~1.7 ms an image a
+    # UNet pass at batch 16 (results/bench/README.md): a few thousand images pay it back; fewer run eagerly
+    compile_blocks_from = 16_384
 
     def __init__(
         self,
