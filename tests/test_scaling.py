@@ -39,7 +39,11 @@ def test_full_size_text_encoders_fit_the_sdxl_unet():
 
 @pytest.mark.e2e
 def test_settings_round_trip_through_the_worker_arguments(built):
+    from dataclasses import replace
+
     assert scaling.settings(scaling.parse_args(built.argv())) == built
+    for blocks in (True, False):
+        assert scaling.settings(scaling.parse_args(replace(built, compile_blocks=blocks).argv())).compile_blocks is blocks
 
 
 @pytest.mark.e2e
@@ -86,6 +90,11 @@ def test_summary_speedups_and_agreement(tmp_path):
     assert [r["fid_equal"] for r in rows] == [True, True, False]
     assert [r["trajectories_identical"] for r in rows] == [True, True, False]
     assert "x loop" in scaling.table(rows)
+    assert rows[0]["eval_30k_extrapolated_s"] is None  # no steady rate recorded
+    steady = run(1, 40.0, 12.0, 8.0, a)
+    steady["timing"] |= {"first_group_s": 12.0, "steady_images_per_s": 5.0, "compiled_blocks": True}
+    row = scaling.summarize([steady])[0]
+    assert row["eval_30k_extrapolated_s"] == pytest.approx(10.0 + 12.0 + 30_000 / 5.0) and row["compiled_blocks"]
 
 
 def test_gpus_must_start_at_one(tmp_path):
@@ -109,10 +118,10 @@ def test_one_and_two_processes_agree_end_to_end(tmp_path):
     one, two = rec["runs"]
     assert (one["processes"], two["processes"]) == (1, 2)
     assert two["fid_equal"] and two["fid_abs_diff"] <= 1e-6 * one["fid"]
-    assert two["clip_abs_diff"] <= 1e-9 * abs(one["clip_score"])
+    assert two["clip_abs_diff"] <= 1e-9 * abs(one["clip_score"])  # every process on as many CPU threads
     assert two["trajectories_identical"]
     for key in ("load_s", "loop_s", "images_per_s", "speedup_loop", "speedup_wall", "trajectories_s",
-                "trajectories_speedup"):
+                "trajectories_speedup", "first_group_s", "steady_images_per_s", "eval_30k_extrapolated_s"):
         assert two[key] > 0, key
     assert rec["settings"]["num_images"] == 136 and rec["settings"]["trajectories"]["num"] == 4
     assert rec["versions"]["torch"] and rec["command"].startswith("python -m rapm_bench.scaling")

@@ -115,7 +115,8 @@ def worker(s: Settings, folder: Path) -> None:
     cfg = EvalConfig(world=WorldConfig(preset="sdxl", teacher=str(s.teacher), device="cpu" if s.small else "auto"),
                      model="teacher", steps=STEPS, guidance=GUIDANCE, protocol=proto.name,
                      num_images=s.num_images, out=str(folder / "eval"), batch_size=s.batch_size,
-                     data_dir=str(s.data), inception=str(s.inception), clip_checkpoint=str(s.clip))
+                     data_dir=str(s.data), inception=str(s.inception), clip_checkpoint=str(s.clip),
+                     compile_blocks=s.compile_blocks)
     main = PartialState(cpu=s.small).is_main_process
     if main:
         log(f"evaluating {s.num_images} images at {s.resolution} px")
@@ -140,13 +141,15 @@ def worker(s: Settings, folder: Path) -> None:
 
 
 # --- 4. the measurement -----------------------------------------------------------------------------------
-def launch(s: Settings, g: int) -> dict[str, Any]:
-    """Run the workers as G processes on a fresh run folder; their result plus the launch's wall-clock time."""
+def launch(s: Settings, g: int, g_max: int | None = None) -> dict[str, Any]:
+    """Run the workers as G processes on a fresh run folder; their result plus the launch's wall-clock time.
+    Every process of every launch gets the CPU threads one of `g_max` processes gets (default G): a CPU matrix
+    product sums in another order with another thread count, and the runs must give the same numbers."""
     folder = s.root / "runs" / f"g{g}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // g)))  # the CPU shared fairly
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (g_max or g))))  # the CPU shared fairly
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(g),
            "-m", "rapm_bench.scaling", *s.argv(), "--worker-dir", str(folder)]
     log(f"launching {g} process{'es' if g > 1 else ''}: {' '.join(cmd)}")
@@ -185,6 +188,12 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "loop_s": t["loop_s"],
             "images_per_s": t["images_per_s"],
             "eval_wall_s": r["eval_wall_s"],  # evaluate() on the main process: load, loop, result file
+            "compiled_blocks": t.get("compiled_blocks"),
+            "first_group_s": t.get("first_group_s"),  # the first 64 images (a shard's): compiles and captures in it
+            "steady_images_per_s": t.get("steady_images_per_s"),
+            # extrapolated, not run: load + first group + the coco30k protocol's 30,000 images at the steady rate
+            "eval_30k_extrapolated_s": (t["load_s"] + t["first_group_s"] + 30_000 / t["steady_images_per_s"]
+                                        if t.get("steady_images_per_s") else None),
             "launch_s": r["launch_s"],  # the whole launch: imports, evaluation, trajectories
             "speedup_loop": bt["loop_s"] / t["loop_s"],
             "speedup_wall": base["eval_wall_s"] / r["eval_wall_s"],
@@ -241,7 +250,7 @@ def measure(s: Settings, gpus: list[int], out: Path, argv: list[str]) -> Path:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    runs = [launch(s, g) for g in gpus]
+    runs = [launch(s, g, gpus[-1]) for g in gpus]
     rows = summarize(runs)
     traj = {k: v for k, v in runs[0]["trajectories"].items() if k not in ("seconds", "folder")}
     record = {
@@ -254,7 +263,7 @@ def measure(s: Settings, gpus: list[int], out: Path, argv: list[str]) -> Path:
             "small": s.small, "num_images": s.num_images, "resolution": s.resolution,
             "eval": {"model": "teacher", "sampler": "DDIM trailing", "steps": STEPS, "guidance": GUIDANCE,
                      "protocol": proto.to_dict(), "protocol_hash": proto.hash(),
-                     "batch_size": s.batch_size or get_preset("sdxl").batch_size},
+                     "batch_size": s.batch_size or get_preset("sdxl").batch_size, "compile_blocks": s.compile_blocks},
             "trajectories": traj,  # the sdxl distill preset's w, N, M, shard size and precisions
         },
         "versions": versions(),
@@ -270,6 +279,10 @@ def measure(s: Settings, gpus: list[int], out: Path, argv: list[str]) -> Path:
     path = out / f"scaling-{'small-' if s.small else ''}{info['slug']}.json"
     atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
     print(table(rows), flush=True)
+    for r in rows:
+        if r["eval_30k_extrapolated_s"] is not None:
+            log(f"G={r['processes']}: first group {r['first_group_s']:.1f} s, then {r['steady_images_per_s']:.2f} img/s; "
+                f"30K eval extrapolated {r['eval_30k_extrapolated_s'] / 60:.1f} min (with load)")
     log(f"wrote {path}")
     return path
 
@@ -288,6 +301,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="generation batch (default: the sdxl preset's, 4)")
     p.add_argument("--out", type=Path, default=Path("results/bench"), help="folder of the result JSON")
     p.add_argument("--small", action="store_true", help="SDXL's modules at tiny widths, on the CPU (gloo)")
+    p.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, default=None,
+                   help="eval's UNet blocks compiled or not (default: eval's own rule, regions.pays: compiled on a GPU "
+                        "from 16,384 images x steps); the first group's time holds the compile")
     p.add_argument("--worker-dir", type=Path, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -296,7 +312,7 @@ def settings(a: argparse.Namespace) -> Settings:
     """The settings of parsed arguments."""
     return Settings(work=a.work.resolve(), small=a.small, num_images=a.num_images,
                     resolution=a.resolution or (64 if a.small else 1024), trajectories=a.trajectories,
-                    trajectory_batch=a.trajectory_batch, batch_size=a.batch_size)
+                    trajectory_batch=a.trajectory_batch, batch_size=a.batch_size, compile_blocks=a.compile_blocks)
 
 
 def main(argv: list[str] | None = None) -> None:

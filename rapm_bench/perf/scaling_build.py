@@ -38,6 +38,7 @@ class Settings:
     trajectories: int  # K teacher trajectories timed
     trajectory_batch: int | None  # trajectories per shard; None = the sdxl distill preset's
     batch_size: int | None  # generation batch; None = the sdxl preset's
+    compile_blocks: bool | None = None  # eval's UNet blocks compiled; None = eval's rule (regions.pays)
 
     @property
     def root(self) -> Path:
@@ -84,6 +85,8 @@ class Settings:
             args += ["--trajectory-batch", str(self.trajectory_batch)]
         if self.batch_size is not None:
             args += ["--batch-size", str(self.batch_size)]
+        if self.compile_blocks is not None:
+            args += ["--compile-blocks" if self.compile_blocks else "--no-compile-blocks"]
         return args + (["--small"] if self.small else [])
 
 
