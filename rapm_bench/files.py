@@ -52,3 +52,11 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """Where reference statistics, prepared data, trajectories and inductor's kernels live (XDG cache;
+    RAPM_BENCH_CACHE overrides)."""
+    base = os.environ.get("RAPM_BENCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rapm-bench")
+    return Path(base)

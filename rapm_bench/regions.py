@@ -84,7 +84,7 @@ def persist_cache(root: Path | None = None) -> Path:
     empties, and a cold compile of the sdxl engine takes minutes where a warm one takes ~45 s. Returns the folder."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         if root is None:
-            from .eval.engine import default_cache_dir
+            from .files import default_cache_dir
 
             root = default_cache_dir()
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(root).expanduser().resolve() / "inductor")

@@ -22,7 +22,7 @@ import torch
 from ..config import EvalConfig, get_preset
 from ..cudagraphs import graphed_predict
 from ..errors import UserError
-from ..files import atomic_write_bytes, sha256_file
+from ..files import atomic_write_bytes, default_cache_dir, sha256_file
 from ..generate import batch_hint, generate_batch, oom_hint, png_bytes
 from ..models import get_model, with_lora
 from ..provenance import device_name, git_commit, versions
@@ -79,15 +79,6 @@ class Accumulator:
         for st in self.stats.values():
             st.count, st.sum, st.sum_sq = int(next(it)[0]), next(it), next(it)
             st.device = torch.device("cpu")
-
-
-def default_cache_dir() -> Path:
-    """Where reference statistics and prepared data live (XDG cache)."""
-    import os
-
-    base = os.environ.get("RAPM_BENCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rapm-bench")
-    return Path(base)
 
 
 def result_name(model: str, steps: int, protocol: str) -> str:
