@@ -176,7 +176,10 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
               disable=not state.is_main_process) as bar, blocks_compiled(world.unet, blocks), graphed_predict(world):
         # GPU: compiled blocks (regions.pays), UNet passes from CUDA graphs
         first_s: float | None = None  # the first group's seconds: compiles, graph captures, cuDNN's warm-up
+        phases = {"generate_s": 0.0, "score_s": 0.0, "save_s": 0.0}  # where the loop's time goes (each phase
+        #                                                                ends on a copy to the CPU: synchronised)
         for group in mine:
+            t_group = time.perf_counter()
             imgs = []
             for start in range(group.start, group.stop, batch):
                 idx = list(range(start, min(start + batch, group.stop)))
@@ -184,15 +187,20 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
                     imgs.append(generate_batch(world, [captions[i] for i in idx], [cfg.seed + i for i in idx],
                                                spec.recipe, steps, guidance))
                 bar.update(len(idx))
-            images = torch.cat(imgs)
+            images = torch.cat(imgs)  # uint8 on the CPU
             caps = [captions[i] for i in group]
+            t_score = time.perf_counter()
             with oom_hint(f"scoring {len(caps)} images with the protocol's FID and CLIP networks",
                           "free GPU memory (other processes on this GPU) or use a larger GPU; --batch-size "
                           "sets generation batches only"):
-                _score_group(acc, scorer, images, caps, group)
+                _score_group(acc, scorer, images, caps, group)  # its rows end on the CPU
+            t_save = time.perf_counter()
             if images_out is not None:
                 for i, img in zip(group, images, strict=True):
                     atomic_write_bytes(images_out / f"{i:06d}.png", png_bytes(img))
+            phases["generate_s"] += t_score - t_group
+            phases["score_s"] += t_save - t_score
+            phases["save_s"] += time.perf_counter() - t_save
             if first_s is None:
                 if world.device.type == "cuda":
                     torch.cuda.synchronize(world.device)
@@ -214,7 +222,8 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     result["timing"] = {"load_s": load_s, "loop_s": seconds, "images_per_s": result["images_per_second"],
                         "first_group_s": first_s, "first_group_images": len(mine[0]) if mine else 0,
                         "steady_images_per_s": rest / (seconds - first_s) if rest and first_s is not None else None,
-                        "compiled_blocks": blocks, "intervals_s": intervals_s, "processes": state.num_processes}
+                        "compiled_blocks": blocks, **phases, "intervals_s": intervals_s,
+                        "processes": state.num_processes}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / result_name(spec.name, steps, protocol.name)
     atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
