@@ -52,8 +52,8 @@ class GenerateConfig:
     seed: int = 0  # image i uses seed + i
     batch_size: int | None = None  # None = the preset's
     grid: str | None = None  # optional contact-sheet PNG path
-    compile_blocks: bool | None = None  # the UNet's blocks compiled (regions.pays): None = on a CUDA GPU from
-    #                                     regions.MIN_PASSES images × steps
+    compile_blocks: bool | None = None  # the UNet's blocks compiled (regions.pays): None = on a CUDA GPU from the
+    #                                     world's `compile_blocks_from` images × steps (SDXL: 16,384; tiny: never)
 
     def to_json(self) -> str:
         """Stable JSON of the resolved config (`compile_blocks` only where set, so older folders still resume)."""
@@ -103,5 +103,6 @@ class EvalConfig:
     clip_checkpoint: str | None = None  # local open_clip checkpoint (coco protocols)
     images_out: str | None = None  # also save the generated PNGs here (optional)
     fuse: bool = True  # merge the LoRA before sampling (same images, faster)
-    compile_blocks: bool | None = None  # the UNet's blocks compiled (regions.pays): None = on a CUDA GPU from
-    #                                     regions.MIN_PASSES images × steps (this process's share)
+    compile_blocks: bool | None = None  # the UNet's blocks compiled (regions.pays): None = on a CUDA GPU from the
+    #                                     world's `compile_blocks_from` images × steps of the whole run (every
+    #                                     shard decides alike)

@@ -79,7 +79,8 @@ def op_flops(fn: Callable[[], object]) -> dict[str, int]:
     from .measure import _cpu_attention_flops
 
     stance = getattr(torch._dynamo, "set_stance", None)
-    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter, stance("force_eager") if stance else nullcontext():
+    eager = stance("force_eager") if stance else nullcontext()  # compiled modules counted as their eager ops
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter, eager:
         fn()
     out: dict[str, int] = {}
     for op, n in counter.get_flop_counts().get("Global", {}).items():
@@ -140,7 +141,8 @@ def profile_passes(world: object, passes: list[str], unet_batch: int, vae_batch:
         unet = world.inner.unet  # type: ignore[attr-defined]
         regions.compile_blocks(unet)
         try:
-            profile_pass(f"unet-b{unet_batch}", torch.no_grad()(lambda: world.predict(x, t, cond)), 2, out, rows,  # type: ignore[attr-defined]
+            call = torch.no_grad()(lambda: world.predict(x, t, cond))  # type: ignore[attr-defined]
+            profile_pass(f"unet-b{unet_batch}", call, 2, out, rows,
                          f"no-grad UNet call at batch {unet_batch}, bf16, blocks compiled")
         finally:
             regions.uncompile_blocks(unet)

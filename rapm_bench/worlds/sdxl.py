@@ -60,7 +60,7 @@ class VAEDecoder:
         import copy
 
         cuda = next(self.vae.parameters()).is_cuda
-        gemm = self.gemm_attention and self.precision == "tf32" and cuda  # the attention's products on TF32 tensor cores (worlds/attention)
+        gemm = self.gemm_attention and self.precision == "tf32" and cuda  # attention on TF32 tensor cores
         key = ("bf16" if self.precision == "bf16" else "fp32", self.channels_last, self.compiled(), gemm)
         if key == ("fp32", False, False, False) or self.vae.dtype != torch.float32:  # an fp16-fixed VAE: as given
             return self.vae
@@ -138,7 +138,8 @@ class SDXLWorld(World):
     name = "sdxl"
     default_guidance = 5.0  # diffusers' SDXL default CFG scale
     # a cold compile of the no-grad blocks at one batch size takes ~40 s on an H100 and saves ~1.7 ms an image a
-    # UNet pass at batch 16 (results/bench/README.md): a few thousand images pay it back; fewer run eagerly
+    # UNet pass at batch 16 against torch's default eager pass (results/bench/README.md): a few thousand images
+    # pay it back; fewer run eagerly
     compile_blocks_from = 16_384
 
     def __init__(
