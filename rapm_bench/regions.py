@@ -99,8 +99,7 @@ def pays(world: Any, passes: int, wanted: bool | None = None) -> bool:
         return False
     if wanted is not None:
         return wanted
-    start = getattr(world, "compile_blocks_from", None)
-    return start is not None and passes >= start
+    return world.compile_blocks_from is not None and passes >= world.compile_blocks_from
 
 
 @contextlib.contextmanager

@@ -201,9 +201,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
             phases["generate_s"] += t_score - t_group
             phases["score_s"] += t_save - t_score
             phases["save_s"] += time.perf_counter() - t_save
-            if first_s is None:
-                if world.device.type == "cuda":
-                    torch.cuda.synchronize(world.device)
+            if first_s is None:  # the group's rows reached the CPU: its GPU work is done
                 first_s = time.perf_counter() - t0
     _all_reduce(acc, state)
     if world.device.type == "cuda":

@@ -52,8 +52,9 @@ def _cpu_attention_flops() -> dict[Any, Callable[..., int]]:
     return table
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call, counted by FlopCounterMode (matmuls, convolutions, attention; not elementwise).
+def flop_counts(fn: Callable[[], Any]) -> dict[str, int]:
+    """FLOPs of one call by aten op ("addmm", "convolution", ...), counted by FlopCounterMode (matmuls,
+    convolutions, attention; not elementwise).
 
     nn.MultiheadAttention's fused inference path is switched off while counting (its
     projections would go uncounted); the arithmetic is the same.
@@ -73,7 +74,14 @@ def count_flops(fn: Callable[[], Any]) -> int:
             fn()
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    return int(counter.get_total_flops())
+    # the packet's name: "aten.addmm" -> "addmm"
+    return {str(op).split(".")[1] if "." in str(op) else str(op): int(n)
+            for op, n in counter.get_flop_counts().get("Global", {}).items()}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call (`flop_counts`, summed)."""
+    return sum(flop_counts(fn).values())
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -73,20 +72,13 @@ def kernel_kind(name: str) -> str:
 
 
 def op_flops(fn: Callable[[], object]) -> dict[str, int]:
-    """FLOPs of one call by kernel kind (FlopCounterMode's per-op counts; the call runs eagerly)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one call by kernel kind (measure.flop_counts by op; the call runs eagerly)."""
+    from .measure import flop_counts
 
-    from .measure import _cpu_attention_flops
-
-    stance = getattr(torch._dynamo, "set_stance", None)
-    eager = stance("force_eager") if stance else nullcontext()  # compiled modules counted as their eager ops
-    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter, eager:
-        fn()
     out: dict[str, int] = {}
-    for op, n in counter.get_flop_counts().get("Global", {}).items():
-        name = str(op).split(".")[1] if "." in str(op) else str(op)  # "aten.addmm" -> "addmm"
+    for name, n in flop_counts(fn).items():
         kind = "attention" if "attention" in name else OP_KINDS.get(name, "other")
-        out[kind] = out.get(kind, 0) + int(n)
+        out[kind] = out.get(kind, 0) + n
     return out
 
 

@@ -193,25 +193,20 @@ def set_channels_last(module: nn.Module, on: bool) -> None:
 @contextlib.contextmanager
 def compiled_unet(world: TunedWorld, enabled: bool, blocks: bool = False) -> Iterator[None]:
     """`torch.compile` the world's UNet for the duration (no-grad stages only); `blocks`: each of its blocks instead
-    (rapm_bench.regions; a GPU only, as the engine: elsewhere the blocks stay eager)."""
+    (regions.blocks_compiled; a GPU only, as the engine: elsewhere the blocks stay eager)."""
     from .. import regions
 
-    blocks = blocks and world.device.type == "cuda"
-    if not enabled and not blocks:
-        yield
-        return
     inner = world.inner
     plain = inner.unet
-    if blocks:
-        regions.compile_blocks(plain)
-    else:
-        inner.unet = torch.compile(plain)
+    if blocks or not enabled:
+        with regions.blocks_compiled(plain, blocks and world.device.type == "cuda"):
+            yield
+        return
+    inner.unet = torch.compile(plain)
     try:
         yield
     finally:
         inner.unet = plain
-        if blocks:
-            regions.uncompile_blocks(plain)
 
 
 def compute_dtype(cfg: BenchConfig, device: torch.device) -> torch.dtype:
