@@ -153,6 +153,70 @@ def test_layers_the_merged_path_does_not_take_fall_back_to_unmerged(make):
     assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1], strict=True))
 
 
+CONVS = {  # name: (layer, input shape, channels_last input)
+    "3x3": (lambda: nn.Conv2d(6, 8, 3, padding=1), (2, 6, 9, 7), False),
+    "3x3-stride2": (lambda: nn.Conv2d(6, 8, 3, stride=2, padding=1), (2, 6, 9, 9), False),
+    "3x3-stride2-nopad": (lambda: nn.Conv2d(6, 8, 3, stride=2), (2, 6, 10, 9), True),
+    "3x3-dilation2": (lambda: nn.Conv2d(6, 8, 3, padding=2, dilation=2), (3, 6, 8, 8), False),
+    "3x1": (lambda: nn.Conv2d(6, 8, (3, 1), padding=(1, 0)), (2, 6, 7, 6), True),
+    "1x1": (lambda: nn.Conv2d(6, 8, 1), (2, 6, 5, 5), True),
+}
+
+
+@pytest.mark.parametrize("rank", [1, 4])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_rank_gradients_as_products_equal_cudnns_convolutions(name: str, rank: int, monkeypatch):
+    """fastlora.CONV_RANK_GEMM: A's and B's gradients from products over the taps = the three r-channel convs."""
+    from rapm_bench import fastlora
+
+    make, shape, channels_last = CONVS[name]
+    results = []
+    for gemm in (False, True):
+        monkeypatch.setattr(fastlora, "CONV_RANK_GEMM", gemm)
+        torch.manual_seed(0)
+        host = Host(make().requires_grad_(False))
+        lora = FastLoRA(host, rank, ("layer",), seed=0, mode="merged")
+        randomise(lora.parameters(), seed=1)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with OpLog() as ops:
+            results.append(_run(host, x, lora.parameters()))
+        convs = [op for op in ops.ops if op.startswith("convolution")]
+        assert convs == (["convolution", "convolution_backward"] if gemm  # the layer's own pass and ∂L/∂x
+                         else ["convolution", "convolution_backward", "convolution", "convolution_backward",
+                               "convolution_backward"])
+    (y0, g0), (y1, g1) = results
+    assert torch.equal(y0, y1)
+    for what, a, b in zip(("input", "A", "B"), g0, g1, strict=True):
+        assert max_err(a, b) < 1e-5, what
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gpu_conv_rank_gradients_as_products_are_cudnns_in_bf16(stride: int, monkeypatch):
+    """An SDXL-wide 3×3 conv (320 channels, 128² latents) in bf16 on CUDA, channels first: the products over the
+    taps give A's and B's gradients within bf16 round-off of cuDNN's r-channel convolutions, against fp64."""
+    from rapm_bench import fastlora
+
+    grads = {}
+    for path in ("cudnn", "gemm", "fp64"):
+        monkeypatch.setattr(fastlora, "CONV_RANK_GEMM", path != "cudnn")
+        dtype = torch.float64 if path == "fp64" else torch.bfloat16
+        torch.manual_seed(0)
+        conv = nn.Conv2d(320, 320, 3, stride=stride, padding=1).requires_grad_(False).to("cuda", dtype)
+        host = Host(conv)
+        lora = FastLoRA(host, 1, ("layer",), seed=0, mode="merged")
+        randomise(lora.parameters(), seed=1)
+        x = torch.randn((2, 320, 128, 128), generator=torch.Generator().manual_seed(2)).to("cuda", dtype)
+        y = host(x)
+        probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to("cuda", dtype)
+        grads[path] = [g.double() for g in torch.autograd.grad((y * probe).sum(), lora.parameters())]  # A's, B's
+    for i, what in enumerate(("A", "B")):
+        err_gemm, err_cudnn = (rel(grads[p][i], grads["fp64"][i]) for p in ("gemm", "cudnn"))
+        assert err_gemm < 1e-2 and err_gemm < 2 * err_cudnn + 1e-3, (what, err_gemm, err_cudnn)
+
+
 class OpLog(TorchDispatchMode):
     """The aten ops a region runs, views and metadata left out."""
 
