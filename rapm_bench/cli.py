@@ -310,8 +310,10 @@ def bench(
                                                            "peft, each optionally with /ckpt, /unmerged (not for "
                                                            "merged), /chunkK slots per pass, /graphs (the "
                                                            "engine's --fast-nograd), /gradgraphs (its "
-                                                           "--fast-grad) and /blocks (compiled UNet "
-                                                           "blocks) (default: the "
+                                                           "--fast-grad), /blocks (compiled UNet "
+                                                           "blocks) and /cudnnrank (merged only: the conv "
+                                                           "layers' LoRA gradients by cuDNN, the older path) "
+                                                           "(default: the "
                                                            "distill preset's), e.g. merged/ckpt/chunk1.")] = None,
     traj_batch: Annotated[int | None, typer.Option(help="Trajectories per teacher batch.")] = None,
     gen_batch: Annotated[int | None, typer.Option(help="Images per generation call.")] = None,
@@ -333,6 +335,10 @@ def bench(
                                                         "distill engine and generate as generation at 30K images "
                                                         "(both compiled on a GPU), unet-forward eager. RAPM "
                                                         "variants: /blocks.")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Go on with the unfinished run of the same "
+                                         "config, GPU, commit and libraries in --out: the stages it finished "
+                                         "(kept in <preset>-<device>.partial.json after each stage) are not run "
+                                         "again; default: start afresh.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result JSON on stdout.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and exit.")] = False,
 ) -> None:
@@ -353,13 +359,13 @@ def bench(
     argv = ["rapm-bench", "bench"]  # the command line, rebuilt from the parsed options (defaults left out)
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if value == param.default or value is None:
+        if value == param.default or value is None or param.name == "resume":
             continue
         if isinstance(value, bool):
             argv.append(param.opts[0] if value else param.secondary_opts[0])
         else:
             argv += [param.opts[0], str(value)]
-    result = _run(run_bench, cfg, argv, None if json_out else (lambda msg: typer.echo(msg, err=True)))
+    result = _run(run_bench, cfg, argv, None if json_out else (lambda msg: typer.echo(msg, err=True)), resume)
     typer.echo(json.dumps(result, indent=2) if json_out else summary(result))
 
 

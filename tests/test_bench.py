@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -309,6 +310,10 @@ def test_resolve_bench_presets_and_overrides():
     assert bm.resolve_bench("sdxl", lora="merged").opts.lora == "merged"
     with pytest.raises(UserError, match="bad RAPM variant 'fast/chunk0'"):
         bm.parse_variant("fast/chunk0")
+    cudnn = bm.parse_variant("merged/cudnnrank/graphs")
+    assert cudnn.cudnn_rank and cudnn.name == "merged/graphs/cudnnrank" and not bm.parse_variant("merged").cudnn_rank
+    with pytest.raises(UserError, match="cudnnrank .* needs lora merged"):
+        bm.parse_variant("fast/cudnnrank")
     assert json.loads(cfg.to_json())["opts"]["merge_lora"] is False
 
 
@@ -347,7 +352,8 @@ def test_cli_tiny_bench_writes_the_result_json(tmp_path: Path):
     out = tmp_path / "bench"
     args = ["bench", "--out", str(out), "--repeats", "1", "--warmup", "0", "--peak-tflops", "0.5", "--threads", "1",
             "--stages", "matmul,unet-forward,rapm-iteration,trajectories,generate,eval-features",
-            "--rapm-variants", "plain,fast,merged,peft,plain/chunk1", "--traj-batch", "2", "--gen-batch", "2",
+            "--rapm-variants", "plain,fast,merged,peft,plain/chunk1,merged/cudnnrank", "--traj-batch", "2",
+            "--gen-batch", "2",
             "--eval-batch", "8"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -361,11 +367,15 @@ def test_cli_tiny_bench_writes_the_result_json(tmp_path: Path):
             assert row["seconds"] > 0 and row["flops_per_call"] > 0, (name, row["name"])
             assert row["ratio"] == pytest.approx(row["floor_seconds"] / row["seconds"])
     rapm = {r["name"]: r for r in data["stages"]["rapm-iteration"]["variants"]}
-    assert set(rapm) == {"plain", "fast", "merged", "peft", "plain/chunk1"}
+    assert set(rapm) == {"plain", "fast", "merged", "peft", "plain/chunk1", "merged/cudnnrank"}
+    assert rapm["merged"]["conv_rank_gemm"] and not rapm["merged/cudnnrank"]["conv_rank_gemm"]
+    from rapm_bench import fastlora
+
+    assert fastlora.CONV_RANK_GEMM  # the variant's switch is put back
     assert data["stages"]["rapm-iteration"]["headline"] == "peft"  # the tiny distill preset's --lora-impl
     assert rapm["plain"]["slot_chunk"] == 4 and rapm["plain/chunk1"]["slot_chunk"] == 1  # the tiny preset chunks 4
     assert rapm["fast"]["vs_plain"] == pytest.approx(rapm["fast"]["seconds"] / rapm["plain"]["seconds"])
-    for lora in ("fast", "merged"):
+    for lora in ("fast", "merged", "merged/cudnnrank"):
         assert abs(rapm[lora]["flops_per_call"] / rapm["plain"]["flops_per_call"] - 1) < 0.05  # the same passes
     assert rapm["fast"]["lora_params"] == rapm["merged"]["lora_params"] == rapm["peft"]["lora_params"] > 0
     assert rapm["merged"]["merged_grad"] and not rapm["fast"]["merged_grad"] and rapm["merged"]["merged_nograd"]
@@ -375,6 +385,39 @@ def test_cli_tiny_bench_writes_the_result_json(tmp_path: Path):
     assert data["versions"]["torch"] == torch.__version__ and "commit" in data["git"]
     assert data["command"].startswith("rapm-bench bench") and "wrote" in result.output
     assert not list(out.glob(".*.tmp"))  # written atomically
+
+
+def test_a_cut_off_run_resumes_from_its_finished_stages(tmp_path: Path, monkeypatch):
+    """The partial file after each stage; --resume skips what it holds, refuses another config, and is removed."""
+    from rapm_bench.perf import report
+
+    cfg = bm.resolve_bench("tiny", out=str(tmp_path), repeats=1, warmup=0, threads=1, stages="matmul,unet-forward",
+                           device="cpu")
+
+    def cut_off(b):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setitem(report.STAGE_FUNCS, "unet-forward", cut_off)
+        with pytest.raises(KeyboardInterrupt):
+            report.run_bench(cfg, ["test"])
+    partial = tmp_path / "tiny-cpu.partial.json"
+    assert list(json.loads(partial.read_text())["stages"]) == ["matmul"] and not (tmp_path / "tiny-cpu.json").exists()
+    other = replace(cfg, repeats=2)
+    with pytest.raises(UserError, match="differs in config"):
+        report.run_bench(other, ["test"], resume=True)
+
+    def never(b):
+        raise AssertionError("a finished stage ran again")
+
+    with monkeypatch.context() as m:
+        m.setitem(report.STAGE_FUNCS, "matmul", never)
+        data = report.run_bench(cfg, ["test"], resume=True)
+    assert list(data["stages"]) == ["matmul", "unet-forward"] and data["resumed_stages"] == ["matmul"]
+    assert data["seconds_total"] >= data["stages"]["matmul"]["stage_seconds"]
+    assert not partial.exists() and json.loads((tmp_path / "tiny-cpu.json").read_text())["resumed_stages"] == ["matmul"]
+    fresh = report.run_bench(cfg, ["test"])  # without --resume: afresh
+    assert fresh["resumed_stages"] == []
 
 
 # --- GPU ---------------------------------------------------------------------------------------------------
