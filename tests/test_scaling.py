@@ -68,6 +68,34 @@ def test_small_build_is_reused_and_loads_through_the_real_loaders(built, monkeyp
     assert torch.isfinite(scorer.clip_scores(images, ["a cat on a sofa", "a bus"])).all()
 
 
+@pytest.mark.e2e
+def test_prepared_inputs_give_the_same_scores(built, monkeypatch):
+    """eval's worker prepares a group's crops and resizes; scoring from them = scoring the images directly."""
+    from rapm_bench.eval.scorers import load_scorer
+
+    monkeypatch.setattr(protocols, "PROTOCOLS", dict(protocols.PROTOCOLS))
+    scorer = load_scorer(scaling.register(built), CPU, built.inception, built.clip)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 80, 64), generator=gen, dtype=torch.uint8)  # not square: a crop too
+    captions = ["a cat on a sofa", "a bus", "two dogs"]
+    direct = scorer.features(images), scorer.clip_scores(images, captions)
+    prepared = scorer.prepare(images)
+    assert set(prepared.inputs) == {"features", "clip"}
+
+    def no_cpu_work(*args: object) -> None:
+        raise AssertionError("prepared inputs were computed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(scorer.extractor, "inputs", no_cpu_work)
+        m.setattr(scorer.clip.embedder, "image_inputs", no_cpu_work)
+        with scorer.using(prepared):
+            assert torch.equal(scorer.features(images), direct[0])
+            assert torch.equal(scorer.clip_scores(images, captions), direct[1])
+    with scorer.using(prepared):  # another tensor, even an equal one, is prepared afresh
+        assert torch.equal(scorer.features(images.clone()), direct[0])
+    assert scorer._prepared is None
+
+
 def _cache(folder: Path, value: float) -> Path:
     from safetensors.torch import save_file
 

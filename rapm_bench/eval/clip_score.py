@@ -96,14 +96,22 @@ class OpenClipEmbedder:
             pil = crop_resize_pil(pil, self.image_resize, "lanczos")
         return self.preprocess(pil)
 
-    @torch.no_grad()
-    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> L2-normalised image embeddings (N, D), float32 on the CPU."""
+    def image_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """The CPU part: uint8 (N, 3, H, W) -> the model's preprocessed inputs (N, 3, S, S) on the CPU."""
         check_uint8_images(images)
-        x = torch.stack(thread_map(self._prepare, list(images.cpu()), self.num_threads)).to(self.device)
+        return torch.stack(thread_map(self._prepare, list(images.cpu()), self.num_threads))
+
+    @torch.no_grad()
+    def embed_images(self, x: torch.Tensor) -> torch.Tensor:
+        """The device part: `image_inputs(images)` -> L2-normalised image embeddings (N, D), float32 on the CPU."""
+        x = x.to(self.device)
         with compute(self.precision, self.device):
             emb = self.model.encode_image(x)
         return F.normalize(emb.float(), dim=-1).cpu()
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> L2-normalised image embeddings (N, D), float32 on the CPU."""
+        return self.embed_images(self.image_inputs(images))
 
     @torch.no_grad()
     def text_embeddings(self, captions: Sequence[str]) -> torch.Tensor:
@@ -176,11 +184,19 @@ class ClipScorer:
             "weights_sha256": getattr(self.embedder, "weights_sha256", None),
         }
 
-    def scores(self, images: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
-        """Per-sample CLIP scores, float64 (N,), without accumulating them."""
+    def scores(self, images: torch.Tensor, captions: Sequence[str],
+               image_inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample CLIP scores, float64 (N,), without accumulating them.
+
+        `image_inputs`: the embedder's `image_inputs(images)`, computed beforehand (eval prepares them
+        on a worker thread while the GPU generates), used instead of preprocessing `images` again.
+        """
         if images.shape[0] != len(captions):
             raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
-        img = self.embedder.image_embeddings(images).double()
+        if image_inputs is not None:
+            img = self.embedder.embed_images(image_inputs).double()  # type: ignore[attr-defined]
+        else:
+            img = self.embedder.image_embeddings(images).double()
         txt = self.embedder.text_embeddings([self.prefix + c for c in captions]).double()
         cos = (img * txt).sum(-1)
         if self.clamp:

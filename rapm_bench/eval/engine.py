@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from ..worlds import World, load_world
 from .fid import FeatureStats
 from .metrics import GROUP, Detector, Finish, detectors, finalize, metrics
 from .protocols import Protocol, default_protocol, get_protocol
-from .scorers import Scorer, load_scorer
+from .scorers import Prepared, Scorer, load_scorer
 
 
 @dataclass
@@ -173,11 +174,36 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     blocks = pays(world, n * steps, cfg.compile_blocks)  # the whole run's size: the same for every shard
     with tqdm(total=sum(len(g) for g in mine), desc=f"eval {spec.name} {steps}-step", unit="img",
-              disable=not state.is_main_process) as bar, blocks_compiled(world.unet, blocks), graphed_predict(world):
-        # GPU: compiled blocks (regions.pays), UNet passes from CUDA graphs
-        first_s: float | None = None  # the first group's seconds: compiles, graph captures, cuDNN's warm-up
-        phases = {"generate_s": 0.0, "score_s": 0.0, "save_s": 0.0}  # where the loop's time goes (each phase
-        #                                                                ends on a copy to the CPU: synchronised)
+              disable=not state.is_main_process) as bar, blocks_compiled(world.unet, blocks), graphed_predict(world), \
+            ThreadPoolExecutor(1, thread_name_prefix="eval-prepare") as worker:
+        # GPU: compiled blocks (regions.pays), UNet passes from CUDA graphs. The CPU part of scoring a group
+        # (crops, resizes, PNGs) runs on `worker` while this thread generates the next group; the group is
+        # then scored here (GPU networks), in group order, so the sums are those of a loop without the worker.
+        first_s: float | None = None  # the first group's generation: compiles, graph captures, cuDNN's warm-up
+        phases = {"generate_s": 0.0, "score_s": 0.0}  # this thread's time (each phase ends on a copy to the CPU)
+        prepare_s: list[float] = []  # the worker's time, hidden behind generation where it is shorter
+
+        def prepare(images: torch.Tensor, group: range) -> Prepared:
+            """The worker's job for one group: the scorer's CPU inputs, then the optional PNGs."""
+            t = time.perf_counter()
+            prepared = scorer.prepare(images)
+            if images_out is not None:
+                for i, img in zip(group, images, strict=True):
+                    atomic_write_bytes(images_out / f"{i:06d}.png", png_bytes(img))
+            prepare_s.append(time.perf_counter() - t)
+            return prepared
+
+        def score(group: range, job: Future[Prepared]) -> None:
+            """Score one generated group once its CPU inputs are ready."""
+            t = time.perf_counter()
+            prepared = job.result()
+            with oom_hint(f"scoring {len(group)} images with the protocol's FID and CLIP networks",
+                          "free GPU memory (other processes on this GPU) or use a larger GPU; --batch-size "
+                          "sets generation batches only"), scorer.using(prepared):
+                _score_group(acc, scorer, prepared.images, [captions[i] for i in group], group)  # rows on the CPU
+            phases["score_s"] += time.perf_counter() - t
+
+        pending: tuple[range, Future[Prepared]] | None = None
         for group in mine:
             t_group = time.perf_counter()
             imgs = []
@@ -187,22 +213,15 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
                     imgs.append(generate_batch(world, [captions[i] for i in idx], [cfg.seed + i for i in idx],
                                                spec.recipe, steps, guidance))
                 bar.update(len(idx))
-            images = torch.cat(imgs)  # uint8 on the CPU
-            caps = [captions[i] for i in group]
-            t_score = time.perf_counter()
-            with oom_hint(f"scoring {len(caps)} images with the protocol's FID and CLIP networks",
-                          "free GPU memory (other processes on this GPU) or use a larger GPU; --batch-size "
-                          "sets generation batches only"):
-                _score_group(acc, scorer, images, caps, group)  # its rows end on the CPU
-            t_save = time.perf_counter()
-            if images_out is not None:
-                for i, img in zip(group, images, strict=True):
-                    atomic_write_bytes(images_out / f"{i:06d}.png", png_bytes(img))
-            phases["generate_s"] += t_score - t_group
-            phases["score_s"] += t_save - t_score
-            phases["save_s"] += time.perf_counter() - t_save
-            if first_s is None:  # the group's rows reached the CPU: its GPU work is done
+            job = worker.submit(prepare, torch.cat(imgs), group)  # uint8 on the CPU
+            phases["generate_s"] += time.perf_counter() - t_group
+            if first_s is None:  # the group's images reached the CPU: its GPU work is done
                 first_s = time.perf_counter() - t0
+            if pending is not None:
+                score(*pending)
+            pending = (group, job)
+        if pending is not None:
+            score(*pending)
     _all_reduce(acc, state)
     if world.device.type == "cuda":
         torch.cuda.synchronize(world.device)
@@ -220,7 +239,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     result["timing"] = {"load_s": load_s, "loop_s": seconds, "images_per_s": result["images_per_second"],
                         "first_group_s": first_s, "first_group_images": len(mine[0]) if mine else 0,
                         "steady_images_per_s": rest / (seconds - first_s) if rest and first_s is not None else None,
-                        "compiled_blocks": blocks, **phases, "intervals_s": intervals_s,
+                        "compiled_blocks": blocks, **phases, "prepare_s": sum(prepare_s), "intervals_s": intervals_s,
                         "processes": state.num_processes}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / result_name(spec.name, steps, protocol.name)

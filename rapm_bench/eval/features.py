@@ -202,16 +202,22 @@ class CleanInception:
         return {"name": self.name, "dim": self.dim, "weights_sha256": self.weights_sha256,
                 "resize": "F.interpolate bicubic antialias" if self.fast_resize else "clean-fid PIL bicubic (clean)"}
 
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """The CPU part: uint8 (N, 3, H, W) -> clean-fid's resized float32 input (with `fast_resize`: the images)."""
+        check_uint8_images(images)
+        return images if self.fast_resize else clean_resize(images, self.num_threads)
+
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float32 features (N, dim) on the CPU."""
-        if self.fast_resize:
-            x = gpu_resize(images.to(self.device))
-        else:
-            x = clean_resize(images, self.num_threads).to(self.device)
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The device part: `inputs(images)` -> float32 features (N, dim) on the CPU."""
+        x = gpu_resize(x.to(self.device)) if self.fast_resize else x.to(self.device)
         with compute(self.precision, self.device):
             feats = self.network(x)
         return feats.reshape(feats.shape[0], -1).float().cpu()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> float32 features (N, dim) on the CPU."""
+        return self.run(self.inputs(images))
 
 
 class TinyFeatures:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,14 @@ import torch
 from .clip_score import ClipScorer
 from .features import eval_preprocess, load_extractor
 from .protocols import Protocol
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A group of uint8 images with the CPU-side inputs of the scorer's networks (`Scorer.prepare`)."""
+
+    images: torch.Tensor
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Scorer:
@@ -27,14 +38,45 @@ class Scorer:
         self.weights_sha256 = self.extractor.weights_sha256
         # The tiny evaluator also ranks captions: the sharper alignment number of docs/design.md §2.
         self.retriever = self.clip.embedder if hasattr(self.clip.embedder, "retrieval_hits") else None
+        self._prepared: Prepared | None = None  # set inside `using`
+
+    def prepare(self, images: torch.Tensor) -> Prepared:
+        """The CPU part of scoring `images` (crops and resizes), thread-safe: it reads no mutable state.
+
+        eval runs it on a worker thread while the GPU generates the next group; `features` and
+        `clip_scores` of the same tensor inside `using(prepared)` then skip that work.
+        """
+        inputs: dict[str, torch.Tensor] = {}
+        if hasattr(self.extractor, "inputs"):
+            inputs["features"] = self.extractor.inputs(eval_preprocess(images, self.protocol))
+        if hasattr(self.clip.embedder, "image_inputs"):
+            inputs["clip"] = self.clip.embedder.image_inputs(images)
+        return Prepared(images, inputs)
+
+    @contextmanager
+    def using(self, prepared: Prepared) -> Iterator[None]:
+        """Score `prepared.images` from its prepared inputs inside this block."""
+        self._prepared = prepared
+        try:
+            yield
+        finally:
+            self._prepared = None
+
+    def _ready(self, name: str, images: torch.Tensor) -> torch.Tensor | None:
+        """The prepared input `name` of exactly this tensor, or None."""
+        p = self._prepared
+        return p.inputs.get(name) if p is not None and p.images is images else None
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """FID features (N, D) of generated or real images, after the protocol's crop and resize."""
+        x = self._ready("features", images)
+        if x is not None:
+            return self.extractor.run(x)  # type: ignore[union-attr]
         return self.extractor(eval_preprocess(images, self.protocol))
 
     def clip_scores(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Per-sample CLIP scores (the protocol's own resize, prefix and scaling)."""
-        return self.clip.scores(images, captions)
+        return self.clip.scores(images, captions, self._ready("clip", images))
 
     def retrieval_hits(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor | None:
         """Per-sample hit of the right caption among this group's captions (tiny world only)."""

@@ -191,7 +191,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "compiled_blocks": t.get("compiled_blocks"),
             "first_group_s": t.get("first_group_s"),  # the first 64 images (a shard's): compiles and captures in it
             "steady_images_per_s": t.get("steady_images_per_s"),
-            **{k: t.get(k) for k in ("generate_s", "score_s", "save_s")},  # the loop's phases (main process)
+            **{k: t.get(k) for k in ("generate_s", "score_s", "prepare_s")},  # the loop's phases (main process;
+            #                                                     prepare_s: its worker thread, beside generation)
             # extrapolated, not run: load + first group + the coco30k protocol's 30,000 images at the steady rate
             "eval_30k_extrapolated_s": (t["load_s"] + t["first_group_s"] + 30_000 / t["steady_images_per_s"]
                                         if t.get("steady_images_per_s") else None),
@@ -284,7 +285,8 @@ def measure(s: Settings, gpus: list[int], out: Path, argv: list[str]) -> Path:
         if r["eval_30k_extrapolated_s"] is not None:
             log(f"G={r['processes']}: first group {r['first_group_s']:.1f} s, then {r['steady_images_per_s']:.2f} img/s; "
                 f"30K eval extrapolated {r['eval_30k_extrapolated_s'] / 60:.1f} min (with load); loop phases: "
-                f"generate {r['generate_s']:.1f} s, score {r['score_s']:.1f} s, save {r['save_s']:.1f} s")
+                f"generate {r['generate_s']:.1f} s, score {r['score_s']:.1f} s; "
+                f"beside them, the CPU preparing {r['prepare_s']:.1f} s")
     log(f"wrote {path}")
     return path
 
