@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..provenance import device_info, git_commit_state, library_versions
 from ..worlds.base import pick_device
 from ..worlds.registry import get_world_spec
@@ -127,37 +128,75 @@ def result_path(cfg: BenchConfig, slug: str) -> Path:
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
+def partial_path(cfg: BenchConfig, slug: str) -> Path:
+    """Where a run keeps its finished stages until it ends (`--resume` continues from them)."""
+    return result_path(cfg, slug).with_suffix(".partial.json")
+
+
+def _identity(cfg: BenchConfig, info: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: config, GPU, commit and libraries."""
+    return json.loads(json.dumps({"config": asdict(cfg), "device": info["name"], "git": git_commit_state(),
+                                  "versions": library_versions()}))
+
+
+def _resumed(cfg: BenchConfig, info: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
+    """The stages an unfinished run of the same identity finished ({} when there is none)."""
+    path = partial_path(cfg, info["slug"])
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the unfinished run {path} ({e}): delete it, or run without --resume") from None
+    differs = [k for k in identity if saved.get("identity", {}).get(k) != identity[k]]
+    if differs:
+        raise UserError(f"the unfinished run {path} differs in {', '.join(differs)}: run without --resume "
+                        "(it starts afresh and replaces that file)")
+    return dict(saved.get("stages", {}))
+
+
 def run_bench(cfg: BenchConfig, argv: Sequence[str] | None = None, progress: Callable[[str], None] | None = None,
-              ) -> dict[str, Any]:
-    """`rapm-bench bench`: run the stages, write the result JSON atomically, return it."""
+              resume: bool = False) -> dict[str, Any]:
+    """`rapm-bench bench`: run the stages, write the result JSON atomically, return it.
+
+    After each stage the finished stages are kept in `partial_path`; with `resume`, a run of the same config,
+    GPU, commit and libraries skips the stages found there (a run cut off by a time limit goes on).
+    """
     validate(cfg)
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run_stages(cfg, argv, progress)
+        return _run_stages(cfg, argv, progress, resume)
     finally:
         torch.set_num_threads(threads)
 
 
 def _run_stages(cfg: BenchConfig, argv: Sequence[str] | None, progress: Callable[[str], None] | None,
-                ) -> dict[str, Any]:
+                resume: bool) -> dict[str, Any]:
     """The body of `run_bench`, with the thread count set."""
     from ..files import atomic_write_bytes
 
     device = pick_device(cfg.device)
     peak, peak_source = peak_for(device, cfg.peak_tflops)
     info = device_info(device)
+    identity = _identity(cfg, info)
+    stages: dict[str, Any] = _resumed(cfg, info, identity) if resume else {}
+    resumed = list(stages)
+    if progress and resumed:
+        progress(f"resumed: {', '.join(resumed)} (finished by an earlier run of this config)")
+    partial = partial_path(cfg, info["slug"])
     b = Bench(cfg, device, peak)
     t0 = time.perf_counter()
-    stages: dict[str, Any] = {}
-    for name in [s for s in STAGES if s in cfg.stages]:
+    for name in [s for s in STAGES if s in cfg.stages and s not in stages]:
         if progress:
             progress(f"{name} ...")
         t_stage = time.perf_counter()
         stages[name] = STAGE_FUNCS[name](b) | {"stage_seconds": round(time.perf_counter() - t_stage, 2)}
+        atomic_write_bytes(partial, (json.dumps({"identity": identity, "stages": stages}, indent=2) + "\n").encode())
         if progress:
             progress("\n".join(stage_lines(name, stages[name])))
+    stages = {s: stages[s] for s in STAGES if s in stages}  # the stages' order, resumed ones included
     est = estimates(cfg, stages)
     applies = get_world_spec(cfg.preset).bench_goals and cfg.scale == "full" and device.type == "cuda"
     from ..eval.protocols import default_protocol
@@ -169,10 +208,12 @@ def _run_stages(cfg: BenchConfig, argv: Sequence[str] | None, progress: Callable
         "stages": stages, "estimates": est, "goals": [g.check(values[g.name], applies) for g in GOALS],
         "versions": library_versions(), "git": git_commit_state(),
         "command": shlex.join(argv) if argv is not None else shlex.join(sys.argv),
-        "seconds_total": round(time.perf_counter() - t0, 2), "config": asdict(cfg),
+        "seconds_total": round(time.perf_counter() - t0 + sum(stages[s]["stage_seconds"] for s in resumed), 2),
+        "resumed_stages": resumed, "config": asdict(cfg),
     }
     path = result_path(cfg, info["slug"])
     atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
+    partial.unlink(missing_ok=True)
     result["path"] = str(path)
     return result
 
