@@ -37,6 +37,9 @@ def choose_checkpointing(cfg: DistillConfig, world: World) -> tuple[bool, str]:
     if world.device.type != "cuda":
         return False, f"{world.device.type}: memory is not the limit"
     free, total = torch.cuda.mem_get_info(world.device)
+    # blocks this process's caching allocator holds but no tensor uses are free to these passes too (a fresh
+    # engine has none; the bench, deciding after other variants ran, has many)
+    free += torch.cuda.memory_reserved(world.device) - torch.cuda.memory_allocated(world.device)
     need = estimate_gib(cfg, world)
     room = MARGIN * free / 2**30
     on = need > room
