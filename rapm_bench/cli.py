@@ -310,10 +310,8 @@ def bench(
                                                            "peft, each optionally with /ckpt, /unmerged (not for "
                                                            "merged), /chunkK slots per pass, /graphs (the "
                                                            "engine's --fast-nograd), /gradgraphs (its "
-                                                           "--fast-grad), /blocks (compiled UNet "
-                                                           "blocks) and /cudnnrank (merged only: the conv "
-                                                           "layers' LoRA gradients by cuDNN, the older path) "
-                                                           "(default: the "
+                                                           "--fast-grad) and /blocks (compiled UNet "
+                                                           "blocks) (default: the "
                                                            "distill preset's), e.g. merged/ckpt/chunk1.")] = None,
     traj_batch: Annotated[int | None, typer.Option(help="Trajectories per teacher batch.")] = None,
     gen_batch: Annotated[int | None, typer.Option(help="Images per generation call.")] = None,

@@ -49,9 +49,6 @@ MODES: tuple[str, ...] = ("unmerged", "merged")  # the gradient path of a LoRA l
 _aten = torch.ops.aten
 
 COMPILE_REBUILD = True  # on CUDA: the rebuild graph's kernels compiled (`merge_rank1`, `merge_into`; tests turn it off)
-CONV_RANK_GEMM = True  # a merged conv layer's rank-r gradients as matrix products over the taps (`_conv_rank_grads`);
-#                       off: three cuDNN convolutions with r channels, which cuDNN runs in NHWC with transposes of
-#                       x and g around them (results/bench/README.md; the bench variant flag `/cudnnrank`)
 TRITON_REBUILD = False  # on CUDA with Triton: a packed group's rank-1 rebuild by kernels.merge_rank1_triton (one pass);
 #                        off: the iteration was no faster than with the compiled merge (H100, results/bench/README.md)
 _compiled: dict[Callable[..., None], Any] = {}  # a merge function -> its torch.compile, or None after a failure
@@ -276,71 +273,6 @@ def _pair(v: int | Sequence[int]) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, H·W), a view for NCHW and channels_last tensors (a copy otherwise)."""
-    n, c, h, w = x.shape
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return x.permute(0, 2, 3, 1).reshape(n, h * w, c).transpose(1, 2)
-    return x.reshape(n, c, h * w)
-
-
-def _taps(size_in: int, size_out: int, k: int, stride: int, padding: int, dilation: int
-          ) -> list[tuple[slice, slice]]:
-    """Per kernel tap along one axis: (output positions, the input positions they read), in range.
-
-    A convolution's output o reads input i = o·stride + tap·dilation − padding; positions outside the input
-    read zero padding and are left out.
-    """
-    out = []
-    for tap in range(k):
-        off = tap * dilation - padding
-        lo = max(0, -(off // stride))  # the first o with o·stride + off >= 0
-        hi = min(size_out, (size_in - 1 - off) // stride + 1)  # past the last o with o·stride + off <= size_in − 1
-        if hi <= lo:
-            out.append((slice(0, 0), slice(0, 0)))
-        else:
-            start = lo * stride + off
-            out.append((slice(lo, hi), slice(start, start + (hi - lo - 1) * stride + 1, stride)))
-    return out
-
-
-def _conv_rank_grads(g: torch.Tensor, x: torch.Tensor, a_s: torch.Tensor, b_s: torch.Tensor,
-                     stride: list[int], padding: list[int], dilation: list[int], need_a: bool, need_b: bool
-                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """∂L/∂A and ∂L/∂B of y = conv2d(x, W + B·A) (s folded into sA, sB) as matrix products, no convolutions.
-
-    With taps t = (i, j) of the k×k kernel and x_t the input each output reads through tap t:
-      u = Σ_t (sA_t · x)|_t              (N, r, H', W'): one product (k²·r, C)·(C, H·W), then k² shifted adds
-      ∂L/∂B = Σ_{n,h,w} g ⊗ u,  v = sBᵀ·g  (products over g's channels)
-      ∂L/∂A_t = Σ_n x · (v placed at tap t's input positions)ᵀ   (one product (C, H·W)·(H·W, k²·r))
-    cuDNN runs its r-channel convolutions in NHWC and transposes x and g around each; these read them as they lie.
-    Results in the activations' dtype, summed over the batch in fp32; (None, None) for what is not needed.
-    """
-    n, c, h, w = x.shape
-    _, o, ho, wo = g.shape
-    r, _, kh, kw = a_s.shape
-    taps = [(ti, tj) for ti in _taps(h, ho, kh, stride[0], padding[0], dilation[0])
-            for tj in _taps(w, wo, kw, stride[1], padding[1], dilation[1])]
-    xf, gf = _flat(x), _flat(g)  # (N, C, H·W), (N, O, H'·W')
-    acc = torch.promote_types(x.dtype, torch.float32)  # sums over taps and the batch: fp32 at least
-    grad_a = grad_b = None
-    if need_b:
-        y = torch.matmul(a_s.permute(2, 3, 0, 1).reshape(kh * kw * r, c), xf)  # every tap's map, (N, k²·r, H·W)
-        y = y.view(n, kh * kw, r, h, w)
-        u = torch.zeros(n, r, ho, wo, dtype=acc, device=x.device)
-        for t, ((oi, ii), (oj, ij)) in enumerate(taps):
-            u[:, :, oi, oj] += y[:, t, :, ii, ij]
-        grad_b = torch.matmul(gf, u.to(g.dtype).view(n, r, ho * wo).transpose(1, 2)).sum(0, dtype=acc)
-    if need_a:
-        v = torch.matmul(b_s.t().to(g.dtype), gf).view(n, r, ho, wo)  # s·Bᵀ·g, (N, r, H', W')
-        placed = torch.zeros(n, kh * kw, r, h, w, dtype=x.dtype, device=x.device)
-        for t, ((oi, ii), (oj, ij)) in enumerate(taps):
-            placed[:, t, :, ii, ij] = v[:, :, oi, oj]
-        grad = torch.matmul(xf, placed.view(n, kh * kw * r, h * w).transpose(1, 2)).sum(0, dtype=acc)
-        grad_a = grad.view(c, kh, kw, r).permute(3, 0, 1, 2)  # (C, k²·r) -> (r, C, k, k)
-    return grad_a, grad_b
-
-
 class _MergedLinear(torch.autograd.Function):
     """y = x·W'ᵀ + bias with W' = W + s·B·A; gradients to x, A and B (and bias if it wants one).
 
@@ -414,14 +346,7 @@ class _MergedConv2d(torch.autograd.Function):
             grad_x, _, grad_bias = _aten.convolution_backward(
                 g, x, weight, [weight.shape[0]] if need_bias else None, stride, padding, dilation, False, [0, 0], 1,
                 [need_x, False, need_bias])
-        if (need_a or need_b) and CONV_RANK_GEMM:
-            grad_a, grad_b = _conv_rank_grads(g, x, a_s, b_s, stride, padding, dilation, need_a, need_b)
-            sink = _sink(ctx.layer, ctx)
-            if grad_b is not None:
-                grad_b = _into(sink, 1, grad_b, ctx.master[1])
-            if grad_a is not None:
-                grad_a = _into(sink, 0, grad_a, ctx.master[0])
-        elif need_a or need_b:
+        if need_a or need_b:
             n, _, h, w = g.shape
             r = a_s.shape[0]
             if need_b:

@@ -310,10 +310,6 @@ def test_resolve_bench_presets_and_overrides():
     assert bm.resolve_bench("sdxl", lora="merged").opts.lora == "merged"
     with pytest.raises(UserError, match="bad RAPM variant 'fast/chunk0'"):
         bm.parse_variant("fast/chunk0")
-    cudnn = bm.parse_variant("merged/cudnnrank/graphs")
-    assert cudnn.cudnn_rank and cudnn.name == "merged/graphs/cudnnrank" and not bm.parse_variant("merged").cudnn_rank
-    with pytest.raises(UserError, match="cudnnrank .* needs lora merged"):
-        bm.parse_variant("fast/cudnnrank")
     assert json.loads(cfg.to_json())["opts"]["merge_lora"] is False
 
 
@@ -352,8 +348,7 @@ def test_cli_tiny_bench_writes_the_result_json(tmp_path: Path):
     out = tmp_path / "bench"
     args = ["bench", "--out", str(out), "--repeats", "1", "--warmup", "0", "--peak-tflops", "0.5", "--threads", "1",
             "--stages", "matmul,unet-forward,rapm-iteration,trajectories,generate,eval-features",
-            "--rapm-variants", "plain,fast,merged,peft,plain/chunk1,merged/cudnnrank", "--traj-batch", "2",
-            "--gen-batch", "2",
+            "--rapm-variants", "plain,fast,merged,peft,plain/chunk1", "--traj-batch", "2", "--gen-batch", "2",
             "--eval-batch", "8"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -367,15 +362,11 @@ def test_cli_tiny_bench_writes_the_result_json(tmp_path: Path):
             assert row["seconds"] > 0 and row["flops_per_call"] > 0, (name, row["name"])
             assert row["ratio"] == pytest.approx(row["floor_seconds"] / row["seconds"])
     rapm = {r["name"]: r for r in data["stages"]["rapm-iteration"]["variants"]}
-    assert set(rapm) == {"plain", "fast", "merged", "peft", "plain/chunk1", "merged/cudnnrank"}
-    assert rapm["merged"]["conv_rank_gemm"] and not rapm["merged/cudnnrank"]["conv_rank_gemm"]
-    from rapm_bench import fastlora
-
-    assert fastlora.CONV_RANK_GEMM  # the variant's switch is put back
+    assert set(rapm) == {"plain", "fast", "merged", "peft", "plain/chunk1"}
     assert data["stages"]["rapm-iteration"]["headline"] == "peft"  # the tiny distill preset's --lora-impl
     assert rapm["plain"]["slot_chunk"] == 4 and rapm["plain/chunk1"]["slot_chunk"] == 1  # the tiny preset chunks 4
     assert rapm["fast"]["vs_plain"] == pytest.approx(rapm["fast"]["seconds"] / rapm["plain"]["seconds"])
-    for lora in ("fast", "merged", "merged/cudnnrank"):
+    for lora in ("fast", "merged"):
         assert abs(rapm[lora]["flops_per_call"] / rapm["plain"]["flops_per_call"] - 1) < 0.05  # the same passes
     assert rapm["fast"]["lora_params"] == rapm["merged"]["lora_params"] == rapm["peft"]["lora_params"] > 0
     assert rapm["merged"]["merged_grad"] and not rapm["fast"]["merged_grad"] and rapm["merged"]["merged_nograd"]

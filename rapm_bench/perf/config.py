@@ -122,7 +122,6 @@ class BenchConfig:
 
 
 _SDXL_RAPM = RapmStage(variants=("plain/graphs/gradgraphs/blocks", "merged/graphs/gradgraphs/blocks",  # the engine
-                                 "merged/graphs/gradgraphs/blocks/cudnnrank",  # its conv LoRA's gradients by cuDNN
                                  "plain/graphs/gradgraphs", "merged/graphs/gradgraphs",  # blocks eager
                                  "plain/ckpt/graphs", "merged/ckpt/graphs",  # 24-48 GB cards
                                  "plain/ckpt", "merged/ckpt"))  # the engine before issue 14 (more: --rapm-variants)
@@ -219,33 +218,28 @@ class RapmVariant:
     graphs: bool = False  # the engine's `fast_nograd`: no-grad passes from CUDA graphs, first jumps merged (GPU)
     grad_graphs: bool = False  # the engine's `fast_grad`: gradient passes from CUDA graphs (merged or plain, no ckpt)
     blocks: bool = False  # each UNet block compiled, LoRA layers eager (rapm_bench.regions)
-    cudnn_rank: bool = False  # merged conv layers' rank-r gradients by cuDNN convolutions (fastlora.CONV_RANK_GEMM off)
 
     @property
     def name(self) -> str:
         """The variant's spelling, e.g. `fast/ckpt/chunk4`."""
         return (self.lora + ("/ckpt" if self.ckpt else "") + ("" if self.merged or self.lora != "fast" else "/unmerged")
                 + ("" if self.chunk is None else f"/chunk{self.chunk}") + ("/graphs" if self.graphs else "")
-                + ("/gradgraphs" if self.grad_graphs else "") + ("/blocks" if self.blocks else "")
-                + ("/cudnnrank" if self.cudnn_rank else ""))
+                + ("/gradgraphs" if self.grad_graphs else "") + ("/blocks" if self.blocks else ""))
 
 
-VARIANT_FLAGS = ("ckpt", "unmerged", "merged", "graphs", "gradgraphs", "blocks", "cudnnrank")
+VARIANT_FLAGS = ("ckpt", "unmerged", "merged", "graphs", "gradgraphs", "blocks")
 
 
 def parse_variant(text: str, merge_default: bool = True) -> RapmVariant:
-    """`<lora>[/ckpt][/unmerged][/chunkK][/graphs][/gradgraphs][/blocks][/cudnnrank]` -> RapmVariant (`merged` runs
-    every pass merged)."""
+    """`<lora>[/ckpt][/unmerged][/chunkK][/graphs][/gradgraphs][/blocks]` -> RapmVariant (`merged` runs every pass
+    merged)."""
     lora, *flags = text.split("/")
     chunks = [int(f[5:]) for f in flags if re.fullmatch(r"chunk[1-9]\d*", f)]
     if lora not in LORA_IMPLS or any(f not in VARIANT_FLAGS
                                      and not re.fullmatch(r"chunk[1-9]\d*", f) for f in flags) or len(chunks) > 1:
         raise UserError(f"bad RAPM variant {text!r}: use <lora>[/ckpt][/unmerged][/chunkK][/graphs][/gradgraphs]"
-                        f"[/blocks][/cudnnrank] "
+                        f"[/blocks] "
                         f"with lora one of {', '.join(LORA_IMPLS)}")
-    if "cudnnrank" in flags and lora != "merged":
-        raise UserError(f"bad RAPM variant {text!r}: cudnnrank (the merged conv layers' rank-r gradients by cuDNN) "
-                        "needs lora merged")
     if "gradgraphs" in flags and (lora not in ("merged", "plain") or "ckpt" in flags):
         raise UserError(f"bad RAPM variant {text!r}: gradgraphs needs lora merged or plain, without ckpt (the "
                         "engine's --fast-grad)")
@@ -257,4 +251,4 @@ def parse_variant(text: str, merge_default: bool = True) -> RapmVariant:
                         "for no-grad passes through the low-rank branch use fast/unmerged")
     merged = lora == "merged" or ("unmerged" not in flags and ("merged" in flags or merge_default))
     return RapmVariant(lora, "ckpt" in flags, merged, chunks[0] if chunks else None, "graphs" in flags,
-                       "gradgraphs" in flags, "blocks" in flags, "cudnnrank" in flags)
+                       "gradgraphs" in flags, "blocks" in flags)

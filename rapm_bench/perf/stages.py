@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import fastlora
 from ..fastlora import FastLoRA
 from ..worlds.base import Cond
 from ..worlds.registry import get_world_spec
@@ -155,10 +154,6 @@ def rapm_setup(world: TunedWorld, dcfg: Any, variant: RapmVariant, seed: int) ->
         opt_params = params
         cleanups.append(unet.unload_lora)
     elif variant.lora in ("fast", "merged"):  # FastLoRA; "merged": gradient passes through W + s·B·A too
-        if variant.cudnn_rank:  # the conv layers' rank-r gradients as before CONV_RANK_GEMM, for a same-run ratio
-            saved = fastlora.CONV_RANK_GEMM
-            fastlora.CONV_RANK_GEMM = False
-            cleanups.append(lambda: setattr(fastlora, "CONV_RANK_GEMM", saved))
         lora = FastLoRA(unet, dcfg.rank, dcfg.lora_targets, dcfg.seed, merge_nograd=variant.merged,
                         mode="merged" if variant.lora == "merged" else "unmerged")
         params = lora.backward_inputs()  # A and B, and the token a graphed backward is reached through
@@ -258,7 +253,6 @@ def stage_rapm_iteration(b: Bench) -> dict[str, Any]:
                                 blocks=v.blocks,
                                 merged_nograd=v.merged and v.lora in ("fast", "merged"),
                                 merged_grad=v.lora == "merged",
-                                conv_rank_gemm=v.lora == "merged" and fastlora.CONV_RANK_GEMM,
                                 slot_chunk=s.chunk,
                                 lora_params=sum(p.numel() for p in s.opt_params) if v.lora != "plain" else 0))
         finally:
