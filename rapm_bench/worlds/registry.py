@@ -262,10 +262,11 @@ SDXL = register_world(WorldSpec(
     eval_memory_hint="; on SDXL also --precision fp16",  # the protocol fixes the resolution
     plan=_sdxl_plan,
     trained_results="trained",
-    # one H100 (results/bench/README.md): UNet forward ≈ 19 ms per image at batch 8 (146 ms); a RAPM iteration
-    # of the engine 1.3 s (--lora-impl merged, 4 slots a pass; PCM/DMD2 on PEFT layers: guesses); a 4-step
-    # evaluation 0.241 s per image with the fp32 VAE, Inception and ViT-g-14 (scaling, one GPU).
-    costs=Costs(trajectory_forward=0.019, iteration={"rapm": 1.3, "pcm": 2.0, "dmd2": 4.0},
-                image_forward=0.019, image_overhead=0.165, trajectory_mb=9 * 4 * 128 * 128 * 2 / 1e6, lora_mb=6.0,
+    # one H100 (results/bench/README.md, issue 14's fourth session): 1000 trajectories in 475 s (32 image-forwards
+    # each, blocks compiled); the engine's RAPM iteration 0.473 s (merged, 4 slots a pass, graphs, blocks; PCM/DMD2
+    # on PEFT layers: guesses); generation 0.1109 s an image at batch 16 = 4 UNet passes of 12.4 ms + the TF32
+    # decode's 61 ms; eval's own work beyond generation ~8 ms an image (Inception and ViT-g-14 in TF32).
+    costs=Costs(trajectory_forward=0.0148, iteration={"rapm": 0.473, "pcm": 2.0, "dmd2": 4.0},
+                image_forward=0.0124, image_overhead=0.069, trajectory_mb=9 * 4 * 128 * 128 * 2 / 1e6, lora_mb=6.0,
                 device="one H100"),
 ))
