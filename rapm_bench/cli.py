@@ -45,7 +45,7 @@ def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         typer.echo(f"rapm-bench: error: {e}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        typer.echo("rapm-bench: interrupted; rerun the same command to resume", err=True)
+        typer.echo("rapm-bench: interrupted; rerun the same command to resume (bench: add --resume)", err=True)
         raise typer.Exit(130) from None
 
 
