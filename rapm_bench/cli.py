@@ -49,6 +49,12 @@ def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise typer.Exit(130) from None
 
 
+CompileBlocks = Annotated[bool | None, typer.Option(  # generate's and eval's
+    "--compile-blocks/--no-compile-blocks", help="Compile each ResNet and transformer block of the UNet (a CUDA "
+    "GPU; about a minute on a new machine, seconds from inductor's cache in ~/.cache/rapm-bench/inductor); "
+    "default: when images x steps >= 16384 (SDXL; the tiny world: never), where it pays back.")]
+
+
 @app.command()
 def generate(
     model: Annotated[str, typer.Option(help="Model name from the registry (`teacher`, `rapm`, ...); "
@@ -69,10 +75,7 @@ def generate(
     seed: Annotated[int, typer.Option(help="Image i is drawn with seed + i, whatever the batch size.")] = 0,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch; default: the preset's.")] = None,
     grid: Annotated[str | None, typer.Option(help="Also write a contact sheet of the first 64 images here.")] = None,
-    compile_blocks: Annotated[bool | None, typer.Option(
-        "--compile-blocks/--no-compile-blocks", help="Compile each ResNet and transformer block of the UNet (a CUDA "
-        "GPU; about a minute on a new machine, seconds from inductor's cache in ~/.cache/rapm-bench/inductor); "
-        "default: when images x steps >= 16384, where it pays back.")] = None,
+    compile_blocks: CompileBlocks = None,
     preset: Preset = "tiny",
     teacher: Annotated[str | None, typer.Option(help="Teacher: hub id or local diffusers folder; "
                                                       "default: the preset's.")] = None,
@@ -124,10 +127,7 @@ def evaluate(
     inception: Annotated[str | None, typer.Option(help="Local clean-fid Inception weights (coco protocols).")] = None,
     clip_checkpoint: Annotated[str | None, typer.Option(help="Local open_clip checkpoint (coco protocols).")] = None,
     save_images: Annotated[str | None, typer.Option(help="Also save the generated PNGs in this folder.")] = None,
-    compile_blocks: Annotated[bool | None, typer.Option(
-        "--compile-blocks/--no-compile-blocks", help="Compile each ResNet and transformer block of the UNet (a CUDA "
-        "GPU; about a minute on a new machine, seconds from inductor's cache in ~/.cache/rapm-bench/inductor); "
-        "default: when images x steps >= 16384, where it pays back.")] = None,
+    compile_blocks: CompileBlocks = None,
     preset: Preset = "tiny",
     teacher: Annotated[str | None, typer.Option(help="Teacher: hub id or local diffusers folder.")] = None,
     device: Annotated[str, typer.Option(help="`auto`, `cpu`, `cuda`, ...")] = "auto",

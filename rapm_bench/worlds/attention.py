@@ -2,8 +2,8 @@
 
 The VAE's mid-block attends over every latent pixel with one 512-wide head: at 1024 px, 16,384 tokens.
 PyTorch's SDPA has no fused kernel for a 512-wide head in fp32 (flash and cuDNN stop at 256 and want half
-precision), so it runs the memory-efficient kernel's fp32 SIMT path: on an H100 it took 14 ms of the TF32
-decode's 72 ms an image, at 20 TFLOP/s (results/bench/profiles/profile-vae-tf32-b4.txt). As two batched
+precision), so it runs the memory-efficient kernel's fp32 SIMT path: on an H100 it took 56 ms of a 288 ms
+batch-4 TF32 decode, at 39 TFLOP/s (results/bench/profiles/profile-vae-tf32-b4-sdpa-h100.txt). As two batched
 matrix products with the softmax between them, the products run on TF32 tensor cores, the precision the
 protocol's `vae_precision="tf32"` declares for every other matrix product and convolution of the decode.
 """
