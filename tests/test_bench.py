@@ -397,6 +397,11 @@ def test_a_cut_off_run_resumes_from_its_finished_stages(tmp_path: Path, monkeypa
     other = replace(cfg, repeats=2)
     with pytest.raises(UserError, match="differs in config"):
         report.run_bench(other, ["test"], resume=True)
+    kept = partial.read_text()
+    partial.write_text("[1, 2]")
+    with pytest.raises(UserError, match="cannot read the unfinished run"):
+        report.run_bench(cfg, ["test"], resume=True)
+    partial.write_text(kept)
 
     def never(b):
         raise AssertionError("a finished stage ran again")

@@ -146,6 +146,8 @@ def _resumed(cfg: BenchConfig, info: dict[str, Any], identity: dict[str, Any]) -
         return {}
     try:
         saved = json.loads(path.read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("stages", {}), dict):
+            raise ValueError("not a partial bench record")
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the unfinished run {path} ({e}): delete it, or run without --resume") from None
     differs = [k for k in identity if saved.get("identity", {}).get(k) != identity[k]]
