@@ -772,6 +772,45 @@ def test_vae_decoder_uses_gemm_attention_for_tf32_on_a_gpu_only():
         assert not gemm(dec.network())
 
 
+def test_chunked_group_norm_is_group_norm():
+    """GroupNorm with its statistics over chunks of each group (worlds.groupnorm) = F.group_norm within fp32
+    round-off: 4-D and 3-D inputs, one chunk, several, a group size with no equal split (one chunk), no affine."""
+    import torch.nn.functional as F
+
+    from rapm_bench.worlds.groupnorm import chunked_group_norm, chunks
+
+    gen = torch.Generator().manual_seed(0)
+    for shape, chunk in (((2, 64, 16, 16), 16), ((2, 64, 16, 16), 10**6), ((1, 32, 7, 5), 8), ((3, 64, 10), 4)):
+        x = torch.randn(shape, generator=gen) * 3 + 1
+        w, b = torch.rand(shape[1], generator=gen) + 0.5, torch.randn(shape[1], generator=gen)
+        for weight, bias in ((w, b), (None, None)):
+            torch.testing.assert_close(chunked_group_norm(x, 32, weight, bias, 1e-6, chunk),
+                                       F.group_norm(x, 32, weight, bias, 1e-6), rtol=1e-5, atol=1e-5)
+    assert chunks(2 * 256, 16) == 32 and chunks(35, 8) == 1 and chunks(8 * 1024 * 1024, 65536) == 128
+
+
+def test_vae_decodes_alike_with_chunked_group_norm():
+    """`use_chunked_group_norm` on an SDXL-architecture VAE's decoder: every GroupNorm of it changes and the decode
+    equals the plain one's within fp32 round-off; the VAEDecoder gives a GPU's compiled decode the chunked
+    statistics only (the CPU's decode is the VAE itself)."""
+    from torch import nn
+
+    from rapm_bench.bench import build_sdxl_vae
+    from rapm_bench.worlds.groupnorm import use_chunked_group_norm
+    from rapm_bench.worlds.sdxl import VAEDecoder
+
+    vae = build_sdxl_vae(True, torch.device("cpu"))
+    chunked = copy.deepcopy(vae)
+    norms = [m for m in chunked.decoder.modules() if type(m) is nn.GroupNorm]
+    assert use_chunked_group_norm(chunked.decoder) == len(norms) > 0
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = vae.decode(z, return_dict=False)[0], chunked.decode(z, return_dict=False)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    dec = VAEDecoder(vae)
+    assert dec.network() is vae and "forward" not in vars(next(m for m in vae.modules() if type(m) is nn.GroupNorm))
+
+
 @pytest.mark.gpu
 @cuda
 def test_tf32_decode_with_gemm_attention_is_as_close_to_fp32_as_sdpa():
@@ -789,6 +828,25 @@ def test_tf32_decode_with_gemm_attention_is_as_close_to_fp32_as_sdpa():
     dec.gemm_attention = False
     sdpa = uint8_difference(dec(latents), exact)
     assert gemm["max"] <= 1 and gemm["changed_share"] <= sdpa["changed_share"] + 0.02, (gemm, sdpa)
+
+
+@pytest.mark.gpu
+@cuda
+def test_compiled_decode_with_chunked_group_norm_is_as_close_to_fp32():
+    """The compiled TF32 decode with the chunked GroupNorm statistics stays within one level of the exact fp32
+    decode, on about as many values as with inductor's GroupNorm."""
+    from rapm_bench.bench import build_sdxl_vae, uint8_difference
+    from rapm_bench.worlds.sdxl import VAEDecoder
+
+    dec = VAEDecoder(build_sdxl_vae(True, torch.device("cuda")))
+    latents = torch.randn(2, 4, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 4
+    dec.precision = "fp32"
+    exact = dec(latents)
+    dec.precision = "tf32"
+    chunked = uint8_difference(dec(latents), exact)
+    dec.chunked_group_norm = False
+    plain = uint8_difference(dec(latents), exact)
+    assert chunked["max"] <= 1 and chunked["changed_share"] <= plain["changed_share"] + 0.02, (chunked, plain)
 
 
 def test_generation_compiles_blocks_where_it_pays(monkeypatch, tmp_path):

@@ -40,7 +40,8 @@ class VAEDecoder:
     kernels; one graph per batch shape): on an H200 at 1024 px, TF32, 0.064 s an image against 0.108 eager,
     with images within one level of the eager TF32 decode (4.2 % of the values at batch 4), as close to fp32 as
     the eager TF32 decode (one level on 4.7 %). The fp32 decode, the exact one, stays eager. On a GPU the TF32
-    decode's attention runs as two TF32 matrix products (worlds/attention.py) instead of SDPA's fp32 kernel.
+    decode's attention runs as two TF32 matrix products (worlds/attention.py) instead of SDPA's fp32 kernel, and a
+    compiled decode's GroupNorm statistics are reduced over chunks of each group (worlds/groupnorm.py).
     """
 
     def __init__(self, vae: torch.nn.Module) -> None:
@@ -49,7 +50,8 @@ class VAEDecoder:
         self.channels_last = False
         self.compile = True  # compiled TF32/bf16 decodes on CUDA (above); False: eager in every precision
         self.gemm_attention = True  # the TF32 decode's attention as TF32 matrix products on CUDA; False: SDPA
-        self._copies: dict[tuple[str, bool, bool, bool], torch.nn.Module] = {}
+        self.chunked_group_norm = True  # a compiled decode's GroupNorm statistics over chunks (worlds/groupnorm.py)
+        self._copies: dict[tuple[str, bool, bool, bool, bool], torch.nn.Module] = {}
 
     def compiled(self) -> bool:
         """Whether this decode runs compiled: a GPU, a precision other than the exact fp32, `compile` on."""
@@ -61,8 +63,9 @@ class VAEDecoder:
 
         cuda = next(self.vae.parameters()).is_cuda
         gemm = self.gemm_attention and self.precision == "tf32" and cuda  # attention on TF32 tensor cores
-        key = ("bf16" if self.precision == "bf16" else "fp32", self.channels_last, self.compiled(), gemm)
-        if key == ("fp32", False, False, False) or self.vae.dtype != torch.float32:  # an fp16-fixed VAE: as given
+        chunked = self.chunked_group_norm and self.compiled() and not self.channels_last
+        key = ("bf16" if self.precision == "bf16" else "fp32", self.channels_last, self.compiled(), gemm, chunked)
+        if key == ("fp32", False, False, False, False) or self.vae.dtype != torch.float32:  # an fp16-fixed VAE: as given
             return self.vae
         if key not in self._copies:
             net = copy.deepcopy(self.vae).to(torch.bfloat16 if key[0] == "bf16" else torch.float32)
@@ -71,6 +74,10 @@ class VAEDecoder:
                 from .attention import use_gemm_attention
 
                 use_gemm_attention(net)
+            if chunked:
+                from .groupnorm import use_chunked_group_norm
+
+                use_chunked_group_norm(net.decoder)
             if key[2]:  # the decode path only: post_quant_conv, then the decoder
                 from ..regions import persist_cache
 
