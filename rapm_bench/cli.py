@@ -73,7 +73,8 @@ def generate(
     num_images: Annotated[int | None, typer.Option(help="How many images; default: one per caption "
                                                         "(16 grammar captions on `tiny`).")] = None,
     seed: Annotated[int, typer.Option(help="Image i is drawn with seed + i, whatever the batch size.")] = 0,
-    batch_size: Annotated[int | None, typer.Option(help="Images per batch; default: the preset's.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch; default: the preset's (sdxl: 16 on a GPU "
+                                                        "of 70 GiB or more, else 4).")] = None,
     grid: Annotated[str | None, typer.Option(help="Also write a contact sheet of the first 64 images here.")] = None,
     compile_blocks: CompileBlocks = None,
     preset: Preset = "tiny",
@@ -119,8 +120,8 @@ def evaluate(
     out: Annotated[str | None, typer.Option(help="Folder for the result JSON; default: results/<preset>.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result JSON on stdout.")] = False,
     seed: Annotated[int, typer.Option(help="Image i is drawn with seed + i.")] = 0,
-    batch_size: Annotated[int | None, typer.Option(help="Images per generation batch; default: the preset's.")]
-    = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per generation batch; default: the preset's (sdxl: "
+                                                        "16 on a GPU of 70 GiB or more, else 4).")] = None,
     data_dir: Annotated[str | None, typer.Option(help="Prepared protocol data (`rapm-bench data coco`) and "
                                                       "reference-statistics cache; default: ~/.cache/rapm-bench.")]
     = None,

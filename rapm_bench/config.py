@@ -50,7 +50,7 @@ class GenerateConfig:
     prompts: str | None = None  # UTF-8 text file, one caption a line; None = grammar captions (tiny)
     num_images: int | None = None  # None = one per prompt (or the preset's count for grammar captions)
     seed: int = 0  # image i uses seed + i
-    batch_size: int | None = None  # None = the preset's
+    batch_size: int | None = None  # None = the preset's (WorldSpec.default_batch: a large GPU may take more)
     grid: str | None = None  # optional contact-sheet PNG path
     compile_blocks: bool | None = None  # the UNet's blocks compiled (regions.pays): None = on a CUDA GPU from the
     #                                     world's `compile_blocks_from` images × steps (SDXL: 16,384; tiny: never)
@@ -70,7 +70,7 @@ def resolve_generate(cfg: GenerateConfig) -> GenerateConfig:
     preset = get_preset(cfg.world.preset)
     spec = get_model(cfg.model, cfg.lora)  # a LoRA trained here brings its steps and sampler
     steps, guidance = spec.resolve(cfg.steps, cfg.guidance)
-    batch = cfg.batch_size or preset.batch_size
+    batch = cfg.batch_size or preset.default_batch(cfg.world.device)
     if batch < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch}")
     if cfg.num_images is not None and cfg.num_images < 1:
@@ -97,7 +97,7 @@ class EvalConfig:
     num_images: int | None = None  # None = the protocol's number of pairs
     out: str | None = None  # folder for the result JSON; None = results/<preset>
     seed: int = 0  # image i is drawn with seed + i
-    batch_size: int | None = None  # None = the preset's
+    batch_size: int | None = None  # None = the preset's (WorldSpec.default_batch: a large GPU may take more)
     data_dir: str | None = None  # prepared protocol data (`rapm-bench data coco`); None = the cache
     inception: str | None = None  # local clean-fid Inception torchscript (coco protocols)
     clip_checkpoint: str | None = None  # local open_clip checkpoint (coco protocols)

@@ -157,3 +157,29 @@ def test_worldspec_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         get_world_spec("tiny").batch_size = 1  # type: ignore[misc]
     assert isinstance(get_world_spec("tiny"), WorldSpec)
+
+
+def test_the_default_generation_batch_follows_the_gpus_size(monkeypatch):
+    """SDXL generates 16 images a batch on a GPU of 70 GiB or more (an 80 GB card), 4 on smaller ones and off a GPU;
+    a world without `large_batch` always takes its batch_size; an explicit --batch-size wins in resolve_generate."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rapm_bench.config import GenerateConfig, resolve_generate
+
+    card = {"gib": 79.2}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: SimpleNamespace(total_memory=int(card["gib"] * 2**30)))
+    sdxl, tiny = get_world_spec("sdxl"), get_world_spec("tiny")
+    assert sdxl.default_batch("auto") == sdxl.default_batch("cuda:0") == 16
+    assert sdxl.default_batch("cpu") == sdxl.batch_size == 4
+    assert tiny.default_batch("cuda") == tiny.batch_size
+    card["gib"] = 47.5  # a 48 GB card
+    assert sdxl.default_batch("auto") == 4
+    card["gib"] = 79.2
+    world = WorldConfig(preset="sdxl", device="cuda")
+    assert resolve_generate(GenerateConfig(world=world, out="x", model="teacher")).batch_size == 16
+    assert resolve_generate(GenerateConfig(world=world, out="x", model="teacher", batch_size=2)).batch_size == 2

@@ -134,7 +134,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     out_dir = Path(cfg.out) if cfg.out else Path("results") / preset.name
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file, not a folder")
-    batch = cfg.batch_size or preset.batch_size
+    batch = cfg.batch_size or preset.default_batch(cfg.world.device)
     if batch < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch}")
     images_out = Path(cfg.images_out) if cfg.images_out else None

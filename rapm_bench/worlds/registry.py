@@ -84,6 +84,8 @@ class WorldSpec:
     costs: Costs | None = None  # reproduce's estimates
     trained_results: str = ""  # reproduce: results of the students trained here go to <out>/<this> ("": beside
     #                            the rest; sdxl "trained": beside the published LoRAs' rows of the same names)
+    large_batch: tuple[int, float] | None = None  # (batch, GiB): the generation batch without --batch-size on a
+    #                                               CUDA GPU of at least GiB memory (`default_batch`); else batch_size
 
     def bench_config(self, scale: str) -> BenchConfig:
         """`rapm-bench bench`'s config of this world at `scale`, or a one-line error."""
@@ -94,6 +96,21 @@ class WorldSpec:
             raise UserError(f"--scale {scale} is for --preset {others} (the {self.name} world benches at --scale "
                             f"{' or '.join(self.bench_scales)} only)")
         return self.bench_preset(scale)
+
+    def default_batch(self, device: str | None) -> int:
+        """The generation batch without --batch-size: `large_batch`'s on a CUDA GPU with at least its memory in
+        all (the card's size, not what is free now: a resumed run batches as the first did), else `batch_size`."""
+        if self.large_batch is None:
+            return self.batch_size
+        import torch
+
+        from .base import pick_device
+
+        dev = pick_device(device)
+        if dev.type != "cuda":
+            return self.batch_size
+        batch, gib = self.large_batch
+        return batch if torch.cuda.get_device_properties(dev).total_memory >= gib * 2**30 else self.batch_size
 
     def preset_flag(self) -> str:
         """The `--preset` option naming this world in a printed command ("" for the default world)."""
@@ -223,7 +240,11 @@ SDXL = register_world(WorldSpec(
     description="Stable Diffusion XL base 1.0 (the paper's setting): a GPU, weights from the hub or a folder",
     load=_load_sdxl,
     teacher="stabilityai/stable-diffusion-xl-base-1.0",
-    batch_size=4,
+    batch_size=4,  # 24-48 GB cards: batch 4 peaks at 16.1 GiB in generation (TF32 decode)
+    # 80 GB cards: batch 16 peaks at 50.7 GiB and runs 0.111 s an image against 0.123 at batch 4 (the decode: 51 ms an
+    # image against 62; one H100, results/bench/sdxl-generate-2026-12-06e-nvidia-h100-80gb-hbm3.json, probes/
+    # probe_groupnorm-h100.json); eval adds Inception and ViT-g-14 beside it (its 768-image run at batch 16 fitted)
+    large_batch=(16, 70.0),
     num_images=0,
     default_protocol="coco30k",
     training_prompts=None,  # COCO-2014 *train* captions (disjoint from the val-based protocols)
@@ -262,11 +283,12 @@ SDXL = register_world(WorldSpec(
     eval_memory_hint="; on SDXL also --precision fp16",  # the protocol fixes the resolution
     plan=_sdxl_plan,
     trained_results="trained",
-    # one H100 (results/bench/README.md, issue 14's fourth session): 1000 trajectories in 475 s (32 image-forwards
-    # each, blocks compiled); the engine's RAPM iteration 0.473 s (merged, 4 slots a pass, graphs, blocks; PCM/DMD2
-    # on PEFT layers: guesses); generation 0.1109 s an image at batch 16 = 4 UNet passes of 12.4 ms + the TF32
-    # decode's 61 ms; eval's own work beyond generation ~8 ms an image (Inception and ViT-g-14 in TF32).
+    # one H100 (results/bench/README.md, issue 14's fourth and fifth sessions): 1000 trajectories in 475 s (32
+    # image-forwards each, blocks compiled); the engine's RAPM iteration 0.473 s (merged, 4 slots a pass, graphs,
+    # blocks; PCM/DMD2 on PEFT layers: guesses); generation 0.111 s an image at batch 16 = 4 UNet passes of 15 ms
+    # (as in the trajectories) + the TF32 decode's 51 ms (probes/probe_groupnorm-h100.json); eval's own work beyond
+    # generation ~8 ms an image (Inception and ViT-g-14 in TF32).
     costs=Costs(trajectory_forward=0.0148, iteration={"rapm": 0.473, "pcm": 2.0, "dmd2": 4.0},
-                image_forward=0.0124, image_overhead=0.069, trajectory_mb=9 * 4 * 128 * 128 * 2 / 1e6, lora_mb=6.0,
+                image_forward=0.0150, image_overhead=0.059, trajectory_mb=9 * 4 * 128 * 128 * 2 / 1e6, lora_mb=6.0,
                 device="one H100"),
 ))
