@@ -215,7 +215,7 @@ def _generate(cfg: GenerateConfig) -> dict[str, Any]:
     # Resume: batches stay those of an uninterrupted run (batch k = images k*bs ... k*bs+bs-1), so a
     # regenerated image is computed in the same batch, bit for bit; a batch is redone whole when any of
     # its images is missing, does not decode, or differs from the sha256 a previous manifest recorded.
-    bs = cfg.batch_size or preset.default_batch(cfg.world.device)
+    bs = cfg.batch_size  # resolve_generate filled it (WorldSpec.default_batch)
     known = _manifest_hashes(out / "manifest.json")
     batches = [records[i : i + bs] for i in range(0, len(records), bs)]
     todo = [b for b in batches if not all(_image_done(out / r["file"], known.get(r["file"])) for r in b)]
