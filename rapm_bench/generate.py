@@ -7,10 +7,13 @@ atomic PNG writes, a manifest, an optional contact sheet.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +117,58 @@ def png_bytes(image: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def png_threads() -> int:
+    """Threads for writing PNGs: all CPUs but one (the GPU's launching thread), at most 8, at least 1."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _write_png(path: Path, image: torch.Tensor) -> None:
+    atomic_write_bytes(path, png_bytes(image))
+
+
+class PngWriter:
+    """Writes (3, H, W) uint8 images as PNGs, atomically, on a pool of threads while the caller goes on.
+
+    Pillow releases the GIL while it compresses, so the pool runs in parallel: a 1024-px PNG takes 0.1-0.3 s of one
+    CPU core, more than the ~0.11 s the GPU spends on an SDXL image (results/bench/probes/probe_png.py). At most
+    `pending` images wait (`write` blocks until one is done); a writer's error is raised by the next `write` or by
+    `close`. Leaving the `with` block waits for every file; leaving it on an error drops the writes not yet
+    started (a file is there complete or not at all, as with `atomic_write_bytes`).
+    """
+
+    def __init__(self, threads: int | None = None, pending: int = 64) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.threads = threads or png_threads()
+        self.pending = max(1, pending)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="png")
+        self._jobs: collections.deque[Future[None]] = collections.deque()
+
+    def write(self, path: Path, image: torch.Tensor) -> None:
+        """Queue one image for `path` (waits while `pending` are queued; raises an earlier write's error)."""
+        while self._jobs and (self._jobs[0].done() or len(self._jobs) >= self.pending):
+            self._jobs.popleft().result()
+        self._jobs.append(self._pool.submit(_write_png, path, image))
+
+    def close(self) -> None:
+        """Wait for every queued file; raise the first error."""
+        try:
+            while self._jobs:
+                self._jobs.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> PngWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is None:
+            self.close()
+            return
+        self._jobs.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)  # the error in flight wins; started files finish
 
 
 def png_ok(path: Path) -> bool:
@@ -222,14 +277,15 @@ def _generate(cfg: GenerateConfig) -> dict[str, Any]:
     # from the whole run's size, so that a resumed run compiles as the uninterrupted one did (same images)
     blocks = pays(world, len(records) * (cfg.steps or 0), cfg.compile_blocks)
     with tqdm(total=len(records), initial=len(records) - sum(map(len, todo)), desc=f"generate {cfg.model}",
-              unit="img") as bar, blocks_compiled(world.unet, blocks), graphed_predict(world):  # GPU: compiled
-        # blocks (regions.pays), the UNet passes replayed from CUDA graphs
+              unit="img") as bar, blocks_compiled(world.unet, blocks), graphed_predict(world), \
+            PngWriter(pending=2 * bs + png_threads()) as pngs:  # GPU: compiled blocks (regions.pays), the UNet
+        # passes replayed from CUDA graphs; the PNGs of a batch are written by threads while the next one generates
         for chunk in todo:
             with oom_hint(f"generating {len(chunk)} images", batch_hint(bs, _memory_hint(cfg.world.preset))):
                 images = generate_batch(world, [r["prompt"] for r in chunk], [r["seed"] for r in chunk],
                                         spec.recipe, cfg.steps, guidance)
             for r, img in zip(chunk, images, strict=True):
-                atomic_write_bytes(out / r["file"], png_bytes(img))
+                pngs.write(out / r["file"], img)
             bar.update(len(chunk))
     records = [r | {"sha256": sha256_file(out / r["file"])} for r in records]
 

@@ -24,7 +24,7 @@ from ..config import EvalConfig, get_preset
 from ..cudagraphs import graphed_predict
 from ..errors import UserError
 from ..files import atomic_write_bytes, default_cache_dir, sha256_file
-from ..generate import batch_hint, generate_batch, oom_hint, png_bytes
+from ..generate import PngWriter, batch_hint, generate_batch, oom_hint, png_threads
 from ..models import get_model, with_lora
 from ..provenance import device_name, git_commit, versions
 from ..regions import blocks_compiled, pays
@@ -175,21 +175,20 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     blocks = pays(world, n * steps, cfg.compile_blocks)  # the whole run's size: the same for every shard
     with tqdm(total=sum(len(g) for g in mine), desc=f"eval {spec.name} {steps}-step", unit="img",
               disable=not state.is_main_process) as bar, blocks_compiled(world.unet, blocks), graphed_predict(world), \
-            ThreadPoolExecutor(1, thread_name_prefix="eval-prepare") as worker:
+            ThreadPoolExecutor(1, thread_name_prefix="eval-prepare") as worker, \
+            PngWriter(pending=GROUP + png_threads()) as pngs:
         # GPU: compiled blocks (regions.pays), UNet passes from CUDA graphs. The CPU part of scoring a group
-        # (crops, resizes, PNGs) runs on `worker` while this thread generates the next group; the group is
-        # then scored here (GPU networks), in group order, so the sums are those of a loop without the worker.
+        # (crops, resizes) runs on `worker` while this thread generates the next group; the group is then scored
+        # here (GPU networks), in group order, so the sums are those of a loop without the worker. The optional
+        # PNGs are written by `pngs`' threads meanwhile.
         first_s: float | None = None  # the first group's generation: compiles, graph captures, cuDNN's warm-up
         phases = {"generate_s": 0.0, "score_s": 0.0}  # this thread's time (each phase ends on a copy to the CPU)
         prepare_s: list[float] = []  # the worker's time, hidden behind generation where it is shorter
 
-        def prepare(images: torch.Tensor, group: range) -> Prepared:
-            """The worker's job for one group: the scorer's CPU inputs, then the optional PNGs."""
+        def prepare(images: torch.Tensor) -> Prepared:
+            """The worker's job for one group: the scorer's CPU inputs."""
             t = time.perf_counter()
             prepared = scorer.prepare(images)
-            if images_out is not None:
-                for i, img in zip(group, images, strict=True):
-                    atomic_write_bytes(images_out / f"{i:06d}.png", png_bytes(img))
             prepare_s.append(time.perf_counter() - t)
             return prepared
 
@@ -213,7 +212,11 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
                     imgs.append(generate_batch(world, [captions[i] for i in idx], [cfg.seed + i for i in idx],
                                                spec.recipe, steps, guidance))
                 bar.update(len(idx))
-            job = worker.submit(prepare, torch.cat(imgs), group)  # uint8 on the CPU
+            images = torch.cat(imgs)  # uint8 on the CPU
+            job = worker.submit(prepare, images)
+            if images_out is not None:
+                for i, img in zip(group, images, strict=True):
+                    pngs.write(images_out / f"{i:06d}.png", img)
             phases["generate_s"] += time.perf_counter() - t_group
             if first_s is None:  # the group's images reached the CPU: its GPU work is done
                 first_s = time.perf_counter() - t0
