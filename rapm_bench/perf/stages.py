@@ -278,17 +278,21 @@ def stage_rapm_iteration(b: Bench) -> dict[str, Any]:
 
 
 def stage_trajectories(b: Bench) -> dict[str, Any]:
-    """One batch of teacher trajectories (`teacher_trajectories`): N·M CFG DDIM sub-steps."""
+    """One batch of teacher trajectories (`teacher_trajectories`): N·M CFG DDIM sub-steps, replayed from CUDA graphs
+    where the engine replays them (its headline), and without graphs."""
+    from ..cudagraphs import graphed_predict
     from ..distill.schedule import SlotSchedule
     from ..distill.trajectories import teacher_trajectories
     from ..sampling import cfg_denoiser
 
     dcfg, w, batch = b.distill_config(), b.world, b.cfg.traj.batch
     guidance = w.default_guidance if dcfg.guidance is None else dcfg.guidance
+    engine = engine_variant(b)
     blocks = b.cfg.opts.compile_blocks
     if blocks is None:  # as the engine: its teacher passes run compiled blocks where its iterations do
-        blocks = engine_variant(b).blocks
+        blocks = engine.blocks
     blocks = blocks and b.device.type == "cuda"  # elsewhere eager (compiled_unet)
+    graphs = engine.graphs  # as the engine (fast_nograd, a GPU): the teacher's CFG passes replay CUDA graphs
     sched = SlotSchedule(w.alphas_cumprod, dcfg.slots, dcfg.substeps)
     prompts = [f"bench prompt {i}" for i in range(batch)]
     seeds = range(b.cfg.seed, b.cfg.seed + batch)
@@ -297,19 +301,23 @@ def stage_trajectories(b: Bench) -> dict[str, Any]:
     step = cfg_denoiser(w, cond, guidance)
     ms = []
     w.calls_per_batch = 1 if b.cfg.opts.cfg_batch else 2
+    name = "cfg batched" if b.cfg.opts.cfg_batch else "cfg two calls"
+    run = lambda: teacher_trajectories(w, prompts, seeds, guidance, sched)  # noqa: E731
     try:
         with compiled_unet(w, b.cfg.opts.compile, blocks), torch.no_grad():
-            step_flops = count_flops(lambda: step(x, t[0]))
-            m = b.measure("cfg batched" if b.cfg.opts.cfg_batch else "cfg two calls",
-                          lambda: teacher_trajectories(w, prompts, seeds, guidance, sched), "trajectory", batch,
-                          # the counted CFG step warmed the UNet up, but eagerly (measure.count_flops): compiled
-                          # code compiles in a warm-up call
-                          warmup=int(b.cfg.opts.compile or blocks), count=False)
+            step_flops = count_flops(lambda: step(x, t[0]))  # eager (a graph's replay has no ops to count)
+            if graphs:  # the engine's path first (the headline); a graph is captured in the warm-up call
+                with graphed_predict(w):
+                    ms.append(b.measure(f"{name}, graphs", run, "trajectory", batch, warmup=1, count=False))
+            # the counted CFG step warmed the UNet up, but eagerly (measure.count_flops): compiled code compiles in
+            # a warm-up call
+            ms.append(b.measure(name, run, "trajectory", batch, warmup=int(b.cfg.opts.compile or blocks),
+                                count=False))
     finally:
         w.calls_per_batch = 1
-    ms.append(replace(m, flops=step_flops * calls))
+    ms = [replace(m, flops=step_flops * calls) for m in ms]
     return b.stage(ms, ms[0].name, guidance=guidance, slots=dcfg.slots, substeps=dcfg.substeps, compiled_blocks=blocks,
-                   unet_calls_per_batch=calls * (1 if b.cfg.opts.cfg_batch else 2), unet_batch=2 * batch)
+                   graphs=graphs, unet_calls_per_batch=calls * (1 if b.cfg.opts.cfg_batch else 2), unet_batch=2 * batch)
 
 
 def _random_lora_b(unet: nn.Module, seed: int, std: float = 0.02) -> None:

@@ -5,7 +5,7 @@
 `generate` writes every image as a PNG (`generate.png_bytes`, Pillow's default zlib level); at 1024 px that is a
 large share of an image's time next to the GPU's ~0.11 s. Pillow releases the GIL while it compresses, so threads
 help. This encodes IMAGES (env, default 32) 1024² images — smooth ones (bilinear upsampled noise, closer to photos
-than white noise) — on 1, 2, 4, 8 and 16 threads, and writes $OUT/probe_png-<host>.json (images/s each, the
+than white noise) — on 1, 2, 4, 8 and 16 threads, and writes $OUT/probe_png-<CPUs>cpu.json (images/s each, the
 machine's CPU count).
 """
 
@@ -34,5 +34,5 @@ for threads in (1, 2, 4, 8, 16):
         list(pool.map(png_bytes, images))
         res["images_per_s"][threads] = round(n / (time.perf_counter() - t0), 2)
     print(threads, res["images_per_s"][threads], flush=True)
-with open(os.path.join(out, f"probe_png-{platform.node()[:20]}.json"), "w") as f:
+with open(os.path.join(out, f"probe_png-{os.cpu_count()}cpu.json"), "w") as f:
     json.dump(res, f, indent=1)
