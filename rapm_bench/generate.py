@@ -13,7 +13,7 @@ import io
 import json
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +139,6 @@ class PngWriter:
     """
 
     def __init__(self, threads: int | None = None, pending: int = 64) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.threads = threads or png_threads()
         self.pending = max(1, pending)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="png")
