@@ -816,17 +816,9 @@ def test_vae_decodes_alike_with_chunked_group_norm():
 def test_tf32_decode_with_gemm_attention_is_as_close_to_fp32_as_sdpa():
     """The TF32 decode with its attention on TF32 tensor cores stays within one level of the exact fp32 decode,
     on about as many values as the TF32 decode through SDPA (compiled, as generation runs it)."""
-    from rapm_bench.bench import build_sdxl_vae, uint8_difference
-    from rapm_bench.worlds.sdxl import VAEDecoder
+    from helpers.sdxl import decode_differences
 
-    dec = VAEDecoder(build_sdxl_vae(True, torch.device("cuda")))
-    latents = torch.randn(2, 4, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 4
-    dec.precision = "fp32"
-    exact = dec(latents)
-    dec.precision = "tf32"
-    gemm = uint8_difference(dec(latents), exact)
-    dec.gemm_attention = False
-    sdpa = uint8_difference(dec(latents), exact)
+    gemm, sdpa = decode_differences("cuda", {}, {"gemm_attention": False})
     assert gemm["max"] <= 1 and gemm["changed_share"] <= sdpa["changed_share"] + 0.02, (gemm, sdpa)
 
 
@@ -835,17 +827,9 @@ def test_tf32_decode_with_gemm_attention_is_as_close_to_fp32_as_sdpa():
 def test_compiled_decode_with_chunked_group_norm_is_as_close_to_fp32():
     """The compiled TF32 decode with the chunked GroupNorm statistics stays within one level of the exact fp32
     decode, on about as many values as with inductor's GroupNorm."""
-    from rapm_bench.bench import build_sdxl_vae, uint8_difference
-    from rapm_bench.worlds.sdxl import VAEDecoder
+    from helpers.sdxl import decode_differences
 
-    dec = VAEDecoder(build_sdxl_vae(True, torch.device("cuda")))
-    latents = torch.randn(2, 4, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 4
-    dec.precision = "fp32"
-    exact = dec(latents)
-    dec.precision = "tf32"
-    chunked = uint8_difference(dec(latents), exact)
-    dec.chunked_group_norm = False
-    plain = uint8_difference(dec(latents), exact)
+    chunked, plain = decode_differences("cuda", {}, {"chunked_group_norm": False})
     assert chunked["max"] <= 1 and chunked["changed_share"] <= plain["changed_share"] + 0.02, (chunked, plain)
 
 

@@ -173,15 +173,17 @@ def set_sdpa(module: nn.Module, sdpa: bool) -> None:
 
 
 def set_vae_variant(world: World, vae: str) -> str:
-    """Decode as the bench's VAE variant `<precision>[/channels_last][/eager][/sdpa]` says (eager: not compiled,
-    which a GPU's TF32 and bf16 decodes otherwise are; sdpa: the TF32 decode's attention through SDPA, not two
-    TF32 matrix products; worlds/sdxl.py VAEDecoder); returns the precision."""
+    """Decode as the bench's VAE variant `<precision>[/channels_last][/eager][/sdpa][/half]` says (eager: not
+    compiled, which a GPU's TF32 and bf16 decodes otherwise are; sdpa: the TF32 decode's attention through SDPA, not
+    two TF32 matrix products; half: the TF32 decode's convolutions on fp16 tensor cores, scaled (worlds/halfconv.py);
+    worlds/sdxl.py VAEDecoder); returns the precision."""
     precision, *flags = vae.split("/")
     world.set_vae_precision(precision, channels_last="channels_last" in flags)
     decoder = getattr(getattr(world, "inner", world), "decoder", None)
     if decoder is not None:
         decoder.compile = "eager" not in flags
         decoder.gemm_attention = "sdpa" not in flags
+        decoder.half_convolutions = "half" in flags
     return precision
 
 

@@ -51,7 +51,8 @@ class VAEDecoder:
         self.compile = True  # compiled TF32/bf16 decodes on CUDA (above); False: eager in every precision
         self.gemm_attention = True  # the TF32 decode's attention as TF32 matrix products on CUDA; False: SDPA
         self.chunked_group_norm = True  # a compiled decode's GroupNorm statistics over chunks (worlds/groupnorm.py)
-        self._copies: dict[tuple[str, bool, bool, bool, bool], torch.nn.Module] = {}
+        self.half_convolutions = False  # the TF32 decode's convolutions on fp16 tensor cores, scaled (worlds/halfconv.py)
+        self._copies: dict[tuple[str, bool, bool, bool, bool, bool], torch.nn.Module] = {}
 
     def compiled(self) -> bool:
         """Whether this decode runs compiled: a GPU, a precision other than the exact fp32, `compile` on."""
@@ -64,8 +65,9 @@ class VAEDecoder:
         cuda = next(self.vae.parameters()).is_cuda
         gemm = self.gemm_attention and self.precision == "tf32" and cuda  # attention on TF32 tensor cores
         chunked = self.chunked_group_norm and self.compiled() and not self.channels_last
-        key = ("bf16" if self.precision == "bf16" else "fp32", self.channels_last, self.compiled(), gemm, chunked)
-        if key == ("fp32", False, False, False, False) or self.vae.dtype != torch.float32:  # an fp16-fixed VAE: as given
+        half = self.half_convolutions and self.precision == "tf32"
+        key = ("bf16" if self.precision == "bf16" else "fp32", self.channels_last, self.compiled(), gemm, chunked, half)
+        if key == ("fp32", False, False, False, False, False) or self.vae.dtype != torch.float32:  # an fp16-fixed VAE: as given
             return self.vae
         if key not in self._copies:
             net = copy.deepcopy(self.vae).to(torch.bfloat16 if key[0] == "bf16" else torch.float32)
@@ -78,6 +80,10 @@ class VAEDecoder:
                 from .groupnorm import use_chunked_group_norm
 
                 use_chunked_group_norm(net.decoder)
+            if half:
+                from .halfconv import use_half_convolutions
+
+                use_half_convolutions(net.decoder)
             if key[2]:  # the decode path only: post_quant_conv, then the decoder
                 from ..regions import persist_cache
 

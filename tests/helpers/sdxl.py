@@ -32,3 +32,22 @@ def random_unet_lora(unet, path: Path, rank: int = 4, seed: int = 1) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     StableDiffusionXLPipeline.save_lora_weights(path, unet_lora_layers=state, safe_serialization=True)
     return path / "pytorch_lora_weights.safetensors"
+
+
+def decode_differences(device: str, *variants: dict[str, object]) -> list[dict[str, float]]:
+    """uint8 differences to the exact fp32 decode (TF32 off) of a small SDXL-architecture VAE's TF32 decode, one per
+    variant: VAEDecoder attributes set on top of the defaults (compiled on a GPU)."""
+    from rapm_bench.bench import build_sdxl_vae, uint8_difference
+    from rapm_bench.worlds.sdxl import VAEDecoder
+
+    latents = torch.randn(2, 4, 32, 32, device=device, generator=torch.Generator(device).manual_seed(0)) * 4
+    exact = VAEDecoder(build_sdxl_vae(True, torch.device(device)))
+    exact.precision = "fp32"
+    reference = exact(latents)
+    diffs = []
+    for variant in variants:
+        dec = VAEDecoder(exact.vae)
+        for name, value in variant.items():
+            setattr(dec, name, value)
+        diffs.append(uint8_difference(dec(latents), reference))
+    return diffs
