@@ -16,25 +16,13 @@ import os
 
 import torch
 import torch.nn.functional as F
+from probe_common import cuda_ms, time_decodes
 
 from rapm_bench.worlds.groupnorm import chunked_group_norm
 
 out = os.environ.get("OUT", "/tmp")
 dev = torch.device("cuda")
 SHAPES = [(4, 512, 256, 256), (4, 512, 512, 512), (4, 256, 512, 512), (4, 256, 1024, 1024), (4, 128, 1024, 1024)]
-
-
-def timeit(fn, warm=3, n=10):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(n):
-        fn()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / n
 
 
 def gn_ref(x, w, b):
@@ -59,7 +47,7 @@ for shape in SHAPES:
     row = {}
     for name, fn in (("inductor", ref_c), ("chunked", chk_c), ("floor x*2", two_c)):
         args = (x,) if name.startswith("floor") else (x, w, b)
-        ms = timeit(lambda fn=fn, args=args: fn(*args))
+        ms = cuda_ms(lambda fn=fn, args=args: fn(*args))
         row[name] = {"ms": round(ms, 3), "GB/s": round(gb / ms * 1e3)}
         if not name.startswith("floor"):
             row[name]["max_abs_diff_fp64"] = float((fn(*args).double() - exact).abs().max())
@@ -67,22 +55,6 @@ for shape in SHAPES:
     print(shape, row, flush=True)
     del x, exact
     torch.cuda.empty_cache()
-from rapm_bench.perf.sdxl import build_vae  # noqa: E402
-from rapm_bench.perf.stages_eval import uint8_difference  # noqa: E402
-from rapm_bench.worlds.sdxl import VAEDecoder  # noqa: E402
-
-decoder = VAEDecoder(build_vae("full", dev))
-for batch in map(int, os.environ.get("DECODE_BATCHES", "4,16").split(",")):
-    latents = torch.randn(batch, 4, 128, 128, device=dev, generator=torch.Generator(device=dev).manual_seed(1))
-    decoder.precision = "fp32"
-    reference = torch.cat([decoder(c) for c in latents.split(4)])
-    for rnd in range(2):
-        for chunked in (False, True):
-            decoder.precision, decoder.chunked_group_norm = "tf32", chunked
-            images = decoder(latents)  # compiles in the first round
-            ms = timeit(lambda latents=latents: decoder(latents), warm=2, n=6) / batch
-            key = f"decode tf32 batch {batch}, chunked_group_norm={chunked}, round {rnd + 1}"
-            res[key] = {"ms_per_image": round(ms, 2)} | uint8_difference(images, reference)
-            print(key, res[key], flush=True)
+time_decodes(res, "chunked_group_norm", "4,16")
 with open(os.path.join(out, "probe_groupnorm.json"), "w") as f:
     json.dump(res, f, indent=1)

@@ -12,9 +12,12 @@ import json
 import os
 import sys
 import time
+
 import torch
-from rapm_bench.perf.sdxl import build_unet, build_vae
+from probe_common import cuda_ms
+
 from rapm_bench import regions
+from rapm_bench.perf.sdxl import build_unet, build_vae
 
 out = os.environ.get("OUT", "/tmp")
 dev = torch.device("cuda")
@@ -23,19 +26,6 @@ res = {}
 
 def log(*a):
     print(*a, flush=True)
-
-
-def timeit(fn, warm=3, n=10):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(n):
-        fn()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / n / 1000
 
 
 def sdp(flash=True, eff=True, cudnn=False, math=True):
@@ -69,7 +59,7 @@ if "unet" in which:
 
     def case(name, **kw):
         t0 = time.time()
-        s = timeit(fwd)
+        s = cuda_ms(fwd) / 1000
         y = fwd()
         res[f"unet/{name}"] = {"s": s, "per_img": s / B, "rel": rel(y), "wall": time.time() - t0}
         log(
@@ -158,7 +148,7 @@ if "vae" in which:
     def case(name, net, cl, bench):
         torch.backends.cudnn.benchmark = bench
         t0 = time.time()
-        s = timeit(lambda: dec(net, cl), warm=2, n=5)
+        s = cuda_ms(lambda: dec(net, cl), warm=2, n=5) / 1000
         y = dec(net, cl)
         d = (y.int() - ref.int()).abs()
         res[f"vae/{name}"] = {
