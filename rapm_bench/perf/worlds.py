@@ -173,9 +173,10 @@ def set_sdpa(module: nn.Module, sdpa: bool) -> None:
 
 
 def set_vae_variant(world: World, vae: str) -> str:
-    """Decode as the bench's VAE variant `<precision>[/channels_last][/eager][/sdpa][/half]` says (eager: not
-    compiled, which a GPU's TF32 and bf16 decodes otherwise are; sdpa: the TF32 decode's attention through SDPA, not
-    two TF32 matrix products; half: the TF32 decode's convolutions on fp16 tensor cores, scaled (worlds/halfconv.py);
+    """Decode as the bench's VAE variant `<precision>[/channels_last][/eager][/sdpa][/tf32conv|/halfall]` says
+    (eager: not compiled, which a GPU's TF32 and bf16 decodes otherwise are; sdpa: the TF32 decode's attention through
+    SDPA, not two TF32 matrix products; the compiled TF32 decode's convolutions that read silu(GroupNorm) run on fp16
+    tensor cores unless tf32conv, and with halfall the rest too, scaled per image (worlds/halfconv.py);
     worlds/sdxl.py VAEDecoder); returns the precision."""
     precision, *flags = vae.split("/")
     world.set_vae_precision(precision, channels_last="channels_last" in flags)
@@ -183,7 +184,7 @@ def set_vae_variant(world: World, vae: str) -> str:
     if decoder is not None:
         decoder.compile = "eager" not in flags
         decoder.gemm_attention = "sdpa" not in flags
-        decoder.half_convolutions = "half" in flags
+        decoder.half_convolutions = "" if "tf32conv" in flags else "everywhere" if "halfall" in flags else "bounded"
     return precision
 
 

@@ -19,10 +19,11 @@ def cuda_ms(fn, warm: int = 3, n: int = 10) -> float:
     return e0.elapsed_time(e1) / n
 
 
-def time_decodes(res: dict, switch: str, batches: str, rounds: int = 2, n: int = 6) -> dict:
+def time_decodes(res: dict, switch: str, batches: str, rounds: int = 2, n: int = 6,
+                 values: tuple = (False, True)) -> dict:
     """For each batch: the random-weight SDXL VAE's compiled TF32 decode (worlds/sdxl.py VAEDecoder) with
-    `switch` off and on, `rounds` rounds, ms an image and the uint8 difference to the fp32 decode into `res`;
-    returns {batch: (decoder, latents, {False: images, True: images})}, the decoder left with `switch` on."""
+    `switch` at each of `values` (off and on), `rounds` rounds, ms an image and the uint8 difference to the fp32 decode
+    into `res`; returns {batch: (decoder, latents, {value: images})}, the decoder left at the last value."""
     from rapm_bench.perf.sdxl import build_vae
     from rapm_bench.perf.stages_eval import uint8_difference
     from rapm_bench.worlds.sdxl import VAEDecoder
@@ -36,7 +37,7 @@ def time_decodes(res: dict, switch: str, batches: str, rounds: int = 2, n: int =
         reference = torch.cat([decoder(c) for c in latents.split(4)])
         images = {}
         for rnd in range(rounds):
-            for on in (False, True):
+            for on in values:
                 decoder.precision = "tf32"
                 setattr(decoder, switch, on)
                 images[on] = decoder(latents)  # compiles in the first round

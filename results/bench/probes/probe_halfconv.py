@@ -5,10 +5,10 @@
 Convolutions are ~73 % of the compiled TF32 decode (profiles/profile-vae-tf32-b4-h100.txt) at ~222 TFLOP/s of
 TF32. First (CONVS=1, the default) one 3×3 convolution per decoder stage at batch 16: TF32 (fp32 tensors), fp16
 NCHW, fp16 channels_last. Then the whole compiled decode (worlds/sdxl.py VAEDecoder, random-weight SDXL VAE,
-DECODE_BATCHES, default 16): TF32 as `generate` runs it, and with `half_convolutions`, ROUNDS rounds (default 2),
-each against the fp32 decode (TF32 off) in uint8 levels; the half decode against the TF32 one, and its first 4
-images decoded one by one against the same in the batch. PROFILE=1: the half decode's kernels, one call, to
-$OUT/profile-vae-half-b<batch>.txt. Writes $OUT/probe_halfconv.json.
+DECODE_BATCHES, default 16): TF32 as `generate` runs it, and with `half_convolutions` "bounded" and "everywhere",
+ROUNDS rounds (default 2), each against the fp32 decode (TF32 off) in uint8 levels; each half decode against the TF32
+one, and its first 4 images decoded one by one against the same in the batch. PROFILE=1: each half decode's kernels,
+one call, to $OUT/profile-vae-half-<mode>-b<batch>.txt. Writes $OUT/probe_halfconv.json.
 """
 
 import json
@@ -44,19 +44,23 @@ for cin, cout, side in SHAPES if os.environ.get("CONVS", "1") == "1" else []:
 
 from rapm_bench.perf.stages_eval import uint8_difference  # noqa: E402
 
-runs = time_decodes(res, "half_convolutions", "16", int(os.environ.get("ROUNDS", "2")), n=5)
-for batch, (decoder, latents, images) in runs.items():  # the decoder: half convolutions on
-    if os.environ.get("PROFILE"):  # the half decode's kernels, one call
-        from torch.profiler import ProfilerActivity, profile
+modes = ("", "bounded", "everywhere")  # VAEDecoder.half_convolutions: TF32, fp16 where bounded, fp16 everywhere
+runs = time_decodes(res, "half_convolutions", "16", int(os.environ.get("ROUNDS", "2")), n=5, values=modes)
+for batch, (decoder, latents, images) in runs.items():
+    for mode in modes[1:]:
+        decoder.half_convolutions = mode
+        if os.environ.get("PROFILE"):  # the half decode's kernels, one call
+            from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decoder(latents)
-            torch.cuda.synchronize()
-        with open(os.path.join(out, f"profile-vae-half-b{batch}.txt"), "w") as f:
-            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
-    res[f"batch {batch}: half vs tf32"] = uint8_difference(images[True], images[False])
-    one = torch.cat([decoder(c) for c in latents[:4].split(1)])  # batch independence of the half decode
-    res[f"batch {batch}: half, first 4 one by one vs in the batch"] = uint8_difference(one, images[True][:4])
-    print(res[f"batch {batch}: half vs tf32"], res[f"batch {batch}: half, first 4 one by one vs in the batch"])
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                decoder(latents)
+                torch.cuda.synchronize()
+            with open(os.path.join(out, f"profile-vae-half-{mode}-b{batch}.txt"), "w") as f:
+                f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+        res[f"batch {batch}: {mode} vs tf32"] = uint8_difference(images[mode], images[""])
+        one = torch.cat([decoder(c) for c in latents[:4].split(1)])  # batch independence of the half decode
+        res[f"batch {batch}: {mode}, first 4 one by one vs in the batch"] = uint8_difference(one, images[mode][:4])
+        print(mode, res[f"batch {batch}: {mode} vs tf32"],
+              res[f"batch {batch}: {mode}, first 4 one by one vs in the batch"], flush=True)
 with open(os.path.join(out, "probe_halfconv.json"), "w") as f:
     json.dump(res, f, indent=1)
