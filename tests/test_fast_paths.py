@@ -298,6 +298,24 @@ def test_compiled_vae_decode_is_within_one_level_of_eager_and_compiles():
     assert dec.network() is dec.vae
 
 
+@pytest.mark.gpu
+@cuda
+def test_decoded_images_reach_the_host_through_pinned_memory_unchanged():
+    """On a GPU the decode's images come back in pinned host memory, equal to a pageable copy; a CPU tensor as is."""
+    from rapm_bench.bench import build_sdxl_vae
+    from rapm_bench.worlds.sdxl import VAEDecoder, to_pinned_host
+
+    t = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, device="cuda")
+    host = to_pinned_host(t)
+    assert host.is_pinned() and torch.equal(host, t.cpu())
+    assert to_pinned_host(host.clone()).device.type == "cpu"
+    dec = VAEDecoder(build_sdxl_vae(True, torch.device("cuda")))
+    dec.compile = False
+    assert dec(torch.randn(2, 4, 32, 32, device="cuda")).is_pinned()
+    dec.pinned_host = False
+    assert not dec(torch.randn(2, 4, 32, 32, device="cuda")).is_pinned()
+
+
 def test_adamw_is_fused_on_a_gpu_only_and_resumes_across_implementations():
     """The engine's AdamW: the CPU's default implementation on the CPU; a fused optimiser's state loads into a
     default one (and back) with each keeping its own implementation and the same update."""
