@@ -72,7 +72,8 @@ class GenerateStage:
     images: int = 30_000  # for the estimate (coco30k)
     vae_variants: tuple[str, ...] = ("fp32", "tf32/eager", "tf32", "bf16", "tf32/channels_last",
                                      "bf16/channels_last")  # GPU; TF32/bf16 compiled unless "/eager"; TF32's
-    #                   attention as matrix products unless "/sdpa"; "/tf32conv", "/halfall": fp16 convolutions (perf.worlds.set_vae_variant)
+    #                   attention as matrix products unless "/sdpa"; its normalised convolutions in fp16 unless
+    #                   "/tf32conv", all of them with "/halfall" (perf.worlds.set_vae_variant)
     vae_channels_last: bool = False  # the protocol precision's layout in the bigger batches (and the headline)
     big_batches: tuple[int, ...] = ()  # more batch sizes, graphs and the protocol's VAE (the last is the headline)
 

@@ -54,17 +54,23 @@ def image_amax(x: torch.Tensor) -> torch.Tensor:
     return flat.abs().reshape(n, chunks(per), -1).amax(-1).amax(-1).view(n, 1, 1, 1)
 
 
+def _fp16_conv(scaled: torch.Tensor, weight16: torch.Tensor, scale: torch.Tensor | float, bias: torch.Tensor | None,
+               conv: nn.Conv2d, like: torch.Tensor) -> torch.Tensor:
+    """conv's fp16 channels-last convolution (cuDNN's fast fp16 layout, fp32 sums) of an input already scaled into
+    fp16's range, scaled back by `scale` and biased in fp32; the result in `like`'s memory format."""
+    x16 = scaled.to(dtype=torch.float16, memory_format=torch.channels_last)
+    y = F.conv2d(x16, weight16, None, conv.stride, conv.padding, conv.dilation, conv.groups).float() * scale
+    y = y if bias is None else y + bias.view(1, -1, 1, 1)
+    nchw = like.is_contiguous() or not like.is_contiguous(memory_format=torch.channels_last)
+    return y.contiguous(memory_format=torch.contiguous_format if nchw else torch.channels_last)
+
+
 def half_conv2d(x: torch.Tensor, weight16: torch.Tensor, weight_scale: float, bias: torch.Tensor | None,
                 conv: nn.Conv2d) -> torch.Tensor:
     """conv(x) + bias for an fp32 x, through an fp16 channels-last convolution of x and the weight each scaled into
     [-1, 1]; the result in x's memory format."""
     scale = power_of_two_at_least(image_amax(x))  # per image (module docstring)
-    x16 = (x / scale).to(dtype=torch.float16, memory_format=torch.channels_last)  # cuDNN's fast fp16 layout
-    y = F.conv2d(x16, weight16, None, conv.stride, conv.padding, conv.dilation, conv.groups).float()
-    y = y * (scale * weight_scale)
-    y = y if bias is None else y + bias.view(1, -1, 1, 1)
-    nchw = x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)
-    return y.contiguous(memory_format=torch.contiguous_format if nchw else torch.channels_last)
+    return _fp16_conv(x / scale, weight16, scale * weight_scale, bias, conv, x)
 
 
 def norm_constants(norm: nn.GroupNorm) -> tuple[int, float, float]:
@@ -90,12 +96,7 @@ def bounded_half_conv2d(x: torch.Tensor, bound: float, weight_l1: torch.Tensor, 
     p = 2.0 ** max(0, math.ceil(math.log2(bound / LIMIT)))  # fixed by the shape: a Python float
     q = power_of_two_at_least(weight_l1 * (bound / p / LIMIT)).view(-1, 1, 1, 1)  # per output channel
     w16 = (conv.weight / q).to(dtype=torch.float16, memory_format=torch.channels_last)
-    x16 = (x / p if p != 1.0 else x).to(dtype=torch.float16, memory_format=torch.channels_last)
-    y = F.conv2d(x16, w16, None, conv.stride, conv.padding, conv.dilation, conv.groups).float()
-    y = y * (q.view(1, -1, 1, 1) * p)
-    y = y if conv.bias is None else y + conv.bias.view(1, -1, 1, 1)
-    nchw = x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)
-    return y.contiguous(memory_format=torch.contiguous_format if nchw else torch.channels_last)
+    return _fp16_conv(x / p if p != 1.0 else x, w16, q.view(1, -1, 1, 1) * p, conv.bias, conv, x)
 
 
 def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
