@@ -44,6 +44,8 @@ def test_settings_round_trip_through_the_worker_arguments(built):
     assert scaling.settings(scaling.parse_args(built.argv())) == built
     for blocks in (True, False):
         assert scaling.settings(scaling.parse_args(replace(built, compile_blocks=blocks).argv())).compile_blocks is blocks
+    for half in ("bounded", "everywhere", ""):  # "" is `--vae-half-convolutions off`
+        assert scaling.settings(scaling.parse_args(replace(built, half_convolutions=half).argv())).half_convolutions == half
 
 
 @pytest.mark.e2e

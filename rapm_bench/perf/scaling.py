@@ -110,7 +110,9 @@ def worker(s: Settings, folder: Path) -> None:
     from ..config import EvalConfig, WorldConfig
     from ..eval.engine import evaluate
     from ..files import atomic_write_bytes
+    from ..worlds import sdxl
 
+    sdxl.HALF_CONVOLUTIONS = s.half_convolutions  # the decoders this process builds
     proto = register(s)
     cfg = EvalConfig(world=WorldConfig(preset="sdxl", teacher=str(s.teacher), device="cpu" if s.small else "auto"),
                      model="teacher", steps=STEPS, guidance=GUIDANCE, protocol=proto.name,
@@ -265,7 +267,8 @@ def measure(s: Settings, gpus: list[int], out: Path, argv: list[str]) -> Path:
             "small": s.small, "num_images": s.num_images, "resolution": s.resolution,
             "eval": {"model": "teacher", "sampler": "DDIM trailing", "steps": STEPS, "guidance": GUIDANCE,
                      "protocol": proto.to_dict(), "protocol_hash": proto.hash(),
-                     "batch_size": s.batch_size or get_preset("sdxl").batch_size, "compile_blocks": s.compile_blocks},
+                     "batch_size": s.batch_size or get_preset("sdxl").batch_size, "compile_blocks": s.compile_blocks,
+                     "vae_half_convolutions": s.half_convolutions or "off"},
             "trajectories": traj,  # the sdxl distill preset's w, N, M, shard size and precisions
         },
         "versions": versions(),
@@ -308,6 +311,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, default=None,
                    help="eval's UNet blocks compiled or not (default: eval's own rule, regions.pays: compiled on a GPU "
                         "from 16,384 images x steps); the first group's time holds the compile")
+    p.add_argument("--vae-half-convolutions", choices=["bounded", "everywhere", "off"], default="bounded",
+                   help="the compiled TF32 decode's convolutions on fp16 tensor cores (worlds/halfconv.py): bounded "
+                        "(the default: those reading silu(GroupNorm)), everywhere (all, scaled per image) or off")
     p.add_argument("--worker-dir", type=Path, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -316,7 +322,8 @@ def settings(a: argparse.Namespace) -> Settings:
     """The settings of parsed arguments."""
     return Settings(work=a.work.resolve(), small=a.small, num_images=a.num_images,
                     resolution=a.resolution or (64 if a.small else 1024), trajectories=a.trajectories,
-                    trajectory_batch=a.trajectory_batch, batch_size=a.batch_size, compile_blocks=a.compile_blocks)
+                    trajectory_batch=a.trajectory_batch, batch_size=a.batch_size, compile_blocks=a.compile_blocks,
+                    half_convolutions="" if a.vae_half_convolutions == "off" else a.vae_half_convolutions)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,6 +43,12 @@ def to_pinned_host(t: torch.Tensor) -> torch.Tensor:
     return host
 
 
+# a compiled TF32 decode's convolutions on fp16 tensor cores (worlds/halfconv.py): "bounded" those reading
+# silu(GroupNorm) (no per-image statistic), "everywhere" those and the rest scaled per image, "" none; a new
+# VAEDecoder's default (perf.scaling's --vae-half-convolutions sets it in its worker processes)
+HALF_CONVOLUTIONS = "bounded"
+
+
 class VAEDecoder:
     """The SDXL VAE decode in a declared precision (precision.COMPUTE_PRECISIONS; the protocol's
     `vae_precision`): "fp32" with TF32 off, "tf32", or a bf16 copy of the VAE; channels_last optional.
@@ -65,9 +71,7 @@ class VAEDecoder:
         self.compile = True  # compiled TF32/bf16 decodes on CUDA (above); False: eager in every precision
         self.gemm_attention = True  # the TF32 decode's attention as TF32 matrix products on CUDA; False: SDPA
         self.chunked_group_norm = True  # a compiled decode's GroupNorm statistics over chunks (worlds/groupnorm.py)
-        # a compiled TF32 decode's convolutions on fp16 tensor cores (worlds/halfconv.py): "bounded" those reading
-        # silu(GroupNorm) (no per-image statistic), "everywhere" those and the rest scaled per image, "" none
-        self.half_convolutions = "bounded"
+        self.half_convolutions = HALF_CONVOLUTIONS
         self.pinned_host = True  # images to the host through pinned memory on CUDA (a pageable copy: ~2 GB/s, H100)
         self._copies: dict[tuple[str, bool, bool, bool, bool, str], torch.nn.Module] = {}
 
