@@ -7,8 +7,9 @@ produce a score (eval/protocols.py): `vae_precision` (the SDXL VAE decode) and
 
 - "fp32": fp32 tensors, TF32 off for matmuls and convolutions (true fp32);
 - "tf32": fp32 tensors, TF32 matmuls and convolutions (10-bit mantissa products, fp32 sums); on a GPU the
-  compiled VAE decode runs its normalised convolutions' products on fp16 tensor cores, the same 10 bits with fp32
-  sums and the output rounded to fp16's (worlds/halfconv.py: within one level of fp32 as TF32 is);
+  compiled VAE decode runs its convolutions' products on fp16 tensor cores, inputs and weights scaled by powers of
+  two, the same 10 bits with fp32 sums and the output rounded to fp16's (worlds/halfconv.py: within one level of
+  fp32 as TF32 is);
 - "bf16": bf16 weights and activations (the VAE: a bf16 copy; the feature networks: autocast).
 
 PyTorch's own default is neither "fp32" nor "tf32": TF32 convolutions with fp32 matmuls.

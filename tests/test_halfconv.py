@@ -172,6 +172,28 @@ def test_use_half_convolutions_on_the_sdxl_decoder():
     torch.testing.assert_close(mine[0](x), mine[0]._conv_forward(x, mine[0].weight, mine[0].bias))
 
 
+def test_bench_vae_variants_name_the_fp16_convolutions():
+    """The bench's VAE variant flags set the decoder's fp16 convolutions: none (/tf32conv), the normalised ones
+    (/bounded), all (/halfall), or the decoder's default; perf.scaling's default is that default too."""
+    from rapm_bench.perf.scaling_build import Settings
+    from rapm_bench.perf.worlds import set_vae_variant
+    from rapm_bench.worlds.sdxl import HALF_CONVOLUTIONS, VAEDecoder
+
+    class World:  # the one method set_vae_variant calls besides the decoder's fields
+        decoder = VAEDecoder(nn.Conv2d(4, 3, 1))
+
+        def set_vae_precision(self, precision: str, channels_last: bool = False) -> None:
+            self.decoder.precision, self.decoder.channels_last = precision, channels_last
+
+    world = World()
+    for variant, half in (("tf32", HALF_CONVOLUTIONS), ("tf32/tf32conv", ""), ("tf32/sdpa/tf32conv", ""),
+                          ("tf32/bounded", "bounded"), ("tf32/halfall", "everywhere"), ("bf16", HALF_CONVOLUTIONS)):
+        assert set_vae_variant(world, variant) == variant.split("/")[0]
+        assert world.decoder.half_convolutions == half, variant
+    assert VAEDecoder(nn.Conv2d(4, 3, 1)).half_convolutions == HALF_CONVOLUTIONS == "everywhere"
+    assert Settings.__dataclass_fields__["half_convolutions"].default == HALF_CONVOLUTIONS
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_half_decode_is_as_close_to_fp32_as_tf32():

@@ -311,9 +311,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, default=None,
                    help="eval's UNet blocks compiled or not (default: eval's own rule, regions.pays: compiled on a GPU "
                         "from 16,384 images x steps); the first group's time holds the compile")
-    p.add_argument("--vae-half-convolutions", choices=["bounded", "everywhere", "off"], default="bounded",
-                   help="the compiled TF32 decode's convolutions on fp16 tensor cores (worlds/halfconv.py): bounded "
-                        "(the default: those reading silu(GroupNorm)), everywhere (all, scaled per image) or off")
+    p.add_argument("--vae-half-convolutions", choices=["everywhere", "bounded", "off"], default="everywhere",
+                   help="the compiled TF32 decode's convolutions on fp16 tensor cores (worlds/halfconv.py): everywhere "
+                        "(the default: all, scaled per image), bounded (those reading silu(GroupNorm)) or off")
     p.add_argument("--worker-dir", type=Path, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -39,7 +39,7 @@ class Settings:
     trajectory_batch: int | None  # trajectories per shard; None = the sdxl distill preset's
     batch_size: int | None  # generation batch; None = the sdxl preset's
     compile_blocks: bool | None = None  # eval's UNet blocks compiled; None = eval's rule (regions.pays)
-    half_convolutions: str = "bounded"  # the compiled TF32 decode's fp16 convolutions (worlds.sdxl.HALF_CONVOLUTIONS)
+    half_convolutions: str = "everywhere"  # the compiled TF32 decode's fp16 convolutions (worlds.sdxl.HALF_CONVOLUTIONS)
 
     @property
     def root(self) -> Path:
@@ -88,7 +88,7 @@ class Settings:
             args += ["--batch-size", str(self.batch_size)]
         if self.compile_blocks is not None:
             args += ["--compile-blocks" if self.compile_blocks else "--no-compile-blocks"]
-        if self.half_convolutions != "bounded":
+        if self.half_convolutions != "everywhere":
             args += ["--vae-half-convolutions", self.half_convolutions or "off"]
         return args + (["--small"] if self.small else [])
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..worlds.base import Cond, NoiseSchedule, UNetWorld, World
 from ..worlds.registry import get_world_spec
-from ..worlds.sdxl import SDXLWorld, VAEDecoder
+from ..worlds.sdxl import HALF_CONVOLUTIONS, SDXLWorld, VAEDecoder
 from .config import BenchConfig, Optimisations
 from .sdxl import SDXL_UNET, SDXL_UNET_SMALL, build_unet, build_vae
 
@@ -173,18 +173,19 @@ def set_sdpa(module: nn.Module, sdpa: bool) -> None:
 
 
 def set_vae_variant(world: World, vae: str) -> str:
-    """Decode as the bench's VAE variant `<precision>[/channels_last][/eager][/sdpa][/tf32conv|/halfall]` says
-    (eager: not compiled, which a GPU's TF32 and bf16 decodes otherwise are; sdpa: the TF32 decode's attention through
-    SDPA, not two TF32 matrix products; the compiled TF32 decode's convolutions that read silu(GroupNorm) run on fp16
-    tensor cores unless tf32conv, and with halfall the rest too, scaled per image (worlds/halfconv.py);
-    worlds/sdxl.py VAEDecoder); returns the precision."""
+    """Decode as the bench's VAE variant `<precision>[/channels_last][/eager][/sdpa][/tf32conv|/bounded|/halfall]`
+    says (eager: not compiled, which a GPU's TF32 and bf16 decodes otherwise are; sdpa: the TF32 decode's attention
+    through SDPA, not two TF32 matrix products; the compiled TF32 decode's convolutions on fp16 tensor cores as
+    worlds.sdxl.HALF_CONVOLUTIONS says, none with tf32conv, only those that read silu(GroupNorm) with bounded, all with
+    halfall (worlds/halfconv.py); worlds/sdxl.py VAEDecoder); returns the precision."""
     precision, *flags = vae.split("/")
     world.set_vae_precision(precision, channels_last="channels_last" in flags)
     decoder = getattr(getattr(world, "inner", world), "decoder", None)
     if decoder is not None:
         decoder.compile = "eager" not in flags
         decoder.gemm_attention = "sdpa" not in flags
-        decoder.half_convolutions = "" if "tf32conv" in flags else "everywhere" if "halfall" in flags else "bounded"
+        named = [h for flag, h in (("tf32conv", ""), ("bounded", "bounded"), ("halfall", "everywhere")) if flag in flags]
+        decoder.half_convolutions = named[0] if named else HALF_CONVOLUTIONS
     return precision
 
 

@@ -4,25 +4,28 @@ TF32 keeps 10 bits of mantissa of each product's inputs; so does fp16, whose ten
 fp16 spans only 2^-24..65504 and the SDXL VAE's activations overflow it (hence diffusers' `force_upcast`). Two ways
 around the range, both convolving in fp16 channels-last with fp32 accumulation and adding the bias in fp32:
 
-- **Bounded inputs** (`bounded_half_conv2d`; the compiled TF32 decode's default, `VAEDecoder.half_convolutions =
-  "bounded"`). Most of the decoder's convolutions (the resnets' conv1 and conv2, conv_out: 6.96 of its 10.47 TFLOP an
-  image at 1024 px) read silu(GroupNorm(h)). A group of n elements normalises to |z| ≤ sqrt(n) (Samuelson's
-  inequality), so whatever h is, the input is at most B = max|γ|·sqrt(n) + max|β| (SiLU's negative side stays above
-  -0.28): a bound from the weights and the shape alone. The input goes to fp16 as it is (scaled by a power of two
-  only where B passes 2^15) and each output channel's weights are scaled by the power of two that keeps ‖w_o‖₁·B at
-  most 2^15, so no input, weight or output can overflow, and there is no per-image statistic: the cast fuses into
-  the normalisation's kernel (which then writes 2 bytes a value instead of 4) and an image's scales are its batch's.
-  The other convolutions (conv_in, the upsamplers', the 1×1 shortcuts: 2.9 TFLOP) stay TF32.
-- **Per-image scaling** (`half_conv2d`, also for the rest with `half_convolutions = "everywhere"`): each convolution
-  scales its input per image and its weight per tensor by powers of two (exact) into [-1, 1] and scales the result
-  back; an output is then at most the fan-in (≤ 4,608 in SDXL's decoder). An input below 2^-14 of its image's largest
-  loses bits to fp16's subnormals; with a few channels 1e3-1e5 times the rest the error stays within 1.4x TF32's,
-  whose rounding of the large channels dominates (tests/test_halfconv.py).
+- **Bounded inputs** (`bounded_half_conv2d`; `VAEDecoder.half_convolutions = "bounded"`, and part of the default).
+  Most of the decoder's convolutions (the resnets' conv1 and conv2, conv_out: 6.96 of its 10.47 TFLOP an image at
+  1024 px) read silu(GroupNorm(h)). A group of n elements normalises to |z| ≤ sqrt(n) (Samuelson's inequality), so
+  whatever h is, the input is at most B = max|γ|·sqrt(n) + max|β| (SiLU's negative side stays above -0.28): a bound
+  from the weights and the shape alone. The input goes to fp16 as it is (scaled by a power of two only where B
+  passes 2^15) and each output channel's weights are scaled by the power of two that keeps ‖w_o‖₁·B at most 2^15,
+  so no input, weight or output can overflow, and there is no per-image statistic: the cast fuses into the
+  normalisation's kernel (which then writes 2 bytes a value instead of 4) and an image's scales are its batch's.
+  With "bounded" the other convolutions (conv_in, the upsamplers', the 1×1 shortcuts: 2.9 TFLOP) stay TF32.
+- **Per-image scaling** (`half_conv2d`; those other convolutions with `half_convolutions = "everywhere"`, the
+  compiled TF32 decode's default from the ninth session of issue 14): each convolution scales its input per image
+  and its weight per tensor by powers of two (exact) into [-1, 1] and scales the result back; an output is then at
+  most the fan-in (≤ 4,608 in SDXL's decoder). An input below 2^-14 of its image's largest loses bits to fp16's
+  subnormals; with a few channels 1e3-1e5 times the rest the error stays within 1.4x TF32's, whose rounding of the
+  large channels dominates (tests/test_halfconv.py).
 
 Measured on an H100 at batch 16 (results/bench/probes/probe_halfconv-bounded-h100.json, compiled, random-weight SDXL
 VAE): TF32 50.6 ms an image, bounded 40.5, everywhere 35.2; against the fp32 decode (TF32 off) each within one
 level, on 4.42 %, 4.94 % and 5.44 % of the values. An earlier everywhere took 81 ms when its per-image maxima ran as
 one reduction row per image (profiles/profile-vae-half-b16-h100.txt); `image_amax` reduces over chunks first.
+End to end on an H100, in one run each (`python -m rapm_bench.scaling ... --vae-half-convolutions`, 768 images
+extrapolated to 30K `eval`): bounded 8.86 images/s, 58.3 min; everywhere 9.33 images/s, 54.9 min.
 """
 
 from __future__ import annotations

@@ -44,9 +44,10 @@ def to_pinned_host(t: torch.Tensor) -> torch.Tensor:
 
 
 # a compiled TF32 decode's convolutions on fp16 tensor cores (worlds/halfconv.py): "bounded" those reading
-# silu(GroupNorm) (no per-image statistic), "everywhere" those and the rest scaled per image, "" none; a new
-# VAEDecoder's default (perf.scaling's --vae-half-convolutions sets it in its worker processes)
-HALF_CONVOLUTIONS = "bounded"
+# silu(GroupNorm) (no per-image statistic), "everywhere" those and the rest scaled per image (30K eval on an H100
+# 58.3 -> 54.9 min, one level of fp32 on 5.4 % of the values against 4.9 %), "" none; a new VAEDecoder's default
+# (perf.scaling's --vae-half-convolutions sets it in its worker processes)
+HALF_CONVOLUTIONS = "everywhere"
 
 
 class VAEDecoder:
@@ -59,9 +60,10 @@ class VAEDecoder:
     the eager TF32 decode (one level on 4.7 %). The fp32 decode, the exact one, stays eager. On a GPU the TF32
     decode's attention runs as two TF32 matrix products (worlds/attention.py) instead of SDPA's fp32 kernel, a
     compiled decode's GroupNorm statistics are reduced over chunks of each group (worlds/groupnorm.py), and the
-    compiled TF32 decode's convolutions that read silu(GroupNorm) run on fp16 tensor cores with TF32's input precision
-    and data-independent scales (worlds/halfconv.py; an H100 at batch 16: 40.5 ms an image against 50.6, within one
-    level of fp32 on 4.9 % of the values against 4.4 %).
+    compiled TF32 decode's convolutions run on fp16 tensor cores with TF32's input precision and power-of-two scales
+    (worlds/halfconv.py; HALF_CONVOLUTIONS: those that read silu(GroupNorm) with data-independent scales, the rest
+    scaled per image; an H100 at batch 16: 35.2 ms an image against TF32's 50.6, within one level of fp32 on 5.4 % of
+    the values against 4.4 %).
     """
 
     def __init__(self, vae: torch.nn.Module) -> None:
