@@ -172,7 +172,7 @@ def test_use_half_convolutions_on_the_sdxl_decoder():
     torch.testing.assert_close(mine[0](x), mine[0]._conv_forward(x, mine[0].weight, mine[0].bias))
 
 
-def test_bench_vae_variants_name_the_fp16_convolutions():
+def test_bench_vae_variants_name_the_fp16_convolutions(monkeypatch):
     """The bench's VAE variant flags set the decoder's fp16 convolutions: none (/tf32conv), the normalised ones
     (/bounded), all (/halfall), or the decoder's default; perf.scaling's default is that default too."""
     from rapm_bench.perf.scaling_build import Settings
@@ -192,6 +192,9 @@ def test_bench_vae_variants_name_the_fp16_convolutions():
         assert world.decoder.half_convolutions == half, variant
     assert VAEDecoder(nn.Conv2d(4, 3, 1)).half_convolutions == HALF_CONVOLUTIONS == "everywhere"
     assert Settings.__dataclass_fields__["half_convolutions"].default == HALF_CONVOLUTIONS
+    monkeypatch.setattr("rapm_bench.worlds.sdxl.HALF_CONVOLUTIONS", "bounded")  # as perf.scaling's worker sets it
+    set_vae_variant(world, "tf32")
+    assert world.decoder.half_convolutions == VAEDecoder(nn.Conv2d(4, 3, 1)).half_convolutions == "bounded"
 
 
 @pytest.mark.gpu

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..worlds import sdxl as sdxl_world
 from ..worlds.base import Cond, NoiseSchedule, UNetWorld, World
 from ..worlds.registry import get_world_spec
-from ..worlds.sdxl import HALF_CONVOLUTIONS, SDXLWorld, VAEDecoder
+from ..worlds.sdxl import SDXLWorld, VAEDecoder
 from .config import BenchConfig, Optimisations
 from .sdxl import SDXL_UNET, SDXL_UNET_SMALL, build_unet, build_vae
 
@@ -185,7 +186,7 @@ def set_vae_variant(world: World, vae: str) -> str:
         decoder.compile = "eager" not in flags
         decoder.gemm_attention = "sdpa" not in flags
         named = [h for flag, h in (("tf32conv", ""), ("bounded", "bounded"), ("halfall", "everywhere")) if flag in flags]
-        decoder.half_convolutions = named[0] if named else HALF_CONVOLUTIONS
+        decoder.half_convolutions = named[0] if named else sdxl_world.HALF_CONVOLUTIONS  # read now: perf.scaling sets it
     return precision
 
 
