@@ -106,3 +106,5 @@ class EvalConfig:
     compile_blocks: bool | None = None  # the UNet's blocks compiled (regions.pays): None = on a CUDA GPU from the
     #                                     world's `compile_blocks_from` images × steps of the whole run (every
     #                                     shard decides alike)
+    overlap_scoring: bool = True  # score each group between the next group's UNet calls, its kernels on a side
+    #                                CUDA stream (eval/overlap.py; same sums); off: after the next group (less memory)

@@ -46,6 +46,9 @@ def test_settings_round_trip_through_the_worker_arguments(built):
         assert scaling.settings(scaling.parse_args(replace(built, compile_blocks=blocks).argv())).compile_blocks is blocks
     for half in ("bounded", "everywhere", ""):  # "" is `--vae-half-convolutions off`
         assert scaling.settings(scaling.parse_args(replace(built, half_convolutions=half).argv())).half_convolutions == half
+    for overlap in (True, False):
+        assert scaling.settings(scaling.parse_args(replace(built, overlap_scoring=overlap).argv())).overlap_scoring \
+            is overlap
 
 
 @pytest.mark.e2e
@@ -104,6 +107,16 @@ def _cache(folder: Path, value: float) -> Path:
     folder.mkdir(parents=True)
     save_file({"z_tilde": torch.full((1, 2), value)}, str(folder / "shard_0000000.safetensors"))
     return folder
+
+
+def test_extrapolation_counts_the_tail_once():
+    """30K images: load + first group + the other images at the steady rate + the tail; an old timing (no tail_s)
+    held the tail in its steady rate and is read as before."""
+    t = {"load_s": 20.0, "first_group_s": 50.0, "first_group_images": 64, "steady_images_per_s": 10.0, "tail_s": 3.0}
+    assert scaling.extrapolate(t, 30_000) == pytest.approx(20 + 50 + (30_000 - 64) / 10 + 3)
+    old = {k: v for k, v in t.items() if k != "tail_s"}
+    assert scaling.extrapolate(old, 30_000) == pytest.approx(20 + 50 + 30_000 / 10)
+    assert scaling.extrapolate(t | {"steady_images_per_s": None}, 30_000) is None
 
 
 def test_summary_speedups_and_agreement(tmp_path):

@@ -10,6 +10,7 @@ not depend on the number of processes or the batch size.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import sys
 import time
@@ -31,6 +32,7 @@ from ..regions import blocks_compiled, pays
 from ..worlds import World, load_world
 from .fid import FeatureStats
 from .metrics import GROUP, Detector, Finish, detectors, finalize, metrics
+from .overlap import Alongside
 from .protocols import Protocol, default_protocol, get_protocol
 from .scorers import Prepared, Scorer, load_scorer
 
@@ -175,12 +177,14 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     blocks = pays(world, n * steps, cfg.compile_blocks)  # the whole run's size: the same for every shard
     with tqdm(total=sum(len(g) for g in mine), desc=f"eval {spec.name} {steps}-step", unit="img",
               disable=not state.is_main_process) as bar, blocks_compiled(world.unet, blocks), graphed_predict(world), \
+            Alongside(world, cfg.overlap_scoring) as beside, \
             ThreadPoolExecutor(1, thread_name_prefix="eval-prepare") as worker, \
             PngWriter(pending=GROUP + png_threads()) as pngs:
         # GPU: compiled blocks (regions.pays), UNet passes from CUDA graphs. The CPU part of scoring a group
         # (crops, resizes) runs on `worker` while this thread generates the next group; the group is then scored
-        # here (GPU networks), in group order, so the sums are those of a loop without the worker. The optional
-        # PNGs are written by `pngs`' threads meanwhile.
+        # in this thread, in group order, so the sums are those of a loop without the worker: between the next
+        # group's UNet calls on a side CUDA stream (`beside`, eval/overlap.py; --no-overlap-scoring: after the
+        # next group). The optional PNGs are written by `pngs`' threads meanwhile.
         first_s: float | None = None  # the first group's generation: compiles, graph captures, cuDNN's warm-up
         phases = {"generate_s": 0.0, "score_s": 0.0}  # this thread's time (each phase ends on a copy to the CPU)
         prepare_s: list[float] = []  # the worker's time, hidden behind generation where it is shorter
@@ -197,14 +201,13 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
             t = time.perf_counter()
             prepared = job.result()
             with oom_hint(f"scoring {len(group)} images with the protocol's FID and CLIP networks",
-                          "free GPU memory (other processes on this GPU) or use a larger GPU; --batch-size "
-                          "sets generation batches only"), scorer.using(prepared):
+                          "free GPU memory (other processes on this GPU), use a larger GPU, or pass "
+                          "--no-overlap-scoring; --batch-size sets generation batches only"), scorer.using(prepared):
                 _score_group(acc, scorer, prepared.images, [captions[i] for i in group], group)  # rows on the CPU
             phases["score_s"] += time.perf_counter() - t
 
-        pending: tuple[range, Future[Prepared]] | None = None
         for group in mine:
-            t_group = time.perf_counter()
+            t_group, scored = time.perf_counter(), phases["score_s"]
             imgs = []
             for start in range(group.start, group.stop, batch):
                 idx = list(range(start, min(start + batch, group.stop)))
@@ -217,14 +220,14 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
             if images_out is not None:
                 for i, img in zip(group, images, strict=True):
                     pngs.write(images_out / f"{i:06d}.png", img)
-            phases["generate_s"] += time.perf_counter() - t_group
+            beside.drain()  # the last group's scoring, where it did not run between this group's UNet calls
+            beside.submit(functools.partial(score, group, job), job.done)
+            phases["generate_s"] += time.perf_counter() - t_group - (phases["score_s"] - scored)
             if first_s is None:  # the group's images reached the CPU: its GPU work is done
                 first_s = time.perf_counter() - t0
-            if pending is not None:
-                score(*pending)
-            pending = (group, job)
-        if pending is not None:
-            score(*pending)
+        generated_s = time.perf_counter() - t0  # every group generated, all but the last scored
+        beside.drain()
+        scored_beside = beside.ran_beside
     _all_reduce(acc, state)
     if world.device.type == "cuda":
         torch.cuda.synchronize(world.device)
@@ -238,12 +241,18 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     intervals_s = time.perf_counter() - t_int
     result = _record(cfg, spec, steps, guidance, protocol, n, scores, world, lora, seconds, scorer)
     # Timings of this run (main process; not part of what identifies or compares a result).
+    # The loop is first group + steady groups + tail; a longer run extrapolates as load + first + its other
+    # images at the steady rate + tail (perf.scaling).
     rest = sum(len(g) for g in mine[1:])  # after the first group: the steady rate, for extrapolating a longer run
+    steady_s = generated_s - first_s if first_s is not None else 0.0
     result["timing"] = {"load_s": load_s, "loop_s": seconds, "images_per_s": result["images_per_second"],
                         "first_group_s": first_s, "first_group_images": len(mine[0]) if mine else 0,
-                        "steady_images_per_s": rest / (seconds - first_s) if rest and first_s is not None else None,
-                        "compiled_blocks": blocks, **phases, "prepare_s": sum(prepare_s), "intervals_s": intervals_s,
-                        "processes": state.num_processes}
+                        "steady_images_per_s": rest / steady_s if rest and steady_s > 0 else None,
+                        # once a run: the last group's scoring, the merge across processes, the blocks and graphs let go
+                        "tail_s": seconds - generated_s,
+                        "compiled_blocks": blocks, "overlap_scoring": cfg.overlap_scoring,
+                        "groups_scored_beside": scored_beside, **phases, "prepare_s": sum(prepare_s),
+                        "intervals_s": intervals_s, "processes": state.num_processes}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / result_name(spec.name, steps, protocol.name)
     atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())

@@ -118,7 +118,7 @@ def worker(s: Settings, folder: Path) -> None:
                      model="teacher", steps=STEPS, guidance=GUIDANCE, protocol=proto.name,
                      num_images=s.num_images, out=str(folder / "eval"), batch_size=s.batch_size,
                      data_dir=str(s.data), inception=str(s.inception), clip_checkpoint=str(s.clip),
-                     compile_blocks=s.compile_blocks)
+                     compile_blocks=s.compile_blocks, overlap_scoring=s.overlap_scoring)
     main = PartialState(cpu=s.small).is_main_process
     if main:
         log(f"evaluating {s.num_images} images at {s.resolution} px")
@@ -177,6 +177,18 @@ def same_cache(a: Path, b: Path) -> bool:
     return True
 
 
+def extrapolate(timing: dict[str, Any], n: int) -> float | None:
+    """An eval of n images from a shorter run's timing (extrapolated, not run): load + first group + the other
+    images at the steady rate + the tail (once a run). Timings written before the tail was split off held it in
+    the steady rate: for them, load + first + n images at that rate."""
+    steady = timing.get("steady_images_per_s")
+    if not steady:
+        return None
+    if timing.get("tail_s") is None:
+        return timing["load_s"] + timing["first_group_s"] + n / steady
+    return timing["load_s"] + timing["first_group_s"] + (n - timing["first_group_images"]) / steady + timing["tail_s"]
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per G: timings, speed-ups against the first run (G = 1), and the scores' agreement with it."""
     base = runs[0]
@@ -193,11 +205,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "compiled_blocks": t.get("compiled_blocks"),
             "first_group_s": t.get("first_group_s"),  # the first 64 images (a shard's): compiles and captures in it
             "steady_images_per_s": t.get("steady_images_per_s"),
-            **{k: t.get(k) for k in ("generate_s", "score_s", "prepare_s")},  # the loop's phases (main process;
-            #                                                     prepare_s: its worker thread, beside generation)
-            # extrapolated, not run: load + first group + the coco30k protocol's 30,000 images at the steady rate
-            "eval_30k_extrapolated_s": (t["load_s"] + t["first_group_s"] + 30_000 / t["steady_images_per_s"]
-                                        if t.get("steady_images_per_s") else None),
+            **{k: t.get(k) for k in ("generate_s", "score_s", "prepare_s", "tail_s", "overlap_scoring",
+                                     "groups_scored_beside")},  # the loop's phases (main process; prepare_s: its
+            #                                                    worker thread, beside generation) and its tail
+            "eval_30k_extrapolated_s": extrapolate(t, 30_000),
             "launch_s": r["launch_s"],  # the whole launch: imports, evaluation, trajectories
             "speedup_loop": bt["loop_s"] / t["loop_s"],
             "speedup_wall": base["eval_wall_s"] / r["eval_wall_s"],
@@ -268,7 +279,7 @@ def measure(s: Settings, gpus: list[int], out: Path, argv: list[str]) -> Path:
             "eval": {"model": "teacher", "sampler": "DDIM trailing", "steps": STEPS, "guidance": GUIDANCE,
                      "protocol": proto.to_dict(), "protocol_hash": proto.hash(),
                      "batch_size": s.batch_size or get_preset("sdxl").batch_size, "compile_blocks": s.compile_blocks,
-                     "vae_half_convolutions": s.half_convolutions or "off"},
+                     "vae_half_convolutions": s.half_convolutions or "off", "overlap_scoring": s.overlap_scoring},
             "trajectories": traj,  # the sdxl distill preset's w, N, M, shard size and precisions
         },
         "versions": versions(),
@@ -287,9 +298,10 @@ def measure(s: Settings, gpus: list[int], out: Path, argv: list[str]) -> Path:
     for r in rows:
         if r["eval_30k_extrapolated_s"] is not None:
             log(f"G={r['processes']}: first group {r['first_group_s']:.1f} s, then {r['steady_images_per_s']:.2f} img/s; "
-                f"30K eval extrapolated {r['eval_30k_extrapolated_s'] / 60:.1f} min (with load); loop phases: "
-                f"generate {r['generate_s']:.1f} s, score {r['score_s']:.1f} s; "
-                f"beside them, the CPU preparing {r['prepare_s']:.1f} s")
+                f"tail {r['tail_s']:.1f} s; 30K eval extrapolated {r['eval_30k_extrapolated_s'] / 60:.1f} min (with "
+                f"load); loop phases: generate {r['generate_s']:.1f} s, score {r['score_s']:.1f} s "
+                f"({r['groups_scored_beside']} groups between UNet calls); beside them, the CPU preparing "
+                f"{r['prepare_s']:.1f} s")
     log(f"wrote {path}")
     return path
 
@@ -314,6 +326,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--vae-half-convolutions", choices=["everywhere", "bounded", "off"], default="everywhere",
                    help="the compiled TF32 decode's convolutions on fp16 tensor cores (worlds/halfconv.py): everywhere "
                         "(the default: all, scaled per image), bounded (those reading silu(GroupNorm)) or off")
+    p.add_argument("--overlap-scoring", action=argparse.BooleanOptionalAction, default=True,
+                   help="eval's --overlap-scoring: each group scored between the next group's UNet calls on a side "
+                        "CUDA stream (default), or after it")
     p.add_argument("--worker-dir", type=Path, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -323,7 +338,8 @@ def settings(a: argparse.Namespace) -> Settings:
     return Settings(work=a.work.resolve(), small=a.small, num_images=a.num_images,
                     resolution=a.resolution or (64 if a.small else 1024), trajectories=a.trajectories,
                     trajectory_batch=a.trajectory_batch, batch_size=a.batch_size, compile_blocks=a.compile_blocks,
-                    half_convolutions="" if a.vae_half_convolutions == "off" else a.vae_half_convolutions)
+                    half_convolutions="" if a.vae_half_convolutions == "off" else a.vae_half_convolutions,
+                    overlap_scoring=a.overlap_scoring)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,6 +40,7 @@ class Settings:
     batch_size: int | None  # generation batch; None = the sdxl preset's
     compile_blocks: bool | None = None  # eval's UNet blocks compiled; None = eval's rule (regions.pays)
     half_convolutions: str = "everywhere"  # the compiled TF32 decode's fp16 convolutions (worlds.sdxl.HALF_CONVOLUTIONS)
+    overlap_scoring: bool = True  # eval's --overlap-scoring
 
     @property
     def root(self) -> Path:
@@ -90,6 +91,8 @@ class Settings:
             args += ["--compile-blocks" if self.compile_blocks else "--no-compile-blocks"]
         if self.half_convolutions != "everywhere":
             args += ["--vae-half-convolutions", self.half_convolutions or "off"]
+        if not self.overlap_scoring:
+            args += ["--no-overlap-scoring"]
         return args + (["--small"] if self.small else [])
 
 
