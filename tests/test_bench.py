@@ -112,6 +112,20 @@ def test_measure_reports_the_warm_up_apart():
     assert row["warmup_excess_seconds"] >= 0.19
 
 
+def test_measure_takes_known_flops_without_counting(monkeypatch):
+    """Given FLOPs (generate's big batch: the batch-n count scaled) stand for the count: no eager counting call,
+    which ran an 80 GiB H100 out of memory at batch 16."""
+    def no_count(fn) -> int:
+        raise AssertionError("counted")
+
+    monkeypatch.setattr("rapm_bench.perf.measure.count_flops", no_count)
+    calls = []
+    m = bm.measure("x", lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2, unit="image", units=16,
+                   flops=16_000)
+    assert m.flops == 16_000 and len(calls) == 5
+    assert m.row(peak_tflops=None)["flops_per_unit"] == 1_000
+
+
 def test_peak_table():
     assert bm.peak_for(torch.device("cpu"), None)[0] is None
     assert bm.peak_for(torch.device("cpu"), 123.0) == (123.0, "--peak-tflops")

@@ -123,10 +123,13 @@ class Measurement:
 
 def measure(
     name: str, fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int, unit: str, units: int,
-    count: bool = True, **extra: Any,
+    count: bool = True, flops: int | None = None, **extra: Any,
 ) -> Measurement:
-    """Count one call's FLOPs (that call warms up too; `count=False` skips it), run `warmup` more, time `repeats`."""
-    flops = count_flops(fn) if count else None
+    """Count one call's FLOPs (that call warms up too; `count=False` skips it, and given `flops` stand for the
+    count: counting runs the networks eagerly, which can outgrow the GPU's memory where the compiled call fits),
+    run `warmup` more, time `repeats`."""
+    if flops is None and count:
+        flops = count_flops(fn)
     warm = []
     for _ in range(warmup):
         sync(device)
