@@ -126,6 +126,18 @@ def test_measure_takes_known_flops_without_counting(monkeypatch):
     assert m.row(peak_tflops=None)["flops_per_unit"] == 1_000
 
 
+def test_a_measurement_out_of_gpu_memory_is_a_one_line_error_naming_it():
+    from rapm_bench.perf.config import resolve_bench
+    from rapm_bench.perf.stages import Bench
+
+    def oom() -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+
+    b = Bench(resolve_bench("tiny"), torch.device("cpu"), None)
+    with pytest.raises(UserError, match="out of GPU memory while timing 'LoRA merged, batch 16'.*--resume"):
+        b.measure("LoRA merged, batch 16", oom, "image", 16, count=False)
+
+
 def test_peak_table():
     assert bm.peak_for(torch.device("cpu"), None)[0] is None
     assert bm.peak_for(torch.device("cpu"), 123.0) == (123.0, "--peak-tflops")

@@ -38,9 +38,13 @@ class Bench:
     def measure(self, name: str, fn: Callable[[], Any], unit: str, units: int, warmup: int | None = None,
                 min_repeats: int = 1, **extra: Any) -> Measurement:
         """`measure` with this run's device, repeats (at least `min_repeats`) and warm-up."""
+        from ..generate import oom_hint
+
         free_memory(self.device)
         warm = self.cfg.warmup if warmup is None else warmup
-        return measure(name, fn, self.device, max(self.cfg.repeats, min_repeats), warm, unit, units, **extra)
+        with oom_hint(f"timing {name!r}", "the stages finished before it are kept: rerun with --resume and a smaller "
+                      "--gen-batch / --traj-batch, or --stages without this one"):
+            return measure(name, fn, self.device, max(self.cfg.repeats, min_repeats), warm, unit, units, **extra)
 
     def distill_config(self) -> Any:
         """The distill preset whose iteration is benchmarked."""
