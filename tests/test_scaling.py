@@ -110,12 +110,9 @@ def _cache(folder: Path, value: float) -> Path:
 
 
 def test_extrapolation_counts_the_tail_once():
-    """30K images: load + first group + the other images at the steady rate + the tail; an old timing (no tail_s)
-    held the tail in its steady rate and is read as before."""
+    """30K images: load + first group + the other images at the steady rate + the tail, once."""
     t = {"load_s": 20.0, "first_group_s": 50.0, "first_group_images": 64, "steady_images_per_s": 10.0, "tail_s": 3.0}
     assert scaling.extrapolate(t, 30_000) == pytest.approx(20 + 50 + (30_000 - 64) / 10 + 3)
-    old = {k: v for k, v in t.items() if k != "tail_s"}
-    assert scaling.extrapolate(old, 30_000) == pytest.approx(20 + 50 + 30_000 / 10)
     assert scaling.extrapolate(t | {"steady_images_per_s": None}, 30_000) is None
 
 
@@ -135,9 +132,10 @@ def test_summary_speedups_and_agreement(tmp_path):
     assert "x loop" in scaling.table(rows)
     assert rows[0]["eval_30k_extrapolated_s"] is None  # no steady rate recorded
     steady = run(1, 40.0, 12.0, 8.0, a)
-    steady["timing"] |= {"first_group_s": 12.0, "steady_images_per_s": 5.0, "compiled_blocks": True}
+    steady["timing"] |= {"first_group_s": 12.0, "first_group_images": 64, "steady_images_per_s": 5.0,
+                         "tail_s": 0.5, "compiled_blocks": True}
     row = scaling.summarize([steady])[0]
-    assert row["eval_30k_extrapolated_s"] == pytest.approx(10.0 + 12.0 + 30_000 / 5.0) and row["compiled_blocks"]
+    assert row["eval_30k_extrapolated_s"] == pytest.approx(10.0 + 12.0 + 29_936 / 5.0 + 0.5) and row["compiled_blocks"]
 
 
 def test_gpus_must_start_at_one(tmp_path):

@@ -179,13 +179,10 @@ def same_cache(a: Path, b: Path) -> bool:
 
 def extrapolate(timing: dict[str, Any], n: int) -> float | None:
     """An eval of n images from a shorter run's timing (extrapolated, not run): load + first group + the other
-    images at the steady rate + the tail (once a run). Timings written before the tail was split off held it in
-    the steady rate: for them, load + first + n images at that rate."""
+    images at the steady rate + the tail (once a run); None without a steady rate."""
     steady = timing.get("steady_images_per_s")
     if not steady:
         return None
-    if timing.get("tail_s") is None:
-        return timing["load_s"] + timing["first_group_s"] + n / steady
     return timing["load_s"] + timing["first_group_s"] + (n - timing["first_group_images"]) / steady + timing["tail_s"]
 
 
