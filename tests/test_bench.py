@@ -78,6 +78,16 @@ def test_count_flops_linear_and_cpu_attention():
     assert flops == 2 * (2 * 2 * 3 * 10 * 10 * 8)  # QKᵀ and PV: the CPU kernel counted like CUDA's
 
 
+def test_count_flops_of_a_bmm_with_an_fp32_out_dtype():
+    """The decode's fp16 attention products (`bmm(..., out_dtype=torch.float32)`, worlds/attention.py) count as any
+    bmm. torch 2.11's own formula (the GPU machine's) failed on the extra argument; later ones take it, so on the
+    CI's torch this checks the count (meta tensors: the op exists there and on CUDA only)."""
+    a = torch.empty(3, 5, 7, device="meta", dtype=torch.float16)
+    b = torch.empty(3, 7, 4, device="meta", dtype=torch.float16)
+    assert bm.count_flops(lambda: torch.bmm(a, b, out_dtype=torch.float32)) == 2 * 3 * 5 * 7 * 4
+    assert bm.count_flops(lambda: torch.bmm(a, b)) == 2 * 3 * 5 * 7 * 4
+
+
 def test_count_flops_of_unet_forward_and_backward(world: bm.RandomSDXLWorld):
     x, t, cond = unet_call(world, 1)
     fwd = bm.count_flops(lambda: world.predict(x, t, cond))

@@ -34,12 +34,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cpu_attention_flops() -> dict[Any, Callable[..., int]]:
-    """FLOP formulas for the CPU attention kernels FlopCounterMode does not know (same maths as on CUDA)."""
-    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+def _extra_flops() -> dict[Any, Callable[..., int]]:
+    """FLOP formulas FlopCounterMode lacks: the CPU attention kernels (same maths as on CUDA), and `bmm` with an
+    fp32 `out_dtype` (worlds/attention.py's fp16 products; torch 2.11's own formula fails on the extra argument)."""
+    from torch.utils.flop_counter import bmm_flop, sdpa_backward_flop_count, sdpa_flop_count
 
     aten = torch.ops.aten
-    table: dict[Any, Callable[..., int]] = {}
+
+    def bmm(a: Any, b: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return bmm_flop(a, b)
+
+    table: dict[Any, Callable[..., int]] = {aten.bmm: bmm}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         def fwd(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
             return sdpa_flop_count(q, k, v)
@@ -69,7 +74,7 @@ def flop_counts(fn: Callable[[], Any]) -> dict[str, int]:
     # mode would not compile, and later calls would not either (a bench row then timed the eager decode)
     stance = getattr(torch._dynamo, "set_stance", None)
     try:
-        with (FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter, eager(),
+        with (FlopCounterMode(display=False, custom_mapping=_extra_flops()) as counter, eager(),
               stance("force_eager") if stance is not None else contextlib.nullcontext()):
             fn()
     finally:
