@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.tolerances import tf32_rounded
 from torch import nn
 
 from rapm_bench.worlds.halfconv import (
@@ -20,12 +21,6 @@ from rapm_bench.worlds.halfconv import (
     silu_norm_bound,
     use_half_convolutions,
 )
-
-
-def tf32_rounded(t: torch.Tensor) -> torch.Tensor:
-    """`t` rounded to TF32's 10 explicit mantissa bits (as TF32 tensor cores read their inputs)."""
-    m, e = torch.frexp(t)
-    return torch.ldexp(torch.round(m * 2048) / 2048, e)
 
 
 def layer(cin: int = 64, cout: int = 32, seed: int = 0) -> nn.Conv2d:

@@ -49,6 +49,8 @@ def test_settings_round_trip_through_the_worker_arguments(built):
     for overlap in (True, False):
         assert scaling.settings(scaling.parse_args(replace(built, overlap_scoring=overlap).argv())).overlap_scoring \
             is overlap
+    for half in (True, False):
+        assert scaling.settings(scaling.parse_args(replace(built, half_attention=half).argv())).half_attention is half
 
 
 @pytest.mark.e2e

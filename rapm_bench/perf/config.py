@@ -72,8 +72,9 @@ class GenerateStage:
     images: int = 30_000  # for the estimate (coco30k)
     vae_variants: tuple[str, ...] = ("fp32", "tf32/eager", "tf32", "bf16", "tf32/channels_last",
                                      "bf16/channels_last")  # GPU; TF32/bf16 compiled unless "/eager"; TF32's
-    #                   attention as matrix products unless "/sdpa"; its convolutions in fp16 as the decoder's default
-    #                   (all), none with "/tf32conv", the normalised ones with "/bounded" (perf.worlds.set_vae_variant)
+    #                   attention as matrix products unless "/sdpa", on fp16 tensor cores unless "/tf32attn"; its
+    #                   convolutions in fp16 as the decoder's default (all), none with "/tf32conv", the normalised
+    #                   ones with "/bounded" (perf.worlds.set_vae_variant)
     vae_channels_last: bool = False  # the protocol precision's layout in the bigger batches (and the headline)
     big_batches: tuple[int, ...] = ()  # more batch sizes, graphs and the protocol's VAE (the last is the headline)
 
@@ -131,7 +132,7 @@ BENCH_PRESETS: dict[str, BenchConfig] = {
                         rapm=RapmStage(iterations=200, trajectories=256)),
     "sdxl": BenchConfig(preset="sdxl", rapm=_SDXL_RAPM, forward=ForwardStage(batches=(1, 2, 8)),
                         gen=GenerateStage(vae_variants=("fp32", "tf32/eager/sdpa", "tf32/sdpa/tf32conv", "tf32/tf32conv",
-                                                        "tf32/bounded", "tf32", "bf16"),
+                                                        "tf32/bounded", "tf32/tf32attn", "tf32", "bf16"),
                                           big_batches=(16,))),
     "sdxl-small": BenchConfig(preset="sdxl", scale="small", repeats=1, matmul_size=512, rapm=_SDXL_RAPM,
                               traj=TrajectoryStage(batch=2), gen=GenerateStage(batch=2),

@@ -113,6 +113,7 @@ def worker(s: Settings, folder: Path) -> None:
     from ..worlds import sdxl
 
     sdxl.HALF_CONVOLUTIONS = s.half_convolutions  # the decoders this process builds
+    sdxl.HALF_ATTENTION = s.half_attention
     proto = register(s)
     cfg = EvalConfig(world=WorldConfig(preset="sdxl", teacher=str(s.teacher), device="cpu" if s.small else "auto"),
                      model="teacher", steps=STEPS, guidance=GUIDANCE, protocol=proto.name,
@@ -276,7 +277,8 @@ def measure(s: Settings, gpus: list[int], out: Path, argv: list[str]) -> Path:
             "eval": {"model": "teacher", "sampler": "DDIM trailing", "steps": STEPS, "guidance": GUIDANCE,
                      "protocol": proto.to_dict(), "protocol_hash": proto.hash(),
                      "batch_size": s.batch_size or get_preset("sdxl").batch_size, "compile_blocks": s.compile_blocks,
-                     "vae_half_convolutions": s.half_convolutions or "off", "overlap_scoring": s.overlap_scoring},
+                     "vae_half_convolutions": s.half_convolutions or "off", "vae_half_attention": s.half_attention,
+                     "overlap_scoring": s.overlap_scoring},
             "trajectories": traj,  # the sdxl distill preset's w, N, M, shard size and precisions
         },
         "versions": versions(),
@@ -323,6 +325,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--vae-half-convolutions", choices=["everywhere", "bounded", "off"], default="everywhere",
                    help="the compiled TF32 decode's convolutions on fp16 tensor cores (worlds/halfconv.py): everywhere "
                         "(the default: all, scaled per image), bounded (those reading silu(GroupNorm)) or off")
+    p.add_argument("--vae-half-attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="the compiled TF32 decode's attention products on fp16 tensor cores (worlds/attention.py; the "
+                        "default) or in TF32")
     p.add_argument("--overlap-scoring", action=argparse.BooleanOptionalAction, default=True,
                    help="eval's --overlap-scoring: each group scored between the next group's UNet calls on a side "
                         "CUDA stream (default), or after it")
@@ -336,7 +341,7 @@ def settings(a: argparse.Namespace) -> Settings:
                     resolution=a.resolution or (64 if a.small else 1024), trajectories=a.trajectories,
                     trajectory_batch=a.trajectory_batch, batch_size=a.batch_size, compile_blocks=a.compile_blocks,
                     half_convolutions="" if a.vae_half_convolutions == "off" else a.vae_half_convolutions,
-                    overlap_scoring=a.overlap_scoring)
+                    overlap_scoring=a.overlap_scoring, half_attention=a.vae_half_attention)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,6 +41,7 @@ class Settings:
     compile_blocks: bool | None = None  # eval's UNet blocks compiled; None = eval's rule (regions.pays)
     half_convolutions: str = "everywhere"  # the compiled TF32 decode's fp16 convolutions (worlds.sdxl.HALF_CONVOLUTIONS)
     overlap_scoring: bool = True  # eval's --overlap-scoring
+    half_attention: bool = True  # the compiled TF32 decode's attention on fp16 tensor cores (worlds.sdxl.HALF_ATTENTION)
 
     @property
     def root(self) -> Path:
@@ -93,6 +94,8 @@ class Settings:
             args += ["--vae-half-convolutions", self.half_convolutions or "off"]
         if not self.overlap_scoring:
             args += ["--no-overlap-scoring"]
+        if not self.half_attention:
+            args += ["--no-vae-half-attention"]
         return args + (["--small"] if self.small else [])
 
 

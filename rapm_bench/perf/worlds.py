@@ -174,9 +174,10 @@ def set_sdpa(module: nn.Module, sdpa: bool) -> None:
 
 
 def set_vae_variant(world: World, vae: str) -> str:
-    """Decode as the bench's VAE variant `<precision>[/channels_last][/eager][/sdpa][/tf32conv|/bounded|/halfall]`
+    """Decode as the bench's VAE variant `<precision>[/channels_last][/eager][/sdpa|/tf32attn][/tf32conv|/bounded|/halfall]`
     says (eager: not compiled, which a GPU's TF32 and bf16 decodes otherwise are; sdpa: the TF32 decode's attention
-    through SDPA, not two TF32 matrix products; the compiled TF32 decode's convolutions on fp16 tensor cores as
+    through SDPA, not two matrix products; tf32attn: those products in TF32, not on fp16 tensor cores as
+    worlds.sdxl.HALF_ATTENTION has a compiled decode's; the compiled TF32 decode's convolutions on fp16 tensor cores as
     worlds.sdxl.HALF_CONVOLUTIONS says, none with tf32conv, only those that read silu(GroupNorm) with bounded, all with
     halfall (worlds/halfconv.py); worlds/sdxl.py VAEDecoder); returns the precision."""
     precision, *flags = vae.split("/")
@@ -185,6 +186,7 @@ def set_vae_variant(world: World, vae: str) -> str:
     if decoder is not None:
         decoder.compile = "eager" not in flags
         decoder.gemm_attention = "sdpa" not in flags
+        decoder.half_attention = "tf32attn" not in flags and sdxl_world.HALF_ATTENTION
         named = [h for flag, h in (("tf32conv", ""), ("bounded", "bounded"), ("halfall", "everywhere")) if flag in flags]
         decoder.half_convolutions = named[0] if named else sdxl_world.HALF_CONVOLUTIONS  # read now: perf.scaling sets it
     return precision

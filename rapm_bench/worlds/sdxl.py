@@ -48,6 +48,10 @@ def to_pinned_host(t: torch.Tensor) -> torch.Tensor:
 # 58.3 -> 54.9 min, one level of fp32 on 5.4 % of the values against 4.9 %), "" none; a new VAEDecoder's default
 # (perf.scaling's --vae-half-convolutions sets it in its worker processes)
 HALF_CONVOLUTIONS = "everywhere"
+# a compiled TF32 decode's attention products on fp16 tensor cores with power-of-two scales (worlds/attention.py;
+# the decode at batch 16 on an H100 33.3 -> 31.4 ms an image, the same uint8 difference to fp32); a new VAEDecoder's
+# default (perf.scaling's --no-vae-half-attention clears it in its worker processes)
+HALF_ATTENTION = True
 
 
 class VAEDecoder:
@@ -63,7 +67,7 @@ class VAEDecoder:
     compiled TF32 decode's convolutions run on fp16 tensor cores with TF32's input precision and power-of-two scales
     (worlds/halfconv.py; HALF_CONVOLUTIONS: those that read silu(GroupNorm) with data-independent scales, the rest
     scaled per image; an H100 at batch 16: 35.2 ms an image against TF32's 50.6, within one level of fp32 on 5.4 % of
-    the values against 4.4 %).
+    the values against 4.4 %), and so do its attention's two products (`half_attention`, worlds/attention.py).
     """
 
     def __init__(self, vae: torch.nn.Module) -> None:
@@ -72,10 +76,11 @@ class VAEDecoder:
         self.channels_last = False
         self.compile = True  # compiled TF32/bf16 decodes on CUDA (above); False: eager in every precision
         self.gemm_attention = True  # the TF32 decode's attention as TF32 matrix products on CUDA; False: SDPA
+        self.half_attention = HALF_ATTENTION  # those products on fp16 tensor cores when compiled (worlds/attention.py)
         self.chunked_group_norm = True  # a compiled decode's GroupNorm statistics over chunks (worlds/groupnorm.py)
         self.half_convolutions = HALF_CONVOLUTIONS
         self.pinned_host = True  # images to the host through pinned memory on CUDA (a pageable copy: ~2 GB/s, H100)
-        self._copies: dict[tuple[str, bool, bool, bool, bool, str], torch.nn.Module] = {}
+        self._copies: dict[tuple[str, bool, bool, bool, bool, str, bool], torch.nn.Module] = {}
 
     def compiled(self) -> bool:
         """Whether this decode runs compiled: a GPU, a precision other than the exact fp32, `compile` on."""
@@ -85,14 +90,18 @@ class VAEDecoder:
         """The VAE in this precision and memory format (copies made once; the fp32 NCHW eager one is the VAE)."""
         import copy
 
+        from .attention import has_fp32_out_bmm
+
         cuda = next(self.vae.parameters()).is_cuda
         gemm = self.gemm_attention and self.precision == "tf32" and cuda  # attention on TF32 tensor cores
         chunked = self.chunked_group_norm and self.compiled() and not self.channels_last
         if self.half_convolutions not in ("", "bounded", "everywhere"):
             raise ValueError(f"half_convolutions {self.half_convolutions!r}: one of '', 'bounded', 'everywhere'")
         half = self.half_convolutions if self.precision == "tf32" and self.compiled() else ""
-        key = ("bf16" if self.precision == "bf16" else "fp32", self.channels_last, self.compiled(), gemm, chunked, half)
-        if key == ("fp32", False, False, False, False, "") or self.vae.dtype != torch.float32:  # an fp16-fixed VAE: as given
+        half_attention = gemm and self.half_attention and self.compiled() and has_fp32_out_bmm()
+        key = ("bf16" if self.precision == "bf16" else "fp32", self.channels_last, self.compiled(), gemm, chunked, half,
+               half_attention)
+        if key == ("fp32", False, False, False, False, "", False) or self.vae.dtype != torch.float32:  # an fp16-fixed VAE: as given
             return self.vae
         if key not in self._copies:
             net = copy.deepcopy(self.vae).to(torch.bfloat16 if key[0] == "bf16" else torch.float32)
@@ -100,7 +109,7 @@ class VAEDecoder:
             if gemm:
                 from .attention import use_gemm_attention
 
-                use_gemm_attention(net)
+                use_gemm_attention(net, half=half_attention)
             if chunked:
                 from .groupnorm import use_chunked_group_norm
 

@@ -1,4 +1,4 @@
-"""Tolerances shared by tests/test_bench.py and tests/test_fastlora.py."""
+"""Tolerances shared by tests/test_bench.py and tests/test_fastlora.py, and TF32 rounding for the fp16 paths' tests."""
 
 from __future__ import annotations
 
@@ -18,3 +18,9 @@ scale at 2 threads; a layer whose own gradient is 2.7e-5 differed by 3.6e-9, far
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative RMS difference."""
     return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt().clamp_min(1e-12))
+
+
+def tf32_rounded(t: torch.Tensor) -> torch.Tensor:
+    """`t` rounded to TF32's 10 explicit mantissa bits (as TF32 tensor cores read their inputs)."""
+    m, e = torch.frexp(t)
+    return torch.ldexp(torch.round(m * 2048) / 2048, e)
