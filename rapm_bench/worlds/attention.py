@@ -42,14 +42,11 @@ def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_scores
 
 
 def matrix_scale(t: torch.Tensor) -> torch.Tensor:
-    """The power of two at least max|t| of each matrix of a (M, n, d) tensor, (M, 1, 1) fp32; the maxima reduced over
-    chunks of each matrix first (one reduction row a matrix runs far below the memory's speed)."""
-    from .groupnorm import chunks
-    from .halfconv import power_of_two_at_least
+    """The power of two at least max|t| of each matrix of a (M, n, d) tensor, (M, 1, 1) fp32 (halfconv's per-image
+    maximum, reduced over chunks of each matrix)."""
+    from .halfconv import image_amax, power_of_two_at_least
 
-    m = t.shape[0]
-    lo, hi = torch.aminmax(t.reshape(m, chunks(t[0].numel()), -1), dim=-1)
-    return power_of_two_at_least(torch.maximum(hi.amax(-1), -lo.amin(-1)).float()).view(m, 1, 1)
+    return power_of_two_at_least(image_amax(t.contiguous()).float()).view(t.shape[0], 1, 1)
 
 
 def has_fp32_out_bmm() -> bool:
