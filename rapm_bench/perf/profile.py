@@ -12,7 +12,8 @@ iteration makes (torch.cuda's sync debug mode): each one drains the GPU's queue,
 `--passes unet`: the no-grad UNet call of generation and trajectories at `--unet-batch`, its blocks compiled as
 the engine runs them; `vae`: the decode at `--vae-batch` in the sdxl protocol's precision (compiled). Each file
 (profile-unet-b16.txt, profile-vae-tf32-b4.txt) adds a table by kernel kind: GPU time, counted FLOPs
-(FlopCounterMode) and the TF32/bf16 rate each kind reached, which names what limits the pass.
+(FlopCounterMode) and the TF32/bf16 rate each kind reached, which names what limits the pass. `generate`: a whole
+`generate_batch` at `--unet-batch` (graphs, blocks compiled, the protocol's decode), for its idle time.
 """
 
 from __future__ import annotations
@@ -100,11 +101,15 @@ def kinds_table(prof: torch.profiler.profile, calls: int, flops: dict[str, int])
     return "\n".join(lines)
 
 
-def profile_pass(name: str, fn: Callable[[], object], calls: int, out: Path, rows: int, note: str) -> None:
-    """Warm `fn` up (compiles), profile `calls` calls, write <out>/profile-<name>.txt (kinds table + top kernels)."""
-    flops = op_flops(fn)
+def profile_pass(name: str, fn: Callable[[], object], calls: int, out: Path, rows: int, note: str,
+                 count: bool = True) -> None:
+    """Warm `fn` up (compiles), profile `calls` calls, write <out>/profile-<name>.txt (kinds table + top kernels);
+    `count=False` leaves the FLOPs out (a graph's replay has no ops to count)."""
+    flops = op_flops(fn) if count else {}
     for _ in range(3):
         fn()
+    torch.cuda.synchronize()
+    syncs = count_syncs(fn)
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
@@ -115,7 +120,8 @@ def profile_pass(name: str, fn: Callable[[], object], calls: int, out: Path, row
         wall = (time.perf_counter() - t0) / calls
     busy = busy_seconds(prof) / calls
     head = (f"# {name}: {note}; {calls} calls profiled, {torch.cuda.get_device_name()}\n"
-            f"# per call (under the profiler): wall {wall * 1e3:.1f} ms, GPU busy {busy * 1e3:.1f} ms\n")
+            f"# per call (under the profiler): wall {wall * 1e3:.1f} ms, GPU busy {busy * 1e3:.1f} ms, "
+            f"idle {(wall - busy) * 1e3:.1f} ms; stream synchronisations in one call: {syncs}\n")
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90)
     text = f"{head}\n{kinds_table(prof, calls, flops)}\n\n{table}\n"
     (out / f"profile-{name}.txt").write_text(text)
@@ -123,7 +129,8 @@ def profile_pass(name: str, fn: Callable[[], object], calls: int, out: Path, row
 
 
 def profile_passes(world: object, passes: list[str], unet_batch: int, vae_batch: int, out: Path, rows: int) -> None:
-    """Profile generation's and trajectories' no-grad passes (`--passes`): the UNet with compiled blocks, the decode."""
+    """Profile generation's and trajectories' no-grad passes (`--passes`): the UNet with compiled blocks, the decode,
+    and a whole `generate_batch` as 30K-image generation runs it."""
     from .. import regions
     from ..eval.protocols import default_protocol
     from .stages import _unet_inputs
@@ -146,6 +153,33 @@ def profile_passes(world: object, passes: list[str], unet_batch: int, vae_batch:
         decoder = world.inner.decoder  # type: ignore[attr-defined]
         profile_pass(f"vae-{precision}-b{vae_batch}", lambda: decoder(z), 2, out, rows,
                      f"VAE decode at batch {vae_batch}, {precision}, compiled")
+    if "generate" in passes:
+        profile_generate(world, unet_batch, out, rows)
+
+
+def profile_generate(world: object, batch: int, out: Path, rows: int) -> None:
+    """A whole `generate_batch` (4 DDIM steps, guidance 1, the protocol's decode) at `batch`, the UNet's blocks
+    compiled and its calls replayed from CUDA graphs, as the bench's generation headline runs it: its idle time
+    is what the passes above leave out (the sampler, prompts, noise, the images' way to the host)."""
+    from .. import regions
+    from ..cudagraphs import graphed_predict
+    from ..eval.protocols import default_protocol
+    from ..generate import generate_batch
+    from ..sampling import DDIM_TRAILING
+
+    precision = default_protocol("sdxl").vae_precision
+    world.set_vae_precision(precision)  # type: ignore[attr-defined]
+    prompts = [f"bench prompt {i}" for i in range(batch)]
+    seeds = list(range(batch))
+    unet = world.inner.unet  # type: ignore[attr-defined]
+    regions.compile_blocks(unet)
+    try:
+        with graphed_predict(world):  # type: ignore[arg-type]
+            profile_pass(f"generate-b{batch}", lambda: generate_batch(world, prompts, seeds, DDIM_TRAILING, 4, 1.0),
+                         2, out, rows, f"generate_batch at batch {batch}: 4 steps, graphs, blocks compiled, VAE "
+                         f"{precision}", count=False)
+    finally:
+        regions.uncompile_blocks(unet)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(prog="python -m rapm_bench.perf.profile", description=__doc__.splitlines()[0])
     p.add_argument("--variants", default="plain/graphs,merged/graphs", help="RAPM variants ('' for none)")
-    p.add_argument("--passes", default="", help="no-grad passes to profile too: unet, vae (comma-separated)")
+    p.add_argument("--passes", default="", help="no-grad passes to profile too: unet, vae, generate (comma-separated)")
     p.add_argument("--unet-batch", type=int, default=16, help="the UNet pass's batch (16: generation's, trajectories')")
     p.add_argument("--vae-batch", type=int, default=4, help="the decode's batch")
     p.add_argument("--out", type=Path, default=Path("results/bench"))
