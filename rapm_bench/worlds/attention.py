@@ -34,9 +34,12 @@ def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_scores
     q3, k3, v3 = (t.reshape(b * h, t.shape[2], d) for t in (q, k, v))
     kt = k3.transpose(1, 2)
     out = torch.empty_like(q3)
+    zero = q3.new_zeros(1, 1, 1)  # baddbmm's ignored input (beta=0)
     rows = max(1, max_scores // (b * h * k3.shape[1]))
     for i in range(0, n, rows):
-        scores = torch.bmm(q3[:, i : i + rows], kt).mul_(d**-0.5)
+        # the 1/√d scale as the product's alpha, in its fp32 epilogue, instead of a pass over the scores: the same
+        # fp32 numbers (probe_attention-h100.json: the same error against float64), 4.35 -> 3.76 ms an image (H100)
+        scores = torch.baddbmm(zero, q3[:, i : i + rows], kt, beta=0, alpha=d**-0.5)
         out[:, i : i + rows] = torch.bmm(torch.softmax(scores, -1, dtype=torch.float32).to(v3.dtype), v3)
     return out.view(b, h, n, d)
 
