@@ -508,3 +508,7 @@ def test_profile_kinds_table_sums_gpu_kernels_by_kind():
     rows = {line.split()[0]: line.split() for line in kinds_table(prof, 2, {"matmul": 10**12}).splitlines()[1:]}
     assert rows["matmul"][1] == "2.00" and rows["matmul"][-1] == "500"  # 4 ms over 2 calls; 1 TFLOP in 2 ms
     assert rows["fused"][2] == "1.00" and rows["all"][1] == "3.00"
+    assert rows["all"][3] == "1.000" and rows["all"][-1] == "333" and rows["fused"][-1] == "0.000"  # no rate without FLOPs
+    # nothing counted (a graphed pass): times and shares only, no column of zero FLOPs
+    bare = kinds_table(prof, 2, {}).splitlines()
+    assert "TFLOP" not in bare[0] and bare[-1].split() == ["all", "3.00", "100.0%"]

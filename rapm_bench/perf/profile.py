@@ -84,20 +84,21 @@ def op_flops(fn: Callable[[], object]) -> dict[str, int]:
 
 
 def kinds_table(prof: torch.profiler.profile, calls: int, flops: dict[str, int]) -> str:
-    """GPU time per call by kernel kind, with the counted FLOPs and the rate each kind reached."""
+    """GPU time per call by kernel kind, with the counted FLOPs and the rate each kind reached (those two columns
+    only where FLOPs were counted)."""
     times: dict[str, float] = {}
     for e in prof.events():  # GPU-side events only: kernels, copies, memsets (an op's row repeats its kernels)
         if e.device_type == torch.autograd.DeviceType.CUDA and "Command Buffer" not in e.name:
             kind = kernel_kind(e.name)
             times[kind] = times.get(kind, 0.0) + (e.time_range.end - e.time_range.start) / 1e3 / calls
     total = sum(times.values())
-    lines = [f"{'kind':<16}{'ms':>9}{'share':>8}{'TFLOP':>9}{'TFLOP/s':>10}"]
-    for kind, ms in sorted(times.items(), key=lambda kv: -kv[1]):
-        tf = flops.get(kind, 0) / 1e12
-        rate = f"{tf / ms * 1e3:10.0f}" if tf else f"{'':>10}"
-        lines.append(f"{kind:<16}{ms:9.2f}{ms / total:8.1%}{tf:9.3f}{rate}")
-    lines.append(f"{'all':<16}{total:9.2f}{1:8.1%}{sum(flops.values()) / 1e12:9.3f}"
-                 f"{sum(flops.values()) / 1e9 / total:10.0f}")
+    lines = [f"{'kind':<16}{'ms':>9}{'share':>8}" + (f"{'TFLOP':>9}{'TFLOP/s':>10}" if flops else "")]
+    for kind, ms in [*sorted(times.items(), key=lambda kv: -kv[1]), ("all", total)]:
+        line = f"{kind:<16}{ms:9.2f}{ms / total:8.1%}"
+        if flops:
+            tf = (sum(flops.values()) if kind == "all" else flops.get(kind, 0)) / 1e12
+            line += f"{tf:9.3f}" + (f"{tf / ms * 1e3:10.0f}" if tf else "")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -137,14 +138,10 @@ def profile_passes(world: object, passes: list[str], unet_batch: int, vae_batch:
 
     if "unet" in passes:
         x, t, cond = _unet_inputs(world, unet_batch, 0)  # type: ignore[arg-type]
-        unet = world.inner.unet  # type: ignore[attr-defined]
-        regions.compile_blocks(unet)
-        try:
+        with regions.blocks_compiled(world.inner.unet, True):  # type: ignore[attr-defined]
             call = torch.no_grad()(lambda: world.predict(x, t, cond))  # type: ignore[attr-defined]
             profile_pass(f"unet-b{unet_batch}", call, 2, out, rows,
                          f"no-grad UNet call at batch {unet_batch}, bf16, blocks compiled")
-        finally:
-            regions.uncompile_blocks(unet)
     if "vae" in passes:
         precision = default_protocol("sdxl").vae_precision
         world.set_vae_precision(precision)  # type: ignore[attr-defined]
@@ -171,15 +168,10 @@ def profile_generate(world: object, batch: int, out: Path, rows: int) -> None:
     world.set_vae_precision(precision)  # type: ignore[attr-defined]
     prompts = [f"bench prompt {i}" for i in range(batch)]
     seeds = list(range(batch))
-    unet = world.inner.unet  # type: ignore[attr-defined]
-    regions.compile_blocks(unet)
-    try:
-        with graphed_predict(world):  # type: ignore[arg-type]
-            profile_pass(f"generate-b{batch}", lambda: generate_batch(world, prompts, seeds, DDIM_TRAILING, 4, 1.0),
-                         2, out, rows, f"generate_batch at batch {batch}: 4 steps, graphs, blocks compiled, VAE "
-                         f"{precision}", count=False)
-    finally:
-        regions.uncompile_blocks(unet)
+    with regions.blocks_compiled(world.inner.unet, True), graphed_predict(world):  # type: ignore[attr-defined]
+        profile_pass(f"generate-b{batch}", lambda: generate_batch(world, prompts, seeds, DDIM_TRAILING, 4, 1.0), 2,
+                     out, rows, f"generate_batch at batch {batch}: 4 steps, graphs, blocks compiled, VAE {precision}; "
+                     "FLOPs not counted (a graph's replay has no ops to count)", count=False)
 
 
 def main(argv: list[str] | None = None) -> None:
