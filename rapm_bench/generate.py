@@ -25,7 +25,7 @@ from .errors import UserError
 from .files import TMP_SUFFIX, atomic_write_bytes, is_stale_tmp, remove_stale_tmp, sha256_file  # noqa: F401 - re-exported
 from .lora import resolve_lora_path
 from .models import get_model
-from .regions import blocks_compiled, pays
+from .regions import WIDE, blocks_compiled, pays
 from .sampling import SamplerRecipe, cfg_denoiser, sample, seeded_noise
 from .worlds import World, load_world
 
@@ -275,7 +275,7 @@ def _generate(cfg: GenerateConfig) -> dict[str, Any]:
     # from the whole run's size, so that a resumed run compiles as the uninterrupted one did (same images)
     blocks = pays(world, len(records) * (cfg.steps or 0), cfg.compile_blocks)
     with tqdm(total=len(records), initial=len(records) - sum(map(len, todo)), desc=f"generate {cfg.model}",
-              unit="img") as bar, blocks_compiled(world.unet, blocks), graphed_predict(world), \
+              unit="img") as bar, blocks_compiled(world.unet, blocks, WIDE), graphed_predict(world), \
             PngWriter(pending=2 * bs + png_threads()) as pngs:  # GPU: compiled blocks (regions.pays), the UNet
         # passes replayed from CUDA graphs; the PNGs of a batch are written by threads while the next one generates
         for chunk in todo:

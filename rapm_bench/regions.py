@@ -7,7 +7,9 @@ gate and the residual adds, each a separate memory-bound kernel (results/bench/p
 whole UNet took 7.5 minutes on an H200 (docs/reference.md: a PEFT train step, 574 -> 504 ms); compiling each
 block instead (`compile_blocks`) compiles one graph per distinct block shape, batch size and grad mode
 (SDXL's 87 blocks share two forward functions, so equal shapes share graphs): dynamo's regional compilation.
-On an H100 the RAPM iteration went 0.529 -> 0.475 s (results/bench/README.md).
+On an H100 the RAPM iteration went 0.529 -> 0.475 s (results/bench/README.md). Generation compiles wider regions
+(`WIDE`: each Transformer2DModel whole, the transformer blocks inside it unrolled into one graph); the engine keeps
+`BLOCKS`, whose graphs its gradient passes share with its teacher's trajectories.
 
 LoRA layers stay eager: `fastlora.LoRAWrap.forward` is excluded from dynamo (its cache and its
 hand-written backward are host logic), so a block with LoRA layers compiles into the pieces between them.
@@ -31,6 +33,11 @@ import torch
 from torch import nn
 
 BLOCKS: tuple[str, ...] = ("ResnetBlock2D", "BasicTransformerBlock")  # diffusers' block classes, by name
+# generation's regions (no-grad passes): each Transformer2DModel whole, so that its GroupNorm, the layout changes
+# around proj_in and proj_out and its residual add, eager around the BasicTransformerBlocks, fuse with them. SDXL's
+# batch-16 UNet pass: 240.1 -> 235.6 ms, its cold compile 27 -> 16 s (H100, results/bench/probes/probe_regions.py)
+WIDE: tuple[str, ...] = ("ResnetBlock2D", "Transformer2DModel")
+REGIONS: tuple[str, ...] = tuple(dict.fromkeys(BLOCKS + WIDE))  # every class a region can be
 # dynamo's limits (its defaults: 8 graphs a code object, 256 in all), new and old names: a graph per block shape,
 # batch size, grad mode and graph-break piece
 LIMITS: dict[tuple[str, str], int] = {("recompile_limit", "cache_size_limit"): 512,
@@ -52,16 +59,24 @@ def supported() -> bool:
     return bool(getattr(torch._dynamo.config, "inline_inbuilt_nn_modules", False))
 
 
-def blocks(unet: nn.Module) -> list[nn.Module]:
-    """The UNet's ResNet and transformer blocks."""
-    return [m for m in unet.modules() if type(m).__name__ in BLOCKS]
+def blocks(unet: nn.Module, classes: tuple[str, ...] = BLOCKS) -> list[nn.Module]:
+    """The UNet's modules of `classes` (by class name; default its ResNet and transformer blocks), outermost only."""
+    found: list[nn.Module] = []
+    inside: set[int] = set()
+    for m in unet.modules():  # parents come before their children
+        if id(m) in inside or type(m).__name__ not in classes:
+            continue
+        found.append(m)
+        inside.update(id(c) for c in m.modules())
+    return found
 
 
-def compile_blocks(unet: nn.Module, backend: str | Callable[..., Any] = "inductor", dynamic: bool | None = False) -> int:
-    """Compile each of `unet`'s blocks in place (static shapes unless `dynamic`); returns how many.
-    `uncompile_blocks` undoes it."""
+def compile_blocks(unet: nn.Module, backend: str | Callable[..., Any] = "inductor", dynamic: bool | None = False,
+                   classes: tuple[str, ...] = BLOCKS) -> int:
+    """Compile each of `unet`'s blocks (`blocks(unet, classes)`) in place (static shapes unless `dynamic`); returns how
+    many. `uncompile_blocks` undoes it."""
     _raise_limits()
-    found = blocks(unet)
+    found = blocks(unet, classes)
     for m in found:
         m.compile(backend=backend, dynamic=dynamic)
     return len(found)
@@ -69,13 +84,15 @@ def compile_blocks(unet: nn.Module, backend: str | Callable[..., Any] = "inducto
 
 def uncompile_blocks(unet: nn.Module) -> None:
     """Run every block eagerly again (the compiled graphs stay in dynamo's cache for a later `compile_blocks`)."""
-    for m in blocks(unet):
-        m._compiled_call_impl = None
+    for m in unet.modules():
+        if type(m).__name__ in REGIONS:
+            m._compiled_call_impl = None
 
 
 def compiled(unet: nn.Module) -> bool:
-    """Whether `unet`'s blocks run compiled."""
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in blocks(unet))
+    """Whether any of `unet`'s regions (blocks of any `REGIONS` class) runs compiled."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in unet.modules()
+               if type(m).__name__ in REGIONS)
 
 
 def persist_cache(root: Path | None = None) -> Path:
@@ -103,14 +120,14 @@ def pays(world: Any, passes: int, wanted: bool | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def blocks_compiled(unet: nn.Module, enabled: bool) -> Iterator[int]:
-    """Inside the block `unet`'s blocks run compiled (`compile_blocks`, inductor's cache kept by `persist_cache`);
-    yields how many (0: eager). Blocks compiled before the block stay as they were."""
+def blocks_compiled(unet: nn.Module, enabled: bool, classes: tuple[str, ...] = BLOCKS) -> Iterator[int]:
+    """Inside the block `unet`'s blocks of `classes` run compiled (`compile_blocks`, inductor's cache kept by
+    `persist_cache`); yields how many (0: eager). Regions compiled before the block stay as they were."""
     if not enabled or compiled(unet):
         yield 0
         return
     persist_cache()
-    n = compile_blocks(unet)
+    n = compile_blocks(unet, classes=classes)
     try:
         yield n
     finally:

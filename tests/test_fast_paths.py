@@ -886,6 +886,11 @@ def test_generation_compiles_blocks_where_it_pays(monkeypatch, tmp_path):
             assert inner == 0
         assert regions.compiled(world.unet)
     assert not regions.compiled(world.unet)
+    with regions.blocks_compiled(world.unet, True, regions.WIDE) as k:  # generation's regions
+        wide = regions.blocks(world.unet, regions.WIDE)
+        assert k == len(wide) > 0 and "Transformer2DModel" in {type(m).__name__ for m in wide}
+        assert all(m._compiled_call_impl is not None for m in wide)
+    assert not regions.compiled(world.unet)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert regions.persist_cache() == tmp_path / "mine"
 
@@ -901,9 +906,10 @@ def test_generate_config_writes_compile_blocks_only_where_set():
 
 @pytest.mark.gpu
 @cuda
-def test_generation_with_compiled_blocks_is_within_a_level_of_eager():
-    """Generation with the UNet's blocks compiled (inductor) and from CUDA graphs, as `generate` and `eval` run it:
-    within one level of the eager images on under 5 % of the values."""
+@pytest.mark.parametrize("classes", ["BLOCKS", "WIDE"])
+def test_generation_with_compiled_blocks_is_within_a_level_of_eager(classes):
+    """Generation with the UNet's regions compiled (inductor; WIDE as `generate` and `eval` run it, BLOCKS as the
+    engine's teacher) and from CUDA graphs: within one level of the eager images on under 5 % of the values."""
     from rapm_bench import regions
     from rapm_bench.cudagraphs import graphed_predict
     from rapm_bench.generate import generate_batch
@@ -912,8 +918,42 @@ def test_generation_with_compiled_blocks_is_within_a_level_of_eager():
     world = small_world("cuda")
     prompts, seeds = ["a red circle", "a blue square", "a green triangle", "two stars"], [0, 1, 2, 3]
     eager = generate_batch(world, prompts, seeds, DDIM_TRAILING, 4, 1.0)
-    with regions.blocks_compiled(world.unet, True) as n, graphed_predict(world):
+    with regions.blocks_compiled(world.unet, True, getattr(regions, classes)) as n, graphed_predict(world):
         compiled = generate_batch(world, prompts, seeds, DDIM_TRAILING, 4, 1.0)
     assert n > 0 and not regions.compiled(world.unet)
     d = (compiled.int() - eager.int()).abs()
     assert int(d.max()) <= 1 and float((d > 0).float().mean()) < 0.05, (int(d.max()), float((d > 0).float().mean()))
+
+
+def test_wide_regions_compile_each_transformer_whole_and_give_the_eager_output():
+    """regions.WIDE (generation's regions, results/bench/probes/probe_regions.py) on the SDXL architecture at
+    small widths: the outermost modules of those classes (each Transformer2DModel whole, none of the
+    BasicTransformerBlocks inside it), compiled through dynamo with `aot_eager`, give the eager no-grad output exactly;
+    uncompiling restores the eager modules, whatever classes were compiled."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from rapm_bench import regions
+    from rapm_bench.perf.sdxl import build_unet
+
+    unet = build_unet("small", torch.device("cpu"))
+    found = regions.blocks(unet, regions.WIDE)
+    names = {type(m).__name__ for m in found}
+    assert names == {"ResnetBlock2D", "Transformer2DModel"}
+    inner = {id(c) for m in found for c in m.modules() if c is not m}
+    assert not any(id(m) in inner for m in found)  # outermost only
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([999, 499])
+    cond = {"encoder_hidden_states": torch.randn(2, 77, unet.config.cross_attention_dim, generator=g),
+            "added_cond_kwargs": {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.ones(2, 6) * 32}}
+    with torch.no_grad():
+        eager = unet(x, t, **cond).sample
+        counter = CompileCounterWithBackend("aot_eager")
+        try:
+            assert regions.compile_blocks(unet, backend=counter, classes=regions.WIDE) == len(found)
+            assert regions.compiled(unet)
+            compiled = unet(x, t, **cond).sample
+            assert counter.frame_count > 0
+        finally:
+            regions.uncompile_blocks(unet)
+        assert not regions.compiled(unet)
+    assert torch.equal(compiled, eager)

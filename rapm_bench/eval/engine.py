@@ -28,7 +28,7 @@ from ..files import atomic_write_bytes, default_cache_dir, sha256_file
 from ..generate import PngWriter, batch_hint, generate_batch, oom_hint, png_threads
 from ..models import get_model, with_lora
 from ..provenance import device_name, git_commit, versions
-from ..regions import blocks_compiled, pays
+from ..regions import WIDE, blocks_compiled, pays
 from ..worlds import World, load_world
 from .fid import FeatureStats
 from .metrics import GROUP, Detector, Finish, detectors, finalize, metrics
@@ -176,7 +176,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     blocks = pays(world, n * steps, cfg.compile_blocks)  # the whole run's size: the same for every shard
     with tqdm(total=sum(len(g) for g in mine), desc=f"eval {spec.name} {steps}-step", unit="img",
-              disable=not state.is_main_process) as bar, blocks_compiled(world.unet, blocks), graphed_predict(world), \
+              disable=not state.is_main_process) as bar, blocks_compiled(world.unet, blocks, WIDE), graphed_predict(world), \
             Alongside(world, cfg.overlap_scoring) as beside, \
             ThreadPoolExecutor(1, thread_name_prefix="eval-prepare") as worker, \
             PngWriter(pending=GROUP + png_threads()) as pngs:

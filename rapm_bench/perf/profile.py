@@ -168,9 +168,10 @@ def profile_generate(world: object, batch: int, out: Path, rows: int) -> None:
     world.set_vae_precision(precision)  # type: ignore[attr-defined]
     prompts = [f"bench prompt {i}" for i in range(batch)]
     seeds = list(range(batch))
-    with regions.blocks_compiled(world.inner.unet, True), graphed_predict(world):  # type: ignore[attr-defined]
+    unet = world.inner.unet  # type: ignore[attr-defined]
+    with regions.blocks_compiled(unet, True, regions.WIDE), graphed_predict(world):  # generation's regions
         profile_pass(f"generate-b{batch}", lambda: generate_batch(world, prompts, seeds, DDIM_TRAILING, 4, 1.0), 2,
-                     out, rows, f"generate_batch at batch {batch}: 4 steps, graphs, blocks compiled, VAE {precision}; "
+                     out, rows, f"generate_batch at batch {batch}: 4 steps, graphs, regions.WIDE compiled, VAE {precision}; "
                      "FLOPs not counted (a graph's replay has no ops to count)", count=False)
 
 

@@ -340,7 +340,7 @@ def stage_generate(b: Bench) -> dict[str, Any]:
     from ..eval.protocols import default_protocol
     from ..generate import generate_batch
     from ..lora import attach_lora
-    from ..regions import pays
+    from ..regions import WIDE, pays
     from ..sampling import DDIM_TRAILING
 
     cfg, w, dcfg = b.cfg, b.world, b.distill_config()
@@ -357,17 +357,17 @@ def stage_generate(b: Bench) -> dict[str, Any]:
     run, n = runner(cfg.gen.batch), cfg.gen.batch
     ms = []
     w.set_vae_precision("fp32", channels_last=False)
-    with compiled_unet(w, cfg.opts.compile, blocks):
+    with compiled_unet(w, cfg.opts.compile, blocks, WIDE):  # generation's regions
         ms.append(b.measure("teacher weights, no LoRA", run, "image", n))
     attach_lora(w.unet, dcfg.rank, dcfg.lora_targets, ADAPTER, dcfg.seed)
     _random_lora_b(w.unet, cfg.seed)
     try:
         ms.append(b.measure("LoRA unmerged (peft)", run, "image", n))
         w.unet.fuse_lora()
-        with compiled_unet(w, cfg.opts.compile, blocks):
+        with compiled_unet(w, cfg.opts.compile, blocks, WIDE):
             ms.append(b.measure("LoRA merged", run, "image", n))
         if cuda:
-            with compiled_unet(w, False, blocks), graphed_predict(w):
+            with compiled_unet(w, False, blocks, WIDE), graphed_predict(w):
                 for vae in cfg.gen.vae_variants:
                     set_vae_variant(w, vae)
                     ms.append(b.measure(f"LoRA merged, graphs, VAE {vae}", run, "image", n, warmup=1))

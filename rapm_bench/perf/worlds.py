@@ -198,15 +198,17 @@ def set_channels_last(module: nn.Module, on: bool) -> None:
 
 
 @contextlib.contextmanager
-def compiled_unet(world: TunedWorld, enabled: bool, blocks: bool = False) -> Iterator[None]:
-    """`torch.compile` the world's UNet for the duration (no-grad stages only); `blocks`: each of its blocks instead
-    (regions.blocks_compiled; a GPU only, as the engine: elsewhere the blocks stay eager)."""
+def compiled_unet(world: TunedWorld, enabled: bool, blocks: bool = False,
+                  classes: tuple[str, ...] | None = None) -> Iterator[None]:
+    """`torch.compile` the world's UNet for the duration (no-grad stages only); `blocks`: each of its blocks of
+    `classes` (default regions.BLOCKS) instead (regions.blocks_compiled; a GPU only, as the engine: elsewhere the
+    blocks stay eager)."""
     from .. import regions
 
     inner = world.inner
     plain = inner.unet
     if blocks or not enabled:
-        with regions.blocks_compiled(plain, blocks and world.device.type == "cuda"):
+        with regions.blocks_compiled(plain, blocks and world.device.type == "cuda", classes or regions.BLOCKS):
             yield
         return
     inner.unet = torch.compile(plain)
