@@ -10,6 +10,10 @@ and its residual add. This times the random-weight SDXL UNet (bf16, batch `BATCH
 generation runs it). It records the first call's seconds (the compile: cold unless inductor's cache holds it; the
 variants run in one process, so a later one may reuse an earlier one's kernels) and the largest difference to the eager
 output relative to its largest value, and writes $OUT/probe_regions.json.
+
+With GENERATE=1 (VARIANTS may then be empty) it also times whole `generate_batch` calls at batch `BATCH` (4 steps,
+guidance 1, the protocol's decode, UNet calls from CUDA graphs, as `eval` runs them) with regions.BLOCKS and
+regions.WIDE compiled, alternating, `ROUNDS` rounds of 5 batches each, and the uint8 difference of their images.
 """
 
 import json
@@ -49,7 +53,7 @@ COARSE = ("DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "Cro
 VARIANTS = {"eager": None, "blocks": regions.BLOCKS, "wide": regions.WIDE, "coarse": COARSE,
             "whole": ("UNet2DConditionModel",)}
 start = time.perf_counter()
-for name in os.environ.get("VARIANTS", "eager,blocks,wide").split(","):
+for name in filter(None, os.environ.get("VARIANTS", "eager,blocks,wide").split(",")):
     classes = VARIANTS[name]
     if time.perf_counter() - start > float(os.environ.get("DEADLINE_S", "1e9")):
         print(name, "skipped: past DEADLINE_S", flush=True)
@@ -73,5 +77,35 @@ for name in os.environ.get("VARIANTS", "eager,blocks,wide").split(","):
         m._compiled_call_impl = None
     res[name] = row
     print(name, row, flush=True)
+if os.environ.get("GENERATE") == "1":
+    from rapm_bench.cudagraphs import graphed_predict
+    from rapm_bench.eval.protocols import default_protocol
+    from rapm_bench.generate import generate_batch
+    from rapm_bench.perf.config import resolve_bench
+    from rapm_bench.perf.worlds import build_world
+    from rapm_bench.sampling import DDIM_TRAILING
+
+    del unet, reference
+    torch.cuda.empty_cache()
+    world = build_world(resolve_bench("sdxl"), dev)
+    world.set_vae_precision(default_protocol("sdxl").vae_precision)
+    prompts, seeds = [f"bench prompt {i}" for i in range(batch)], list(range(batch))
+    images, gen = {}, {}
+    for rnd in range(int(os.environ.get("ROUNDS", "2"))):
+        for name in ("blocks", "wide"):
+            with regions.blocks_compiled(world.inner.unet, True, getattr(regions, name.upper())), \
+                    graphed_predict(world):
+                run = lambda: generate_batch(world, prompts, seeds, DDIM_TRAILING, 4, 1.0)  # noqa: E731
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                images[name] = run()  # compiles in the first round, captures the graphs
+                first = time.perf_counter() - t0
+                ms = cuda_ms(run, warm=1, n=5) / batch
+            gen[f"{name}, round {rnd + 1}"] = {"ms_per_image": round(ms, 2), "first_call_s": round(first, 1)}
+            print("generate", name, rnd + 1, gen[f"{name}, round {rnd + 1}"], flush=True)
+    d = (images["wide"].int() - images["blocks"].int()).abs()
+    gen["uint8 difference wide - blocks"] = {"max": int(d.max()), "changed_share": float((d > 0).float().mean())}
+    print(gen["uint8 difference wide - blocks"], flush=True)
+    res["generate"] = gen
 with open(os.path.join(out, "probe_regions.json"), "w") as f:
     json.dump(res, f, indent=1)
