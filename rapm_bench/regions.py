@@ -35,7 +35,7 @@ from torch import nn
 BLOCKS: tuple[str, ...] = ("ResnetBlock2D", "BasicTransformerBlock")  # diffusers' block classes, by name
 # generation's regions (no-grad passes): each Transformer2DModel whole, so that its GroupNorm, the layout changes
 # around proj_in and proj_out and its residual add, eager around the BasicTransformerBlocks, fuse with them. SDXL's
-# batch-16 UNet pass: 240.1 -> 235.6 ms, its cold compile 27 -> 16 s (H100, results/bench/probes/probe_regions.py)
+# batch-16 UNet pass: 240.1 -> 235.6 ms (H100, results/bench/probes/probe_regions.py)
 WIDE: tuple[str, ...] = ("ResnetBlock2D", "Transformer2DModel")
 REGIONS: tuple[str, ...] = tuple(dict.fromkeys(BLOCKS + WIDE))  # every class a region can be
 # dynamo's limits (its defaults: 8 graphs a code object, 256 in all), new and old names: a graph per block shape,
