@@ -1,6 +1,6 @@
 """Probe (issue 14): the merged LoRA's eager convolutions and cuDNN's layout transposes in a RAPM iteration.
 
-    OUT=results/bench/probes python results/bench/probes/probe_lora_layout.py   # a CUDA GPU; ~8 min on a cold cache
+    OUT=results/bench/probes python results/bench/probes/probe_lora_layout.py   # a CUDA GPU; ~2.5 min a variant, cold cache
 
 The merged iteration's profile (profiles/profile-merged-graphs-gradgraphs-blocks-h100.txt) spends ~25 ms an
 iteration in cuDNN's NCHW<->NHWC transposes (6 ms in the plain one): FastLoRA's layers run eagerly between the compiled
