@@ -50,8 +50,8 @@ def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 CompileBlocks = Annotated[bool | None, typer.Option(  # generate's and eval's
-    "--compile-blocks/--no-compile-blocks", help="Compile each ResNet and transformer block of the UNet (a CUDA "
-    "GPU; about a minute on a new machine, seconds from inductor's cache in ~/.cache/rapm-bench/inductor); "
+    "--compile-blocks/--no-compile-blocks", help="Compile each ResNet block and each transformer (Transformer2DModel) "
+    "of the UNet whole (a CUDA GPU; about a minute on a new machine, seconds from inductor's cache in ~/.cache/rapm-bench/inductor); "
     "default: when images x steps >= 16384 (SDXL; the tiny world: never), where it pays back.")]
 
 
@@ -333,8 +333,9 @@ def bench(
                                                       "no-grad passes (slow start); default: off.")] = None,
     compile_blocks: Annotated[bool | None, typer.Option("--compile-blocks/--no-compile-blocks", help="Compile each "
                                                         "ResNet and transformer block of the UNet (regional "
-                                                        "compilation, LoRA layers eager) for unet-forward, "
-                                                        "trajectories and generate; default: trajectories as the "
+                                                        "compilation, LoRA layers eager) for unet-forward and "
+                                                        "trajectories, and for generate each ResNet block and "
+                                                        "each Transformer2DModel whole, as generation; default: trajectories as the "
                                                         "distill engine and generate as generation at 30K images "
                                                         "(both compiled on a GPU), unet-forward eager. RAPM "
                                                         "variants: /blocks.")] = None,
