@@ -5,11 +5,14 @@
 The batch-16 UNet profile (profiles/profile-unet-b16-h100.txt) shows eager kernels between the compiled blocks
 (regions.BLOCKS): each Transformer2DModel's GroupNorm, the copies that change its layout around proj_in and proj_out,
 and its residual add. This times the random-weight SDXL UNet (bf16, batch `BATCH`, no grad) in each of `VARIANTS`
-(default the first three): eager; regions.BLOCKS compiled; regions.WIDE (each Transformer2DModel whole); each down, mid and up block whole
-(coarse); the whole UNet (whole). Each is called directly and replayed from a CUDA graph (cudagraphs.Graphed, as
-generation runs it). It records the first call's seconds (the compile: cold unless inductor's cache holds it; the
-variants run in one process, so a later one may reuse an earlier one's kernels) and the largest difference to the eager
-output relative to its largest value, and writes $OUT/probe_regions.json.
+(default the first three): eager; regions.BLOCKS compiled; regions.WIDE (each Transformer2DModel whole); each down,
+mid and up block whole (coarse); the whole UNet (whole); regions.WIDE with inductor's coordinate-descent tuning of its
+Triton kernels (wide-cdt), or with that and max-autotune's Triton GEMM templates beside cuBLAS, which can fold a bias
+or residual add into a product's epilogue (wide-autotune). Those two compile anew, after torch._dynamo.reset(). Each
+is called directly and replayed from a CUDA graph (cudagraphs.Graphed, as generation runs it). It records the first
+call's seconds (the compile: cold unless inductor's cache holds it; the variants run in one process, so a later one may
+reuse an earlier one's kernels) and the largest difference to the eager output relative to its largest value, and
+writes $OUT/probe_regions.json.
 
 With GENERATE=1 (VARIANTS may then be empty) it also times whole `generate_batch` calls at batch `BATCH` (4 steps,
 guidance 1, the protocol's decode, UNet calls from CUDA graphs, as `eval` runs them) with regions.BLOCKS and
@@ -46,12 +49,23 @@ def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": batch}
+
+
+def save() -> None:
+    """Write what is measured so far (a run cut off keeps its finished variants)."""
+    with open(os.path.join(out, "probe_regions.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
 with torch.no_grad():
     reference = call(x, t).float()
 scale = float(reference.abs().max())
 COARSE = ("DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D", "UpBlock2D")
 VARIANTS = {"eager": None, "blocks": regions.BLOCKS, "wide": regions.WIDE, "coarse": COARSE,
-            "whole": ("UNet2DConditionModel",)}
+            "whole": ("UNet2DConditionModel",), "wide-cdt": regions.WIDE, "wide-autotune": regions.WIDE}
+INDUCTOR = {"wide-cdt": {"coordinate_descent_tuning": True},  # inductor config each variant compiles under
+            "wide-autotune": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
+                              "coordinate_descent_tuning": True}}
 start = time.perf_counter()
 for name in filter(None, os.environ.get("VARIANTS", "eager,blocks,wide").split(",")):
     classes = VARIANTS[name]
@@ -59,11 +73,15 @@ for name in filter(None, os.environ.get("VARIANTS", "eager,blocks,wide").split("
         print(name, "skipped: past DEADLINE_S", flush=True)
         continue
     row: dict = {}
+    if name in INDUCTOR:
+        torch._dynamo.reset()  # dynamo's cache would hand back the graphs compiled under the default config
+        row["inductor"] = INDUCTOR[name]
     if classes is not None:
         row["regions"] = regions.compile_blocks(unet, classes=classes)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    y = call(x, t)
+    with torch._inductor.config.patch(INDUCTOR.get(name, {})):  # compiled at the first call
+        y = call(x, t)
     torch.cuda.synchronize()
     row["first_call_s"] = round(time.perf_counter() - t0, 1)
     row["max_rel_diff_to_eager"] = float((y.float() - reference).abs().max()) / scale
@@ -77,6 +95,7 @@ for name in filter(None, os.environ.get("VARIANTS", "eager,blocks,wide").split("
         m._compiled_call_impl = None
     res[name] = row
     print(name, row, flush=True)
+    save()
 if os.environ.get("GENERATE") == "1":
     from rapm_bench.cudagraphs import graphed_predict
     from rapm_bench.eval.protocols import default_protocol
@@ -107,5 +126,4 @@ if os.environ.get("GENERATE") == "1":
     gen["uint8 difference wide - blocks"] = {"max": int(d.max()), "changed_share": float((d > 0).float().mean())}
     print(gen["uint8 difference wide - blocks"], flush=True)
     res["generate"] = gen
-with open(os.path.join(out, "probe_regions.json"), "w") as f:
-    json.dump(res, f, indent=1)
+save()
