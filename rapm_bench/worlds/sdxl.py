@@ -52,6 +52,9 @@ HALF_CONVOLUTIONS = "everywhere"
 # the decode at batch 16 on an H100 33.3 -> 31.4 ms an image, the same uint8 difference to fp32); a new VAEDecoder's
 # default (perf.scaling's --no-vae-half-attention clears it in its worker processes)
 HALF_ATTENTION = True
+# a compiled TF32 decode's upsamplers (nearest 2x, then 3x3) as one 2x2 convolution of the small input
+# (worlds/subpixel.py: 4 of the 9 products a value, the repeated input never written); a new VAEDecoder's default
+SUBPIXEL_UPSAMPLE = False
 
 
 class VAEDecoder:
@@ -67,7 +70,9 @@ class VAEDecoder:
     compiled TF32 decode's convolutions run on fp16 tensor cores with TF32's input precision and power-of-two scales
     (worlds/halfconv.py; HALF_CONVOLUTIONS: those that read silu(GroupNorm) with data-independent scales, the rest
     scaled per image; an H100 at batch 16: 35.2 ms an image against TF32's 50.6, within one level of fp32 on 5.4 % of
-    the values against 4.4 %), and so do its attention's two products (`half_attention`, worlds/attention.py).
+    the values against 4.4 %), and so do its attention's two products (`half_attention`, worlds/attention.py). With
+    `subpixel_upsample` (SUBPIXEL_UPSAMPLE) the compiled TF32 decode's upsamplers run as 2x2 convolutions of their small
+    input (worlds/subpixel.py).
     """
 
     def __init__(self, vae: torch.nn.Module) -> None:
@@ -79,8 +84,9 @@ class VAEDecoder:
         self.half_attention = HALF_ATTENTION  # those products on fp16 tensor cores when compiled (worlds/attention.py)
         self.chunked_group_norm = True  # a compiled decode's GroupNorm statistics over chunks (worlds/groupnorm.py)
         self.half_convolutions = HALF_CONVOLUTIONS
+        self.subpixel_upsample = SUBPIXEL_UPSAMPLE  # the compiled TF32 decode's upsamplers (worlds/subpixel.py)
         self.pinned_host = True  # images to the host through pinned memory on CUDA (a pageable copy: ~2 GB/s, H100)
-        self._copies: dict[tuple[str, bool, bool, bool, bool, str, bool], torch.nn.Module] = {}
+        self._copies: dict[tuple[str, bool, bool, bool, bool, str, bool, bool], torch.nn.Module] = {}
 
     def compiled(self) -> bool:
         """Whether this decode runs compiled: a GPU, a precision other than the exact fp32, `compile` on."""
@@ -99,9 +105,10 @@ class VAEDecoder:
             raise ValueError(f"half_convolutions {self.half_convolutions!r}: one of '', 'bounded', 'everywhere'")
         half = self.half_convolutions if self.precision == "tf32" and self.compiled() else ""
         half_attention = gemm and self.half_attention and self.compiled() and has_fp32_out_bmm()
+        subpixel = self.subpixel_upsample and self.precision == "tf32" and self.compiled()
         key = ("bf16" if self.precision == "bf16" else "fp32", self.channels_last, self.compiled(), gemm, chunked, half,
-               half_attention)
-        if key == ("fp32", False, False, False, False, "", False) or self.vae.dtype != torch.float32:  # an fp16-fixed VAE: as given
+               half_attention, subpixel)
+        if key == ("fp32", False, False, False, False, "", False, False) or self.vae.dtype != torch.float32:  # an fp16-fixed VAE: as given
             return self.vae
         if key not in self._copies:
             net = copy.deepcopy(self.vae).to(torch.bfloat16 if key[0] == "bf16" else torch.float32)
@@ -118,6 +125,10 @@ class VAEDecoder:
                 from .halfconv import use_half_convolutions
 
                 use_half_convolutions(net.decoder, everywhere=half == "everywhere")
+            if subpixel:
+                from .subpixel import use_subpixel_upsamplers
+
+                use_subpixel_upsamplers(net.decoder, half=half == "everywhere")
             if key[2]:  # the decode path only: post_quant_conv, then the decoder
                 from ..regions import persist_cache
 

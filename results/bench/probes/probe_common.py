@@ -1,4 +1,5 @@
-"""What the probes share: a CUDA-event timer, and the compiled TF32 decode timed with one VAEDecoder switch off and on."""
+"""What the probes share: a CUDA-event timer, the compiled TF32 decode timed with one VAEDecoder switch off and on,
+and one decode's kernels profiled."""
 
 import os
 
@@ -47,3 +48,15 @@ def time_decodes(res: dict, switch: str, batches: str, rounds: int = 2, n: int =
                 print(key, res[key], flush=True)
         runs[batch] = (decoder, latents, images)
     return runs
+
+
+def profile_decode(decoder, latents: torch.Tensor, path: str, rows: int = 30) -> None:
+    """One call of `decoder` on `latents` (after one untimed call) under the profiler: its kernel table to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder(latents)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder(latents)
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90))

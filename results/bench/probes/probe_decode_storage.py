@@ -17,7 +17,7 @@ import json
 import os
 
 import torch
-from probe_common import time_decodes
+from probe_common import profile_decode, time_decodes
 
 from rapm_bench.perf.stages_eval import uint8_difference
 
@@ -26,16 +26,8 @@ res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
 runs = time_decodes(res, "precision", "16", int(os.environ.get("ROUNDS", "3")), n=5, values=("tf32", "bf16"))
 for batch, (decoder, latents, images) in runs.items():
     res[f"batch {batch}: bf16 vs tf32"] = uint8_difference(images["bf16"], images["tf32"])
-    if os.environ.get("PROFILE", "1") == "1":
-        from torch.profiler import ProfilerActivity, profile
-
-        for precision in ("tf32", "bf16"):
-            decoder.precision = precision
-            decoder(latents)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                decoder(latents)
-                torch.cuda.synchronize()
-            with open(os.path.join(out, f"profile-vae-{precision}-storage-b{batch}.txt"), "w") as f:
-                f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
+    for precision in ("tf32", "bf16") if os.environ.get("PROFILE", "1") == "1" else ():
+        decoder.precision = precision
+        profile_decode(decoder, latents, os.path.join(out, f"profile-vae-{precision}-storage-b{batch}.txt"))
 with open(os.path.join(out, "probe_decode_storage.json"), "w") as f:
     json.dump(res, f, indent=1)
