@@ -142,6 +142,28 @@ def test_subpixel_upsamplers_on_the_sdxl_decoder():
     assert diff["max"] <= 1 and diff["changed_share"] < 0.1, diff
 
 
+def test_vae_decoder_patches_its_upsamplers_only_when_asked(monkeypatch):
+    """The compiled TF32 decode's network has subpixel upsamplers with `subpixel_upsample` on: fp16 ones beside the
+    fp16 convolutions everywhere, TF32 ones beside the bounded; none when it is off (the default) or for bf16."""
+    from rapm_bench.bench import build_sdxl_vae
+    from rapm_bench.worlds.sdxl import SUBPIXEL_UPSAMPLE, VAEDecoder
+
+    monkeypatch.setattr(VAEDecoder, "compiled", lambda self: True)  # as on a GPU (the graphs compile lazily)
+    dec = VAEDecoder(build_sdxl_vae(True, torch.device("cpu")))
+    assert dec.subpixel_upsample is SUBPIXEL_UPSAMPLE is False
+
+    def patched(**fields: object) -> list[bool | None]:
+        for name, value in fields.items():
+            setattr(dec, name, value)
+        ups = [m for m in dec.network().decoder.modules() if type(m).__name__ == "Upsample2D"]
+        return [None if "subpixel_weight" not in m._buffers else "subpixel_weight16" in m._buffers for m in ups]
+
+    assert patched() == [None] * 3
+    assert patched(subpixel_upsample=True, half_convolutions="everywhere") == [True] * 3
+    assert patched(half_convolutions="bounded") == [False] * 3
+    assert patched(precision="bf16") == [None] * 3
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_subpixel_decode_is_as_close_to_fp32_as_without():
