@@ -9,7 +9,8 @@ padding 1, whose (H+1) x (W+1) outputs, offset by the phase, interleave into the
 That is 4 of the 9 products per output value (the SDXL decoder at 1024 px: its three upsamplers are 2.78 of its
 10.47 TFLOP an image, 1.24 this way), and the 4x larger repeated input is never written or read. The result is the
 layer's in exact arithmetic; in floating point a summed tap rounds once where TF32 rounds each tap (the same 10
-mantissa bits), within TF32's error of the exact result (tests/test_subpixel.py). The compiled TF32 decode's path
+mantissa bits). In fp16 with per-image scales the error against float64 is 1.2-1.9x the TF32 layer's, as for
+worlds/halfconv.py's convolutions (tests/test_subpixel.py). The compiled TF32 decode's path
 (`worlds.sdxl.VAEDecoder.subpixel_upsample`) convolves in fp16 like worlds/halfconv.py's per-image scaled
 convolutions when the decoder's other convolutions do ("everywhere"), else in TF32.
 """
