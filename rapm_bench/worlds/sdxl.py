@@ -53,7 +53,9 @@ HALF_CONVOLUTIONS = "everywhere"
 # default (perf.scaling's --no-vae-half-attention clears it in its worker processes)
 HALF_ATTENTION = True
 # a compiled TF32 decode's upsamplers (nearest 2x, then 3x3) as one 2x2 convolution of the small input
-# (worlds/subpixel.py: 4 of the 9 products a value, the repeated input never written); a new VAEDecoder's default
+# (worlds/subpixel.py: 4 of the 9 products a value, the repeated input never written); a new VAEDecoder's default.
+# Off: on an H100 at batch 16 it made the decode 31.8 -> 36.7 ms an image, the phases' interleave costing more than
+# the 2.3 ms of convolutions it saves (results/bench/README.md, fifteenth session)
 SUBPIXEL_UPSAMPLE = False
 
 
