@@ -13,7 +13,7 @@ mantissa bits). In fp16 with per-image scales the error against float64 is 1.2-1
 worlds/halfconv.py's convolutions (tests/test_subpixel.py). The compiled TF32 decode's path
 (`worlds.sdxl.VAEDecoder.subpixel_upsample`) convolves in fp16 like worlds/halfconv.py's per-image scaled
 convolutions when the decoder's other convolutions do ("everywhere"), else in TF32. It is off by default: on an H100
-the interleave and the reads of its strided result cost more than the products saved (the decode 15 % slower).
+the interleave and the reads of its strided result cost more than the products saved (the decode 16 % slower).
 """
 
 from __future__ import annotations
