@@ -260,7 +260,8 @@ SDXL = register_world(WorldSpec(
         "grad_checkpointing": None,  # auto from the free memory (distill/memory.py): off on an H100/H200, on for 24-48 GB
         "slot_chunk": 4,  # the 4 slots in one batch-4 pass: 3× faster than 1 slot per pass, 22.9 GiB with checkpointing
         "lora_impl": "merged",  # H200, every graph, compiled blocks: the engine 0.470 s an iteration, the bench 0.458 s
-        #                         (results/bench/{engine-,}sdxl-nvidia-h200.json); earlier: "fast" 0.87 s, peft 2.47 s
+        #                         (results/bench/{engine-,}sdxl-nvidia-h200.json); earlier, checkpointed: "fast"
+        #                         0.87 s, peft 2.47 s
         "disc_hidden": 256,
         "iters": 20_000,  # the paper's 20K iterations
         "lr": 1e-4,  # 1e-3 suits the 4M-param tiny UNet; SDXL LoRAs train at ~1e-4
