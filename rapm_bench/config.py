@@ -70,7 +70,7 @@ def resolve_generate(cfg: GenerateConfig) -> GenerateConfig:
     preset = get_preset(cfg.world.preset)
     spec = get_model(cfg.model, cfg.lora)  # a LoRA trained here brings its steps and sampler
     steps, guidance = spec.resolve(cfg.steps, cfg.guidance)
-    batch = cfg.batch_size or preset.default_batch(cfg.world.device)
+    batch = preset.default_batch(cfg.world.device) if cfg.batch_size is None else cfg.batch_size  # 0 is an error
     if batch < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch}")
     if cfg.num_images is not None and cfg.num_images < 1:

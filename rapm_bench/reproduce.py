@@ -248,7 +248,7 @@ def reproduce(cfg: ReproduceConfig, echo: Any = print) -> dict[str, Any]:
     runs = Path(cfg.runs) if cfg.runs else Path("runs") / "reproduce" / plan.preset
     trained_out = out / get_world_spec(plan.preset).trained_results  # SDXL: beside the published LoRAs' rows
     protocol = get_protocol(plan.protocol) if plan.protocol else default_protocol(plan.preset)
-    num_images = cfg.num_images or plan.num_images or protocol.num_pairs
+    num_images = (plan.num_images or protocol.num_pairs) if cfg.num_images is None else cfg.num_images
     if num_images < 2:
         raise UserError(f"--num-images must be at least 2, got {num_images}")
     dcfgs = distill_configs(cfg, plan, runs)

@@ -139,7 +139,7 @@ GENERATE = [
     ("guidance-too-high", ["--guidance", "51"], ["--guidance must be between 0 and 50"]),
     ("steps-negative", ["--steps", "-3"], ["--steps must be at least 1"]),
     ("num-images-0", ["--num-images", "0"], ["--num-images must be at least 1"]),
-    ("batch-size-negative", ["--batch-size", "-2"], ["--batch-size must be at least 1"]),
+    ("batch-size-zero", ["--batch-size", "0"], ["--batch-size must be at least 1"]),  # 0 is not "the default"
     ("dmd2-steps", ["--model", "dmd2", "--steps", "8"], ["ships 4-step weights only"]),
     ("pcm-steps", ["--model", "pcm", "--steps", "3"], ["ships 2, 4, 8, 16-step weights only"]),
     ("sdxl-needs-prompts", ["--preset", "sdxl", "--model", "teacher", "--teacher", "{in}"],
@@ -183,10 +183,10 @@ EVAL = [
     ("steps-0", ["--model", "teacher", "--steps", "0"], ["--steps must be at least 1"]),
     ("unshipped-steps", ["--model", "dmd2", "--steps", "2"], ["ships 4-step weights only"]),
     ("guidance-out-of-range", ["--model", "teacher", "--guidance", "-0.5"], ["--guidance must be between"]),
-    ("num-images-1", ["--model", "teacher", "--num-images", "1"], ["at least 2"]),
+    ("num-images-0", ["--model", "teacher", "--num-images", "0"], ["at least 2"]),  # 0 is not "all of them"
     ("num-images-past-captions", ["--model", "teacher", "--num-images", "2001"],
      ["more than the 2000 caption pairs"]),
-    ("batch-size-negative", ["--model", "teacher", "--num-images", "4", "--batch-size", "-1"],
+    ("batch-size-zero", ["--model", "teacher", "--num-images", "4", "--batch-size", "0"],
      ["--batch-size must be at least 1"]),
     ("coco-protocol-without-data", ["--model", "teacher", "--protocol", "coco30k"],
      ["no caption pairs for protocol coco30k", "rapm-bench data coco"]),
@@ -376,7 +376,7 @@ def test_distill(tmp_path, env, args, needles):
 REPRODUCE = [
     ("seeds-zero", ["--seeds", "0"], ["--seeds must be at least 1"]),
     ("seeds-on-sdxl", ["--preset", "sdxl", "--seeds", "2"], ["--seeds, --steps and --sweep apply to the tiny preset"]),
-    ("num-images-one", ["--num-images", "1"], ["--num-images must be at least 2"]),
+    ("num-images-zero", ["--num-images", "0"], ["--num-images must be at least 2"]),  # 0 is not "the plan's"
     ("steps-zero", ["--steps", "0"], ["--steps must list step counts of at least 1"]),
     ("steps-not-numbers", ["--steps", "1,four"], ["--steps must be comma-separated integers"]),
     ("sweep-on-sdxl", ["--preset", "sdxl", "--sweep"], ["apply to the tiny preset"]),
