@@ -12,10 +12,12 @@ PY = sys.executable  # the interpreter nox runs under: the project's venv
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The default CPU suite (not slow, not gpu): what CI runs. It names its 15 slowest tests at the end, so a CI log
-    shows where the suite's time goes (28-33 min on a 2-core machine, above the ~20 min aim: subprocess tests pay
-    3-4 s importing torch, 12-15 s more where they load a world through diffusers)."""
-    session.run(PY, "-m", "pytest", "-q", "--durations=15", "-m", "not slow and not gpu", *session.posargs)
+    """The default CPU suite (not slow, not gpu): what CI runs, on two pytest-xdist workers, one a core of CI's
+    two, each test file on one worker (its module fixtures built once). Serial it took 31-33 min there: most
+    end-to-end tests wait on a one-thread subprocess importing torch and diffusers, a core idle. It names its 15
+    slowest tests at the end, so a CI log shows where the time goes. `nox -s tests -- -n 0` runs it serially."""
+    session.run(PY, "-m", "pytest", "-q", "-n", "2", "--dist", "loadfile", "--durations=15",
+                "-m", "not slow and not gpu", *session.posargs)
 
 
 @nox.session
