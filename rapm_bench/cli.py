@@ -89,7 +89,8 @@ def generate(
     """Generate images for captions with one model (one seeded generator per image)."""
     from .config import GenerateConfig, WorldConfig, resolve_generate
 
-    cfg = GenerateConfig(
+    cfg = _run(  # its counts checked here, before torch is imported
+        GenerateConfig,
         world=WorldConfig(preset=preset, teacher=teacher, device=device, precision=precision, resolution=resolution),
         out=out, model=model, steps=steps, guidance=guidance, lora=lora, fuse=fuse, prompts=prompts,
         num_images=num_images, seed=seed, batch_size=batch_size, grid=grid, compile_blocks=compile_blocks,
@@ -146,15 +147,17 @@ def evaluate(
     import json
 
     from .config import EvalConfig, WorldConfig
-    from .eval.engine import evaluate as run_eval
 
-    cfg = EvalConfig(
+    cfg = _run(  # its counts checked here, before torch is imported
+        EvalConfig,
         world=WorldConfig(preset=preset, teacher=teacher, device=device, precision=precision),
         model=model, lora=lora, steps=steps, guidance=guidance, protocol=protocol, num_images=num_images, out=out,
         seed=seed,
         batch_size=batch_size, data_dir=data_dir, inception=inception, clip_checkpoint=clip_checkpoint,
         images_out=save_images, compile_blocks=compile_blocks, overlap_scoring=overlap_scoring,
     )
+    from .eval.engine import evaluate as run_eval
+
     result = _run(run_eval, cfg)
     if result is None:
         return

@@ -28,6 +28,13 @@ class WorldConfig:
     vae: str | None = None  # optional fp16-fixed VAE folder (SDXL only)
 
 
+def check_at_least(option: str, value: int | None, least: int, why: str = "") -> None:
+    """A count option's range check (None = unset, taken from the preset): a one-line UserError below `least`. The
+    configs run it when built, so the CLI rejects a count before torch is imported."""
+    if value is not None and value < least:
+        raise UserError(f"{option} must be at least {least}{why}, got {value}")
+
+
 def get_preset(name: str) -> WorldSpec:
     """The world a `--preset` names (its WorldSpec: teacher, batch size, ...), or a one-line error listing the
     known ones (rapm_bench/worlds/registry.py)."""
@@ -55,6 +62,10 @@ class GenerateConfig:
     compile_blocks: bool | None = None  # the UNet's blocks compiled (regions.pays): None = on a CUDA GPU from the
     #                                     world's `compile_blocks_from` images × steps (SDXL: 16,384; tiny: never)
 
+    def __post_init__(self) -> None:
+        check_at_least("--batch-size", self.batch_size, 1)  # 0 is an error, not the preset's
+        check_at_least("--num-images", self.num_images, 1)
+
     def to_json(self) -> str:
         """Stable JSON of the resolved config (`compile_blocks` only where set, so older folders still resume)."""
         d = asdict(self)
@@ -70,11 +81,7 @@ def resolve_generate(cfg: GenerateConfig) -> GenerateConfig:
     preset = get_preset(cfg.world.preset)
     spec = get_model(cfg.model, cfg.lora)  # a LoRA trained here brings its steps and sampler
     steps, guidance = spec.resolve(cfg.steps, cfg.guidance)
-    batch = preset.default_batch(cfg.world.device) if cfg.batch_size is None else cfg.batch_size  # 0 is an error
-    if batch < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch}")
-    if cfg.num_images is not None and cfg.num_images < 1:
-        raise UserError(f"--num-images must be at least 1, got {cfg.num_images}")
+    batch = preset.default_batch(cfg.world.device) if cfg.batch_size is None else cfg.batch_size
     world = replace(cfg.world, teacher=cfg.world.teacher or preset.teacher)
     return replace(cfg, world=world, steps=steps, guidance=guidance, batch_size=batch)
 
@@ -108,3 +115,7 @@ class EvalConfig:
     #                                     shard decides alike)
     overlap_scoring: bool = True  # score each group between the next group's UNet calls, its kernels on a side
     #                                CUDA stream (eval/overlap.py; same sums); off: after the next group (less memory)
+
+    def __post_init__(self) -> None:
+        check_at_least("--batch-size", self.batch_size, 1)  # 0 is an error, not the preset's
+        check_at_least("--num-images", self.num_images, 2, " for a covariance")  # 0 is an error, not "all"

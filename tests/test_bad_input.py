@@ -177,6 +177,24 @@ def test_generate_nan_lora_is_stopped(tmp_path, env, inputs):
     assert not list(out.glob("*.png")) and not (out / "manifest.json").exists()
 
 
+# A count out of range is refused before torch is imported: under a second, not the 4+ s of loading torch.
+TORCH_FREE = """import atexit, sys
+atexit.register(lambda: 'torch' in sys.modules and print('torch was imported', file=sys.stderr))
+from rapm_bench.cli import main
+main()"""
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["generate", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["generate", "--num-images", "0"], "--num-images must be at least 1"),
+    (["eval", "--batch-size", "-2"], "--batch-size must be at least 1"),
+    (["eval", "--num-images", "1"], "--num-images must be at least 2 for a covariance"),
+], ids=["generate-batch", "generate-images", "eval-batch", "eval-images"])
+def test_counts_are_refused_before_torch_is_imported(tmp_path, env, args, needle):
+    assert_one_line_error(run_cli(args, tmp_path, env, code=TORCH_FREE), needle)
+    assert not list(tmp_path.iterdir()), "bad input must leave nothing behind"
+
+
 # --- eval ----------------------------------------------------------------------------------------
 EVAL = [
     ("unknown-preset", ["--preset", "sdxl15"], ["unknown preset"]),

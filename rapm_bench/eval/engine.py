@@ -126,19 +126,17 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     steps, guidance_or_none = spec.resolve(cfg.steps, cfg.guidance)
     protocol = get_protocol(cfg.protocol) if cfg.protocol else default_protocol(preset.name)
     captions_all = protocol_captions(protocol, Path(cfg.data_dir) if cfg.data_dir else None)
-    n = len(captions_all) if cfg.num_images is None else cfg.num_images  # 0 is an error, not "all"
+    n = len(captions_all) if cfg.num_images is None else cfg.num_images  # a given one is >= 2 (EvalConfig)
     if n > len(captions_all):
         raise UserError(f"--num-images {n} is more than the {len(captions_all)} caption pairs of protocol "
                         f"{protocol.name!r}")
     if n < 2:
-        raise UserError(f"--num-images must be at least 2 for a covariance, got {n}")
+        raise UserError(f"protocol {protocol.name!r} has {n} caption pair; a covariance needs at least 2")
     captions = captions_all[:n]
     out_dir = Path(cfg.out) if cfg.out else Path("results") / preset.name
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file, not a folder")
     batch = preset.default_batch(cfg.world.device) if cfg.batch_size is None else cfg.batch_size
-    if batch < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch}")
     images_out = Path(cfg.images_out) if cfg.images_out else None
     if images_out is not None:
         from ..generate import check_out
