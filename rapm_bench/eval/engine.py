@@ -131,7 +131,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
         raise UserError(f"--num-images {n} is more than the {len(captions_all)} caption pairs of protocol "
                         f"{protocol.name!r}")
     if n < 2:
-        raise UserError(f"protocol {protocol.name!r} has {n} caption pair; a covariance needs at least 2")
+        raise UserError(f"protocol {protocol.name!r} has {n} caption pairs; a covariance needs at least 2")
     captions = captions_all[:n]
     out_dir = Path(cfg.out) if cfg.out else Path("results") / preset.name
     if out_dir.exists() and not out_dir.is_dir():
