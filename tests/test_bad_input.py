@@ -185,8 +185,8 @@ main()"""
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["generate", "--batch-size", "0"], "--batch-size must be at least 1"),
-    (["generate", "--num-images", "0"], "--num-images must be at least 1"),
+    (["generate", "--batch-size", "-1"], "--batch-size must be at least 1"),  # 0: GENERATE's cases
+    (["generate", "--num-images", "-3"], "--num-images must be at least 1"),
     (["eval", "--batch-size", "-2"], "--batch-size must be at least 1"),
     (["eval", "--num-images", "1"], "--num-images must be at least 2 for a covariance"),
 ], ids=["generate-batch", "generate-images", "eval-batch", "eval-images"])
