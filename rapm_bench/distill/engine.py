@@ -213,6 +213,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     from ..files import atomic_write_bytes, sha256_file
     from ..lora import attach_lora, load_lora_state, lora_state_dict, save_lora
     from ..models import trained_record
+    from ..precision import DTYPES
     from ..worlds import load_world
     from .checkpoint import CHECKPOINT, load_checkpoint, module_state, save_checkpoint, unflatten_optimizer
     from .memory import resolve_checkpointing
@@ -220,7 +221,7 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool) -> dict[str, Any]
     from .optim import adamw, load_optimizer
     from .schedule import SlotSchedule
     from .tracking import check_tracker, open_tracker
-    from .trajectories import DTYPES, load_or_build, make_spec, training_prompts
+    from .trajectories import load_or_build, make_spec, training_prompts
 
     # 0. Run folder: the resolved config goes first (docs/design.md §1).
     #    Prompts, teacher and device are checked first, so that bad input leaves no run folder behind.

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..precision import DTYPES
 from ..sampling import cfg_denoiser, seeded_noise
 from ..worlds.base import World
 from .schedule import SlotSchedule, ddim_step
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMAT_VERSION = 1  # bump when the stored layout or the sub-step grid changes
 
 

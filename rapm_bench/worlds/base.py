@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..precision import COMPUTE_PRECISIONS, DTYPES
 
 Cond = dict[str, torch.Tensor]
 """Text conditioning: batch-first tensors the world's UNet call understands."""
@@ -97,8 +98,6 @@ class World(abc.ABC):
         """Decode in `precision` (precision.COMPUTE_PRECISIONS: the protocol's `vae_precision`) through the
         world's `decoder` (worlds/sdxl.py, VAEDecoder); a world without one (the tiny world decodes by
         identity) has nothing to set."""
-        from ..precision import COMPUTE_PRECISIONS
-
         if precision not in COMPUTE_PRECISIONS:
             raise UserError(f"unknown VAE precision {precision!r}; use one of {', '.join(COMPUTE_PRECISIONS)}")
         decoder = getattr(self, "decoder", None)
@@ -157,9 +156,6 @@ class UNetWorld(World):
             self.unet.unload_lora()
 
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def pick_device(device: str | torch.device | None) -> torch.device:
     """The requested device, or CUDA when present, else the CPU."""
     if device is None or device == "auto":
@@ -183,6 +179,6 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     """Half precision on a GPU, fp32 on the CPU, unless asked otherwise."""
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    if precision not in _DTYPES:
-        raise UserError(f"unknown precision {precision!r}; use one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[precision]
+    if precision not in DTYPES:
+        raise UserError(f"unknown precision {precision!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[precision]
