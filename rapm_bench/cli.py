@@ -6,11 +6,11 @@ Errors a user can fix print as one line on stderr and exit with code 2.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from .cli_common import Preset, run
 from .errors import UserError
 
 app = typer.Typer(
@@ -23,30 +23,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def _known_world(name: str) -> str:
-    """--preset's check, before the command runs: a registered world (rapm_bench/worlds/registry.py), else the
-    one-line error and exit code 2."""
-    from .worlds.registry import get_world_spec
-
-    return _run(get_world_spec, name).name
-
-
-Preset = Annotated[str, typer.Option(help="World: `tiny` (embedded shapes world, CPU, offline) or `sdxl`.",
-                                     callback=_known_world)]
-
-
-def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a library function; a UserError becomes one line on stderr and exit code 2."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError as e:
-        typer.echo(f"rapm-bench: error: {e}", err=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.echo("rapm-bench: interrupted; rerun the same command to resume (bench: add --resume)", err=True)
-        raise typer.Exit(130) from None
 
 
 CompileBlocks = Annotated[bool | None, typer.Option(  # generate's and eval's
@@ -89,18 +65,18 @@ def generate(
     """Generate images for captions with one model (one seeded generator per image)."""
     from .config import GenerateConfig, WorldConfig, resolve_generate
 
-    cfg = _run(  # its counts checked here, before torch is imported
+    cfg = run(  # its counts checked here, before torch is imported
         GenerateConfig,
         world=WorldConfig(preset=preset, teacher=teacher, device=device, precision=precision, resolution=resolution),
         out=out, model=model, steps=steps, guidance=guidance, lora=lora, fuse=fuse, prompts=prompts,
         num_images=num_images, seed=seed, batch_size=batch_size, grid=grid, compile_blocks=compile_blocks,
     )
     if dry_run:
-        typer.echo(_run(resolve_generate, cfg).to_json())
+        typer.echo(run(resolve_generate, cfg).to_json())
         return
     from .generate import generate as run_generate
 
-    manifest = _run(run_generate, cfg)
+    manifest = run(run_generate, cfg)
     typer.echo(f"wrote {len(manifest['images'])} images to {out}")
 
 
@@ -148,7 +124,7 @@ def evaluate(
 
     from .config import EvalConfig, WorldConfig
 
-    cfg = _run(  # its counts checked here, before torch is imported
+    cfg = run(  # its counts checked here, before torch is imported
         EvalConfig,
         world=WorldConfig(preset=preset, teacher=teacher, device=device, precision=precision),
         model=model, lora=lora, steps=steps, guidance=guidance, protocol=protocol, num_images=num_images, out=out,
@@ -158,7 +134,7 @@ def evaluate(
     )
     from .eval.engine import evaluate as run_eval
 
-    result = _run(run_eval, cfg)
+    result = run(run_eval, cfg)
     if result is None:
         return
     if json_out:
@@ -187,7 +163,7 @@ def table(
     from .report.table import write_table
 
     inputs = [Path(p) for p in results] if results else [Path("results") / preset]
-    typer.echo(_run(write_table, inputs, Path(out) if out else Path("results") / preset, preset, reported), nl=False)
+    typer.echo(run(write_table, inputs, Path(out) if out else Path("results") / preset, preset, reported), nl=False)
 
 
 @app.command()
@@ -204,7 +180,7 @@ def plot(
     from .report.plots import write_plots
 
     inputs = [Path(p) for p in results] if results else [Path("results") / preset]
-    paths = _run(write_plots, inputs, Path(out) if out else Path("results") / preset, preset, grid_prompts, device)
+    paths = run(write_plots, inputs, Path(out) if out else Path("results") / preset, preset, grid_prompts, device)
     for p in paths:
         typer.echo(f"wrote {p}")
 
@@ -222,7 +198,7 @@ def report(
 
     from .report.html import write_report
 
-    path = _run(write_report, Path(results_dir) if results_dir else Path("results") / preset,
+    path = run(write_report, Path(results_dir) if results_dir else Path("results") / preset,
                 Path(out) if out else None)
     typer.echo(f"wrote {path}")
 
@@ -272,9 +248,9 @@ def reproduce(
 
     cfg = ReproduceConfig(preset=preset, quick=quick, out=out, runs=runs, device=device, teacher=teacher,
                           prompts=prompts, data_dir=data_dir, inception=inception, clip_checkpoint=clip_checkpoint,
-                          num_images=num_images, seeds=seeds, steps=_run(_step_list, steps), sweep=sweep, jobs=jobs,
+                          num_images=num_images, seeds=seeds, steps=run(_step_list, steps), sweep=sweep, jobs=jobs,
                           dry_run=dry_run)
-    _run(run_reproduce, cfg, typer.echo)
+    run(run_reproduce, cfg, typer.echo)
 
 
 def _step_list(text: str | None) -> tuple[int, ...] | None:
@@ -355,7 +331,7 @@ def bench(
     from .perf.config import resolve_bench
     from .perf.report import run_bench, summary
 
-    cfg = _run(resolve_bench, preset, scale, stages=stages, out=out, repeats=repeats, warmup=warmup,
+    cfg = run(resolve_bench, preset, scale, stages=stages, out=out, repeats=repeats, warmup=warmup,
                resolution=resolution, device=device, dtype=dtype, threads=threads, peak_tflops=peak_tflops, lora=lora,
                rapm_variants=rapm_variants, traj_batch=traj_batch, gen_batch=gen_batch, eval_batch=eval_batch,
                merge_lora=merge_lora, cfg_batch=cfg_batch, channels_last=channels_last, sdpa=sdpa,
@@ -372,7 +348,7 @@ def bench(
             argv.append(param.opts[0] if value else param.secondary_opts[0])
         else:
             argv += [param.opts[0], str(value)]
-    result = _run(run_bench, cfg, argv, None if json_out else (lambda msg: typer.echo(msg, err=True)), resume)
+    result = run(run_bench, cfg, argv, None if json_out else (lambda msg: typer.echo(msg, err=True)), resume)
     typer.echo(json.dumps(result, indent=2) if json_out else summary(result))
 
 

@@ -29,12 +29,12 @@ def check(
     """Fail (exit 1, with a table of what moved) when a score drifts past its tolerance: the CI guard."""
     from pathlib import Path
 
-    from .cli import _known_world, _run
+    from .cli_common import known_world, run
     from .report.check import check as run_check
 
-    _known_world(preset)
-    tols = _run(_tolerances, tol or [], fid_tol, clip_tol, kid_tol)
-    ok, report = _run(run_check, [Path(b) for b in baseline], [Path(r) for r in results] if results else None,
+    known_world(preset)
+    tols = run(_tolerances, tol or [], fid_tol, clip_tol, kid_tol)
+    ok, report = run(run_check, [Path(b) for b in baseline], [Path(r) for r in results] if results else None,
                       tols, device)
     typer.echo(report, nl=False)
     if not ok:

@@ -129,14 +129,14 @@ def distill(
 ) -> None:
     """Distil the teacher into a few-step student with RAPM (rank-1 LoRA, batch 1, no real images), or re-train
     the PCM or DMD2 baseline the same way (--objective)."""
-    from .cli import _run
+    from .cli_common import run
     from .distill.config import resolve_distill
 
     if steps is not None and slots is not None and steps != slots:
-        _run(_fail, f"--steps {steps} and --slots {slots} disagree: they are one setting (give one)")
+        run(_fail, f"--steps {steps} and --slots {slots} disagree: they are one setting (give one)")
     slots = steps if steps is not None else slots
 
-    config = _run(
+    config = run(
         resolve_distill, preset, settings=settings or (), out=out, objective=objective, iters=iters, lr=lr, warmup=warmup, disc_lr=disc_lr,
         rank=rank, substeps=substeps, slots=slots, guidance=cfg, lambda_abs=lambda_abs, lambda_rel=lambda_rel,
         lambda_reg=lambda_reg, distance=distance, num_trajectories=num_trajectories,
@@ -154,7 +154,7 @@ def distill(
         return
     from .distill.engine import distill as run_distill
 
-    summary = _run(run_distill, config, resume)
+    summary = run(run_distill, config, resume)
     if summary is None:  # another process of an `accelerate launch`: it helped with the trajectories
         return
     typer.echo(f"distilled {summary['iters']} iterations in {summary['total_seconds'] / 60:.1f} min "
@@ -162,7 +162,7 @@ def distill(
 
 
 def _fail(message: str) -> None:
-    """Raise a one-line user error (through `_run`: exit 2)."""
+    """Raise a one-line user error (through `cli_common.run`: exit 2)."""
     from .errors import UserError
 
     raise UserError(message)
