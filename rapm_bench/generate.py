@@ -25,6 +25,7 @@ from .errors import UserError
 from .files import TMP_SUFFIX, atomic_write_bytes, is_stale_tmp, remove_stale_tmp, sha256_file  # noqa: F401 - re-exported
 from .lora import resolve_lora_path
 from .models import get_model
+from .prompts import read_prompts
 from .regions import WIDE, blocks_compiled, pays
 from .sampling import SamplerRecipe, cfg_denoiser, sample, seeded_noise
 from .worlds import World, load_world
@@ -69,21 +70,6 @@ def generate_batch(
                         f"{', '.join(map(str, bad[:4]))}{', ...' if len(bad) > 4 else ''}): a LoRA with non-finite "
                         "weights or a half-precision overflow; check the LoRA, or pass --precision fp32")
     return world.decode(latents)
-
-
-def read_prompts(path: Path) -> list[str]:
-    """Captions from a UTF-8 text file, one a line (blank lines skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompt file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"prompt file {path} is not UTF-8 text (byte {e.start})") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f"prompt file {path} holds no captions (one caption a line)")
-    return prompts
 
 
 def default_prompts(preset: str, n: int) -> list[str]:

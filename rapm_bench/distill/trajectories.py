@@ -27,6 +27,7 @@ import torch
 
 from ..errors import UserError
 from ..precision import DTYPES
+from ..prompts import coco_captions, read_prompts
 from ..sampling import cfg_denoiser, seeded_noise
 from ..worlds.base import World
 from .schedule import SlotSchedule, ddim_step
@@ -236,27 +237,8 @@ def training_prompts(preset: str, num: int, prompts_file: str | None, offset: in
     if path.suffix == ".json":
         items = coco_captions(path)
     else:
-        from ..generate import read_prompts
-
         items = read_prompts(path)
     items = items[offset:]
     if len(items) < num:
         raise UserError(f"--num-trajectories {num} needs {num} captions; {path} has {len(items)} after the offset")
     return items[:num]
-
-
-def coco_captions(path: Path, seed: int = 0) -> list[str]:
-    """One caption per image of a COCO captions_*.json (the first by annotation id), images shuffled with `seed`."""
-    import random
-
-    try:
-        data = json.loads(Path(path).read_text())
-        anns = sorted(data["annotations"], key=lambda a: a["id"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a COCO captions file ({type(e).__name__}: {e})") from None
-    first: dict[int, str] = {}
-    for a in anns:
-        first.setdefault(a["image_id"], " ".join(a["caption"].split()))
-    images = sorted(first)
-    random.Random(seed).shuffle(images)
-    return [first[i] for i in images]

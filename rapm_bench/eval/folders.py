@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
+from ..prompts import read_prompts
 from .clip_score import ClipScorer, ClipScoreStats
 from .features import FeatureExtractor, preprocess_pil, thread_map, to_nchw
 from .fid import FeatureStats, checked_fid
@@ -94,8 +95,6 @@ def fid_from_folders(
 def read_captions(captions: Sequence[str] | Path) -> list[str]:
     """Captions as a list: given directly, or read from a UTF-8 file (one a line)."""
     if isinstance(captions, Path):
-        from ..generate import read_prompts
-
         return read_prompts(captions)
     if isinstance(captions, str):
         raise TypeError("pass a list of captions or a Path to a caption file, not one string")
