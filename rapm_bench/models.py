@@ -1,17 +1,22 @@
 """Model specs: what a model name means (weights, sampler, steps, guidance) in each world.
 
 The specs themselves live in the top-level `baselines/` registry, one module per model; the package finds
-them as plug-ins (rapm_bench.plugins), never by importing `baselines`.
+them as plug-ins (entry points, rapm_bench.plugins), never by importing `baselines`; `register_model` adds one at
+run time.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .plugins import MODELS_GROUP, plugin_entry_points
 from .sampling import SamplerRecipe
 
 
@@ -177,10 +182,49 @@ def with_lora(spec: ModelSpec, lora: Path | None) -> ModelSpec:
                    trained=str(lora))
 
 
+_models: dict[str, ModelSpec] = {}  # registered at run time
+
+
+def load_models(eps: Iterable[EntryPoint]) -> dict[str, ModelSpec]:
+    """The model specs the entry points name (each a ModelSpec or a {name: ModelSpec} mapping), by name."""
+    found: dict[str, ModelSpec] = {}
+    for ep in eps:
+        obj = ep.load()
+        specs = [obj] if isinstance(obj, ModelSpec) else list(obj.values()) if isinstance(obj, Mapping) else None
+        if specs is None or not all(isinstance(s, ModelSpec) for s in specs):
+            raise TypeError(f"entry point {ep.name} = {ep.value} ({ep.group}) is neither a ModelSpec nor a "
+                            "mapping of them")
+        for spec in specs:
+            if spec.name in found:
+                raise ValueError(f"model {spec.name!r} is declared twice (again by {ep.value})")
+            found[spec.name] = spec
+    return found
+
+
+@functools.cache
+def installed_models() -> dict[str, ModelSpec]:
+    """The models of the installed plug-ins (loaded once)."""
+    return load_models(plugin_entry_points(MODELS_GROUP))
+
+
+def models() -> dict[str, ModelSpec]:
+    """Every known model by name: the plug-ins', then those registered at run time (which win)."""
+    return installed_models() | _models
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add a model at run time (it replaces a model of the same name); returns it."""
+    _models[spec.name] = spec
+    return spec
+
+
+def unregister_model(name: str) -> None:
+    """Remove a model registered at run time (tests)."""
+    _models.pop(name, None)
+
+
 def registry() -> dict[str, ModelSpec]:
     """All known models by name: the plug-ins' (`baselines/`) and those registered at run time."""
-    from .plugins import models
-
     return models()
 
 

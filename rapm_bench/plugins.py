@@ -11,7 +11,7 @@ A package declares what it adds as entry points (pyproject.toml):
     [project.entry-points."rapm_bench.metrics"]     # a MetricSpec (or a list of them): rapm_bench.eval.metrics
     NAME = "PACKAGE.MODULE:SPEC"
 
-and a test or a user's script adds one at run time with `register_model` / `register_objective` (a metric:
+and a test or a user's script adds one at run time with `rapm_bench.models.register_model` / `register_objective` (a metric:
 rapm_bench.eval.metrics.register_metric; RAPM's own objective registers itself in
 rapm_bench.distill.rapm_config, the shipped metrics in rapm_bench.eval.metrics). An install made before the
 entry points were declared (an editable install sees new ones only once reinstalled) finds none: then
@@ -22,13 +22,10 @@ equal pyproject.toml's).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .models import ModelSpec
+from typing import Any
 
 MODELS_GROUP = "rapm_bench.models"
 OBJECTIVES_GROUP = "rapm_bench.objectives"
@@ -90,7 +87,6 @@ def as_spec(name: str, obj: Any) -> ObjectiveSpec:
     return ObjectiveSpec(name, obj)
 
 
-_models: dict[str, ModelSpec] = {}  # registered at run time
 _objectives: dict[str, ObjectiveSpec] = {}
 
 
@@ -110,46 +106,6 @@ def _ours(ep: EntryPoint) -> bool:
     """Whether the rapm-bench distribution itself declares `ep`."""
     dist = getattr(ep, "dist", None)
     return dist is not None and dist.name.lower().replace("_", "-") == "rapm-bench"
-
-
-def load_models(eps: Iterable[EntryPoint]) -> dict[str, ModelSpec]:
-    """The model specs the entry points name (each a ModelSpec or a {name: ModelSpec} mapping), by name."""
-    from .models import ModelSpec
-
-    found: dict[str, ModelSpec] = {}
-    for ep in eps:
-        obj = ep.load()
-        specs = [obj] if isinstance(obj, ModelSpec) else list(obj.values()) if isinstance(obj, Mapping) else None
-        if specs is None or not all(isinstance(s, ModelSpec) for s in specs):
-            raise TypeError(f"entry point {ep.name} = {ep.value} ({ep.group}) is neither a ModelSpec nor a "
-                            "mapping of them")
-        for spec in specs:
-            if spec.name in found:
-                raise ValueError(f"model {spec.name!r} is declared twice (again by {ep.value})")
-            found[spec.name] = spec
-    return found
-
-
-@functools.cache
-def installed_models() -> dict[str, ModelSpec]:
-    """The models of the installed plug-ins (loaded once)."""
-    return load_models(plugin_entry_points(MODELS_GROUP))
-
-
-def models() -> dict[str, ModelSpec]:
-    """Every known model by name: the plug-ins', then those registered at run time (which win)."""
-    return installed_models() | _models
-
-
-def register_model(spec: ModelSpec) -> ModelSpec:
-    """Add a model at run time (it replaces a model of the same name); returns it."""
-    _models[spec.name] = spec
-    return spec
-
-
-def unregister_model(name: str) -> None:
-    """Remove a model registered at run time (tests)."""
-    _models.pop(name, None)
 
 
 @functools.cache

@@ -18,14 +18,8 @@ from rapm_bench.cli import app
 from rapm_bench.distill.objectives import Objective
 from rapm_bench.distill.rapm import SlotTerms, ddim_jump, slot_chunks
 from rapm_bench.eval.metrics import Detector, Finish, MetricSpec, register_metric, unregister_metric
-from rapm_bench.models import ModelSpec
-from rapm_bench.plugins import (
-    ObjectiveSpec,
-    register_model,
-    register_objective,
-    unregister_model,
-    unregister_objective,
-)
+from rapm_bench.models import ModelSpec, register_model, unregister_model
+from rapm_bench.plugins import ObjectiveSpec, register_objective, unregister_objective
 from rapm_bench.sampling import DDIM_TRAILING
 from rapm_bench.worlds.registry import TINY, register_world, unregister_world
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from baselines import MODELS
+from rapm_bench import models
 from rapm_bench.models import HubFile
 
 # (name, repo, a file name, scheduler, spacing, explicit timesteps, guidance, step counts): docs/reference.md
@@ -132,12 +133,12 @@ def fresh_plugins(monkeypatch):
     import rapm_bench.distill.objectives  # noqa: F401 - registers rapm before the registry is copied
     from rapm_bench import plugins
 
-    monkeypatch.setattr(plugins, "_models", {})
+    monkeypatch.setattr(models, "_models", {})
     monkeypatch.setattr(plugins, "_objectives", dict(plugins._objectives))
-    for f in (plugins.plugin_entry_points, plugins.installed_models):
+    for f in (plugins.plugin_entry_points, models.installed_models):
         f.cache_clear()
     yield plugins
-    for f in (plugins.plugin_entry_points, plugins.installed_models):
+    for f in (plugins.plugin_entry_points, models.installed_models):
         f.cache_clear()
 
 
@@ -165,26 +166,26 @@ def test_entry_points_load_specs_mappings_and_builders(tmp_path, monkeypatch, fr
     monkeypatch.syspath_prepend(str(tmp_path))
     p = fresh_plugins
     group = p.MODELS_GROUP
-    assert list(p.load_models([EntryPoint("a", "toy_plugin:SPEC", group), EntryPoint("b", "toy_plugin:MANY", group)])) \
+    assert list(models.load_models([EntryPoint("a", "toy_plugin:SPEC", group), EntryPoint("b", "toy_plugin:MANY", group)])) \
         == ["toy", "toy2"]
-    assert p.load_models([EntryPoint("baselines", "baselines:MODELS", group)]) == MODELS
+    assert models.load_models([EntryPoint("baselines", "baselines:MODELS", group)]) == MODELS
     with pytest.raises(TypeError, match="entry point bad = toy_plugin:NOT"):
-        p.load_models([EntryPoint("bad", "toy_plugin:NOT", group)])
+        models.load_models([EntryPoint("bad", "toy_plugin:NOT", group)])
     with pytest.raises(ValueError, match="model 'toy' is declared twice"):
-        p.load_models([EntryPoint("a", "toy_plugin:SPEC", group)] * 2)
+        models.load_models([EntryPoint("a", "toy_plugin:SPEC", group)] * 2)
 
     installed = {p.MODELS_GROUP: [EntryPoint("toy", "toy_plugin:SPEC", p.MODELS_GROUP)],
                  p.OBJECTIVES_GROUP: [EntryPoint("toy", "toy_plugin:build", p.OBJECTIVES_GROUP)]}
     monkeypatch.setattr(p, "entry_points", lambda group: installed[group])
     # another package's plug-in, rapm-bench's own entry points not installed (an old install): both
-    assert list(p.models()) == ["toy", *MODELS] and get_model("toy").name == "toy"
+    assert list(models.models()) == ["toy", *MODELS] and get_model("toy").name == "toy"
     assert p.objective_names()[-3:] == ("toy", "pcm", "dmd2") and p.get_objective("toy")(*[None] * 6) == "toy objective"
     assert p.get_objective("pcm") is baselines.pcm.objective  # the declared fallback
 
     monkeypatch.setattr(p, "_ours", lambda ep: True)  # rapm-bench's own entry points installed: only those count
-    for f in (p.plugin_entry_points, p.installed_models):
+    for f in (p.plugin_entry_points, models.installed_models):
         f.cache_clear()
-    assert list(p.models()) == ["toy"] and p.get_objective("pcm") is None
+    assert list(models.models()) == ["toy"] and p.get_objective("pcm") is None
 
 
 def test_register_model_and_objective_at_run_time(fresh_plugins):
@@ -197,7 +198,7 @@ def test_register_model_and_objective_at_run_time(fresh_plugins):
     from rapm_bench.models import get_model
 
     p = fresh_plugins
-    p.register_model(replace(MODELS["teacher"], name="toy-teacher"))
+    models.register_model(replace(MODELS["teacher"], name="toy-teacher"))
     assert get_model("toy-teacher").name == "toy-teacher" and "toy-teacher" not in MODELS
     with pytest.raises(UserError, match="--objective must be one of rapm, pcm, dmd2, got 'toy'"):
         resolve_distill("tiny", objective="toy")
