@@ -520,9 +520,9 @@ def test_generate_out_of_gpu_memory_names_batch_size(tmp_path, monkeypatch):
 
 def test_eval_out_of_gpu_memory_names_batch_size(tmp_path, monkeypatch):
     from rapm_bench.config import EvalConfig, WorldConfig
-    from rapm_bench.eval import engine
+    from rapm_bench.eval import engine, reference
 
-    monkeypatch.setattr(engine, "reference_stats", lambda *a, **k: _stats(40, 8, 0))
+    monkeypatch.setattr(reference, "reference_stats", lambda *a, **k: _stats(40, 8, 0))
     monkeypatch.setattr(engine, "generate_batch", _oom)
     cfg = EvalConfig(world=WorldConfig(device="cpu"), model="teacher", steps=1, num_images=4, batch_size=1,
                      out=str(tmp_path / "r"))

@@ -188,7 +188,7 @@ REFERENCE = """
 import sys, time
 from pathlib import Path
 import torch
-import rapm_bench.eval.engine as E
+import rapm_bench.eval.reference as E
 from rapm_bench.eval.protocols import get_protocol
 from rapm_bench.eval.scorers import load_scorer
 build = E._build_tiny_reference

@@ -136,8 +136,8 @@ def test_mean_intervals_cover_the_mean_and_bootstrap_is_seeded():
 def test_shards_placed_by_index_sum_to_the_single_process_tensors():
     """What the all-reduce does: each shard's rows at their indices, zeros elsewhere; the sum is exact (rows,
     their float64 sums and FID's running statistics)."""
-    from rapm_bench.eval.engine import Accumulator, _score_group
-    from rapm_bench.eval.metrics import CLIP_SCORES, FID_FEATURES
+    from rapm_bench.eval.engine import _score_group
+    from rapm_bench.eval.metrics import CLIP_SCORES, FID_FEATURES, Accumulator
 
     n, dim = 150, 8
     feats, clip = torch.randn(n, dim), torch.rand(n, dtype=torch.float64)
@@ -164,8 +164,8 @@ def test_shards_placed_by_index_sum_to_the_single_process_tensors():
 
 @pytest.mark.e2e
 def test_coco_without_reference_features_names_the_command(tmp_path):
-    from rapm_bench.eval.engine import reference_features
     from rapm_bench.eval.protocols import get_protocol
+    from rapm_bench.eval.reference import reference_features
 
     with pytest.raises(UserError, match=r"no reference features for protocol coco30k .*rerun `rapm-bench data coco "
                                         r"--protocol coco30k"):

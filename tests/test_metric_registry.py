@@ -223,7 +223,7 @@ def test_a_plug_in_detector_leaves_the_shared_resamples_as_they_are():
     cut tiny's 1000 resamples to coco's 100 (every other interval would move)."""
     import torch
 
-    from rapm_bench.eval.engine import Accumulator
+    from rapm_bench.eval.metrics import Accumulator
 
     def finish(rows: dict) -> M.Finish:
         return M.Finish(get_protocol("tiny"), 5000, Accumulator({}, rows, {}, {}), {}, torch.device("cpu"))

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,64 +24,17 @@ import torch
 from ..config import EvalConfig, get_preset
 from ..cudagraphs import graphed_predict
 from ..errors import UserError
-from ..files import atomic_write_bytes, default_cache_dir, sha256_file
+from ..files import atomic_write_bytes, sha256_file
 from ..generate import PngWriter, batch_hint, generate_batch, oom_hint, png_threads
 from ..models import get_model, with_lora
 from ..provenance import device_name, git_commit, versions
 from ..regions import WIDE, blocks_compiled, pays
 from ..worlds import World, load_world
-from .fid import FeatureStats
-from .metrics import GROUP, Detector, Finish, detectors, finalize, metrics
+from .metrics import GROUP, Accumulator, Finish, detectors, finalize, metrics
 from .overlap import Alongside
 from .protocols import Protocol, default_protocol, get_protocol
+from .reference import protocol_captions
 from .scorers import Prepared, Scorer, load_scorer
-
-
-@dataclass
-class Accumulator:
-    """Everything a shard adds up, per detector (metrics.Detector); merges exactly.
-
-    Each shard writes a detector's per-image rows at their image indices into zero-filled tensors, so the
-    all-reduce sum places every row exactly (x + 0 = x) whatever the number of processes; beside them the float64
-    sums of the rows (group by group) and, for FID's features, the exact float64 running statistics.
-    """
-
-    detectors: dict[str, Detector]  # by name: the ones this scorer can run
-    rows: dict[str, torch.Tensor]  # (n,) or (n, D) per detector
-    sums: dict[str, torch.Tensor]  # float64 column sums of the rows per detector
-    stats: dict[str, FeatureStats]  # the detectors with running statistics (FID's features)
-
-    @classmethod
-    def empty(cls, n: int, used: list[Detector], scorer: Scorer) -> Accumulator:
-        """Zero sums and zero-filled rows for n images of every detector in `used` this scorer can run."""
-        runs, rows, sums, stats = {}, {}, {}, {}
-        for d in used:
-            dim = d.dim(scorer)
-            if dim is None:
-                continue
-            runs[d.name] = d
-            rows[d.name] = torch.zeros((n, dim) if dim else (n,), dtype=d.dtype)
-            sums[d.name] = torch.zeros(dim or 1, dtype=torch.float64)  # (1,) for one number an image
-            if d.stats:
-                stats[d.name] = FeatureStats(dim)
-        return cls(runs, rows, sums, stats)
-
-    def tensors(self, device: torch.device) -> list[torch.Tensor]:
-        """Flat tensors for an all-reduce (float64 sums and statistics, the rows in their own dtype)."""
-        out = [t for name in self.rows for t in (self.rows[name], self.sums[name])]
-        for st in self.stats.values():
-            assert st.sum is not None and st.sum_sq is not None
-            out += [torch.tensor([st.count], dtype=torch.float64), st.sum, st.sum_sq]
-        return [t.to(device) for t in out]
-
-    def load_tensors(self, ts: list[torch.Tensor]) -> None:
-        """Inverse of `tensors` after the reduce."""
-        it = iter(t.cpu() for t in ts)
-        for name in self.rows:
-            self.rows[name], self.sums[name] = next(it), next(it)
-        for st in self.stats.values():
-            st.count, st.sum, st.sum_sq = int(next(it)[0]), next(it), next(it)
-            st.device = torch.device("cpu")
 
 
 def result_name(model: str, steps: int, protocol: str) -> str:
@@ -309,75 +262,3 @@ def _record(cfg: EvalConfig, spec: Any, steps: int, guidance: float, protocol: P
         "command": " ".join(["rapm-bench", *sys.argv[1:]]) if sys.argv and "rapm" in sys.argv[0] else None,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-
-
-def protocol_captions(protocol: Protocol, data_dir: Path | None) -> list[str]:
-    """The protocol's captions in pair order."""
-    if protocol.caption_source == "shapes-eval":
-        from ..worlds.shapes import eval_captions
-
-        return eval_captions(protocol.num_pairs)
-    from .coco import load_pairs, pairs_path
-
-    path = pairs_path(data_dir or default_cache_dir(), protocol)
-    if not path.is_file():
-        raise UserError(f"no caption pairs for protocol {protocol.name} in {path.parent}: run `rapm-bench data coco "
-                        f"--protocol {protocol.name} --annotations captions_val2014.json --images val2014/` first")
-    return [p.caption for p in load_pairs(path)]
-
-
-def reference_stats(protocol: Protocol, scorer: Scorer, data_dir: Path | None) -> FeatureStats:
-    """The protocol's reference FID statistics (all its pairs), cached by protocol and weights hash."""
-    from ..locks import wait_for
-    from .coco import load_reference_stats, stats_path
-
-    path = stats_path(data_dir or default_cache_dir(), protocol, scorer.weights_sha256)
-    if path.is_file():
-        return load_reference_stats(path)
-    if protocol.caption_source != "shapes-eval":
-        raise UserError(f"no reference statistics for protocol {protocol.name} ({path} missing): run "
-                        f"`rapm-bench data coco --protocol {protocol.name} ...` with the same Inception weights")
-    with wait_for(path, "reference statistics"):  # another job building them: wait, then reuse its file
-        return load_reference_stats(path) if path.is_file() else _build_tiny_reference(protocol, scorer, data_dir)[0]
-
-
-def reference_features(protocol: Protocol, scorer: Scorer, data_dir: Path | None) -> torch.Tensor:
-    """The protocol's reference per-image FID features (float32, KID needs them), cached beside the statistics."""
-    from .coco import features_path, load_reference_features
-
-    path = features_path(data_dir or default_cache_dir(), protocol, scorer.weights_sha256)
-    if path.is_file():
-        return load_reference_features(path)
-    if protocol.caption_source != "shapes-eval":
-        raise UserError(f"no reference features for protocol {protocol.name} ({path} missing; caches made before "
-                        f"KID hold only statistics): rerun `rapm-bench data coco --protocol {protocol.name} ...` "
-                        "with the same Inception weights")
-    from ..locks import wait_for
-    from .coco import stats_path
-
-    with wait_for(stats_path(data_dir or default_cache_dir(), protocol, scorer.weights_sha256),
-                  "reference statistics"):  # the same build writes both files: wait for it, then reuse them
-        return load_reference_features(path) if path.is_file() else _build_tiny_reference(protocol, scorer,
-                                                                                            data_dir)[1]
-
-
-def _build_tiny_reference(protocol: Protocol, scorer: Scorer, data_dir: Path | None
-                          ) -> tuple[FeatureStats, torch.Tensor]:
-    """Render the tiny protocol's reference images once: statistics and per-image features, both cached."""
-    from ..worlds.shapes import render_images, split_indices
-    from .coco import features_path, save_reference_features, stats_path
-
-    cache = data_dir or default_cache_dir()
-    stats = FeatureStats(scorer.feature_dim)
-    feats = []
-    idx = split_indices("eval", protocol.num_pairs)
-    for start in range(0, len(idx), 4096):
-        f = scorer.features(render_images(idx[start : start + 4096]))
-        stats.update(f)
-        feats.append(f.float().cpu())
-    features = torch.cat(feats)
-    path = stats_path(cache, protocol, scorer.weights_sha256)
-    if not path.is_file():  # an existing file holds these same sums: leave it as it is
-        stats.save(path)  # atomic: concurrent processes may build the same statistics
-    save_reference_features(features_path(cache, protocol, scorer.weights_sha256), features)
-    return stats, features

@@ -2,7 +2,7 @@
 the protocol fields its number depends on and its finalisation (docs/design.md §6).
 
 The eval pass runs every detector the registered metrics name once per group of images and keeps its per-image
-rows (`engine.Accumulator`); then each metric's `finalize` turns the rows, its reference and the resamples every
+rows (`Accumulator`); then each metric's `finalize` turns the rows, its reference and the resamples every
 metric shares (one bootstrap draw: `Finish.counts`) into its result fields. A metric's hash
 (`Protocol.metric_hash`: the caption spec, the fields it reads, its settings) says which results are comparable
 on it (`rapm_bench.report.results.comparable_metrics`).
@@ -25,10 +25,10 @@ import torch
 
 from ..errors import UserError
 from . import intervals
+from .fid import FeatureStats
 from .protocols import Protocol
 
 if TYPE_CHECKING:
-    from .engine import Accumulator
     from .scorers import Scorer
 
 BETTER = ("lower", "higher")
@@ -44,6 +44,53 @@ class Detector:
     dim: Callable[[Scorer], int | None]  # D; 0 for one number per image; None: this scorer cannot run it
     dtype: torch.dtype = torch.float64  # how its rows are kept
     stats: bool = False  # also accumulate FID's exact float64 running mean and covariance (fid.FeatureStats)
+
+
+@dataclass
+class Accumulator:
+    """Everything a shard of the eval pass adds up, per detector; merges exactly.
+
+    Each shard writes a detector's per-image rows at their image indices into zero-filled tensors, so the
+    all-reduce sum places every row exactly (x + 0 = x) whatever the number of processes; beside them the float64
+    sums of the rows (group by group) and, for FID's features, the exact float64 running statistics.
+    """
+
+    detectors: dict[str, Detector]  # by name: the ones this scorer can run
+    rows: dict[str, torch.Tensor]  # (n,) or (n, D) per detector
+    sums: dict[str, torch.Tensor]  # float64 column sums of the rows per detector
+    stats: dict[str, FeatureStats]  # the detectors with running statistics (FID's features)
+
+    @classmethod
+    def empty(cls, n: int, used: list[Detector], scorer: Scorer) -> Accumulator:
+        """Zero sums and zero-filled rows for n images of every detector in `used` this scorer can run."""
+        runs, rows, sums, stats = {}, {}, {}, {}
+        for d in used:
+            dim = d.dim(scorer)
+            if dim is None:
+                continue
+            runs[d.name] = d
+            rows[d.name] = torch.zeros((n, dim) if dim else (n,), dtype=d.dtype)
+            sums[d.name] = torch.zeros(dim or 1, dtype=torch.float64)  # (1,) for one number an image
+            if d.stats:
+                stats[d.name] = FeatureStats(dim)
+        return cls(runs, rows, sums, stats)
+
+    def tensors(self, device: torch.device) -> list[torch.Tensor]:
+        """Flat tensors for an all-reduce (float64 sums and statistics, the rows in their own dtype)."""
+        out = [t for name in self.rows for t in (self.rows[name], self.sums[name])]
+        for st in self.stats.values():
+            assert st.sum is not None and st.sum_sq is not None
+            out += [torch.tensor([st.count], dtype=torch.float64), st.sum, st.sum_sq]
+        return [t.to(device) for t in out]
+
+    def load_tensors(self, ts: list[torch.Tensor]) -> None:
+        """Inverse of `tensors` after the reduce."""
+        it = iter(t.cpu() for t in ts)
+        for name in self.rows:
+            self.rows[name], self.sums[name] = next(it), next(it)
+        for st in self.stats.values():
+            st.count, st.sum, st.sum_sq = int(next(it)[0]), next(it), next(it)
+            st.device = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -208,15 +255,15 @@ BOOTSTRAP = {"interval": "bootstrap percentile", "level": intervals.LEVEL, "seed
 
 
 def _fid_reference(protocol: Protocol, scorer: Scorer, data_dir: Path | None) -> Any:
-    from . import engine
+    from . import reference
 
-    return engine.reference_stats(protocol, scorer, data_dir)
+    return reference.reference_stats(protocol, scorer, data_dir)
 
 
 def _kid_reference(protocol: Protocol, scorer: Scorer, data_dir: Path | None) -> Any:
-    from . import engine
+    from . import reference
 
-    return engine.reference_features(protocol, scorer, data_dir)
+    return reference.reference_features(protocol, scorer, data_dir)
 
 
 def _fid(ctx: Finish) -> dict[str, Any]:

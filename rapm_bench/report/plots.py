@@ -75,8 +75,8 @@ def fid_vs_clip(results: list[dict[str, Any]], path: Path) -> None:
 def sample_grid(results: list[dict[str, Any]], path: Path, num_prompts: int, device: str = "auto") -> None:
     """Rows = evaluated (model, steps), columns = the same captions and seeds for every row."""
     from ..config import WorldConfig
-    from ..eval.engine import protocol_captions
     from ..eval.protocols import get_protocol
+    from ..eval.reference import protocol_captions
     from ..generate import generate_batch
     from ..models import get_model, with_lora
     from ..worlds import load_world
