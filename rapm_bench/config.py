@@ -8,24 +8,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import UserError
-
-if TYPE_CHECKING:
-    from .worlds.registry import WorldSpec
-
-
-@dataclass(frozen=True)
-class WorldConfig:
-    """Which world to load and how."""
-
-    preset: str = "tiny"  # "tiny" (embedded shapes world, CPU) or "sdxl" (the paper)
-    teacher: str | None = None  # hub id or local diffusers folder; None = the preset's teacher
-    device: str = "auto"  # "auto" = CUDA when present, else CPU
-    precision: str = "auto"  # "auto" = fp16 on a GPU, fp32 on a CPU (VAE always fp32)
-    resolution: int | None = None  # image side in pixels; None = the teacher's native size
-    vae: str | None = None  # optional fp16-fixed VAE folder (SDXL only)
+from .worlds.registry import WorldConfig, WorldSpec, get_world_spec
 
 
 def check_at_least(option: str, value: int | None, least: int, why: str = "") -> None:
@@ -38,8 +24,6 @@ def check_at_least(option: str, value: int | None, least: int, why: str = "") ->
 def get_preset(name: str) -> WorldSpec:
     """The world a `--preset` names (its WorldSpec: teacher, batch size, ...), or a one-line error listing the
     known ones (rapm_bench/worlds/registry.py)."""
-    from .worlds.registry import get_world_spec
-
     return get_world_spec(name)
 
 

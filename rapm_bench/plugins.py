@@ -10,9 +10,11 @@ A package declares what it adds as entry points (pyproject.toml):
     pcm = "baselines.pcm:objective"
     [project.entry-points."rapm_bench.metrics"]     # a MetricSpec (or a list of them): rapm_bench.eval.metrics
     NAME = "PACKAGE.MODULE:SPEC"
+    [project.entry-points."rapm_bench.worlds"]      # a WorldSpec: rapm_bench.worlds.registry
+    tiny = "rapm_bench.presets:TINY"
 
 and a test or a user's script adds one at run time with `rapm_bench.models.register_model` / `register_objective` (a metric:
-rapm_bench.eval.metrics.register_metric; RAPM's own objective registers itself in
+rapm_bench.eval.metrics.register_metric; a world: rapm_bench.worlds.registry.register_world; RAPM's own objective registers itself in
 rapm_bench.distill.rapm_config, the shipped metrics in rapm_bench.eval.metrics). An install made before the
 entry points were declared (an editable install sees new ones only once reinstalled) finds none: then
 the package's own declarations, `DECLARED`, are loaded the same way (tests/test_imports.py checks they
@@ -29,11 +31,13 @@ from typing import Any
 
 MODELS_GROUP = "rapm_bench.models"
 OBJECTIVES_GROUP = "rapm_bench.objectives"
+WORLDS_GROUP = "rapm_bench.worlds"
 METRICS_GROUP = "rapm_bench.metrics"  # the package declares none: its own metrics register in eval/metrics.py
 
 DECLARED: dict[str, dict[str, str]] = {
     MODELS_GROUP: {"baselines": "baselines:MODELS"},
     OBJECTIVES_GROUP: {"pcm": "baselines.pcm:objective", "dmd2": "baselines.dmd2:objective"},
+    WORLDS_GROUP: {"tiny": "rapm_bench.presets:TINY", "sdxl": "rapm_bench.presets:SDXL"},
 }
 """pyproject.toml's entry points, by group: the fallback when none of a group is installed (a group the package
 declares nothing in, such as METRICS_GROUP, has no entry)."""

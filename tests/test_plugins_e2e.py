@@ -20,8 +20,9 @@ from rapm_bench.distill.rapm import SlotTerms, ddim_jump, slot_chunks
 from rapm_bench.eval.metrics import Detector, Finish, MetricSpec, register_metric, unregister_metric
 from rapm_bench.models import ModelSpec, register_model, unregister_model
 from rapm_bench.plugins import ObjectiveSpec, register_objective, unregister_objective
+from rapm_bench.presets import TINY
 from rapm_bench.sampling import DDIM_TRAILING
-from rapm_bench.worlds.registry import TINY, register_world, unregister_world
+from rapm_bench.worlds.registry import register_world, unregister_world
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore::rapm_bench.eval.fid.UnreliableFIDWarning")]  # 8 images

@@ -4,6 +4,7 @@ an unknown world a one-line error, and no command branching on a world's name.""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import subprocess
 import sys
@@ -29,6 +30,40 @@ def test_the_shipped_worlds_are_registered():
     assert world_names()[:2] == ("tiny", "sdxl")
     assert all(get_world_spec(n).bench_preset and get_world_spec(n).plan for n in ("tiny", "sdxl"))
     assert get_preset("sdxl") is get_world_spec("sdxl")
+
+
+def test_worlds_are_entry_points(tmp_path, monkeypatch):
+    """The shipped worlds are entry points of `rapm_bench.worlds` (presets.py); another package's world is found the
+    same way, loaded only when asked for, and an entry point that names no WorldSpec of its name is named in the
+    error; the shipped worlds cannot be unregistered."""
+    from importlib.metadata import EntryPoint
+
+    from rapm_bench import plugins, presets
+
+    assert get_world_spec("tiny") is presets.TINY and get_world_spec("sdxl") is presets.SDXL
+    (tmp_path / "toy_world.py").write_text(
+        "import dataclasses\nfrom rapm_bench.presets import TINY\nSPEC = dataclasses.replace(TINY, name='toy')\n"
+        "WRONG = dataclasses.replace(TINY, name='other')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    group = plugins.WORLDS_GROUP
+    installed = [EntryPoint(n, v, group) for n, v in plugins.DECLARED[group].items()]
+    installed += [EntryPoint("toy", "toy_world:SPEC", group), EntryPoint("bad", "toy_world:WRONG", group)]
+    monkeypatch.setattr(plugins, "entry_points", lambda group: installed if group == plugins.WORLDS_GROUP else [])
+    monkeypatch.setattr(registry, "_installed", functools.cache(registry._installed.__wrapped__))
+    plugins.plugin_entry_points.cache_clear()
+    try:
+        assert world_names() == ("tiny", "sdxl", "toy", "bad")
+        assert "toy_world" not in sys.modules  # listed, not loaded
+        assert get_world_spec("toy").name == "toy" and get_world_spec("toy").batch_size == presets.TINY.batch_size
+        with pytest.raises(TypeError, match=r"entry point bad = toy_world:WRONG \(rapm_bench.worlds\) is not the "
+                                            r"WorldSpec of a world named 'bad'"):
+            get_world_spec("bad")
+        with pytest.raises(UserError, match="unknown preset 'x'; known worlds: tiny, sdxl, toy, bad"):
+            get_world_spec("x")
+        with pytest.raises(ValueError, match="world 'sdxl' is installed"):
+            registry.unregister_world("sdxl")
+    finally:
+        plugins.plugin_entry_points.cache_clear()
 
 
 @pytest.mark.parametrize("name", world_names())

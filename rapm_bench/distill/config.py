@@ -1,7 +1,7 @@
 """`rapm-bench distill`: one frozen config, one preset per world (docs/design.md §1).
 
 Every field carries its default and why. The defaults are the `tiny` world's, chosen by the ablation in
-results/tiny/rapm.md; a world's preset changes the fields its WorldSpec names (rapm_bench/worlds/registry.py:
+results/tiny/rapm.md; a world's preset changes the fields its WorldSpec names (the shipped ones: rapm_bench/presets.py;
 `sdxl` keeps the objective's defaults and scales the run to the paper's: 1000 trajectories, 20K iterations,
 batch 1, rank 1).
 """
@@ -231,7 +231,7 @@ class DistillConfig:
 
 def distill_preset(name: str) -> DistillConfig:
     """The named world's distill preset: DistillConfig's defaults (tiny's) with the world's own fields
-    (`WorldSpec.distill`, flat names as in config.json; `WorldSpec.distill_world`; rapm_bench/worlds/registry.py)."""
+    (`WorldSpec.distill`, flat names as in config.json; `WorldSpec.distill_world`; the shipped ones in rapm_bench/presets.py)."""
     spec = get_world_spec(name)  # one error message for unknown presets
     base = DistillConfig()
     return _apply(replace(base, world=replace(base.world, preset=spec.name, **spec.distill_world)), dict(spec.distill))

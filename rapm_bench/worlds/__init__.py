@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..config import WorldConfig
-from .registry import WorldSpec, get_world_spec, register_world, world_names
+from .registry import WorldConfig, WorldSpec, get_world_spec, register_world, world_names
 
 if TYPE_CHECKING:
     from .base import Cond, NoiseSchedule, World
