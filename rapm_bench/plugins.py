@@ -14,8 +14,9 @@ A package declares what it adds as entry points (pyproject.toml):
     tiny = "rapm_bench.presets:TINY"
 
 and a test or a user's script adds one at run time with `rapm_bench.models.register_model` / `register_objective` (a metric:
-rapm_bench.eval.metrics.register_metric; a world: rapm_bench.worlds.registry.register_world; RAPM's own objective registers itself in
-rapm_bench.distill.rapm_config, the shipped metrics in rapm_bench.eval.metrics). An install made before the
+rapm_bench.eval.metrics.register_metric; a world: rapm_bench.worlds.registry.register_world). The package declares its own
+the same way: RAPM's objective (rapm_bench.distill.rapm_config) and the shipped worlds (rapm_bench.presets); the
+shipped metrics register in rapm_bench.eval.metrics. An install made before the
 entry points were declared (an editable install sees new ones only once reinstalled) finds none: then
 the package's own declarations, `DECLARED`, are loaded the same way (tests/test_imports.py checks they
 equal pyproject.toml's).
@@ -36,7 +37,8 @@ METRICS_GROUP = "rapm_bench.metrics"  # the package declares none: its own metri
 
 DECLARED: dict[str, dict[str, str]] = {
     MODELS_GROUP: {"baselines": "baselines:MODELS"},
-    OBJECTIVES_GROUP: {"pcm": "baselines.pcm:objective", "dmd2": "baselines.dmd2:objective"},
+    OBJECTIVES_GROUP: {"rapm": "rapm_bench.distill.rapm_config:OBJECTIVE", "pcm": "baselines.pcm:objective",
+                       "dmd2": "baselines.dmd2:objective"},
     WORLDS_GROUP: {"tiny": "rapm_bench.presets:TINY", "sdxl": "rapm_bench.presets:SDXL"},
 }
 """pyproject.toml's entry points, by group: the fallback when none of a group is installed (a group the package

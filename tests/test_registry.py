@@ -130,7 +130,6 @@ def test_not_trained_yet_names_the_command_that_trains_that_model(monkeypatch, n
 @pytest.fixture()
 def fresh_plugins(monkeypatch):
     """rapm_bench.plugins with empty run-time registries and cleared caches (restored afterwards)."""
-    import rapm_bench.distill.objectives  # noqa: F401 - registers rapm before the registry is copied
     from rapm_bench import plugins
 
     monkeypatch.setattr(models, "_models", {})
@@ -179,7 +178,7 @@ def test_entry_points_load_specs_mappings_and_builders(tmp_path, monkeypatch, fr
     monkeypatch.setattr(p, "entry_points", lambda group: installed[group])
     # another package's plug-in, rapm-bench's own entry points not installed (an old install): both
     assert list(models.models()) == ["toy", *MODELS] and get_model("toy").name == "toy"
-    assert p.objective_names()[-3:] == ("toy", "pcm", "dmd2") and p.get_objective("toy")(*[None] * 6) == "toy objective"
+    assert p.objective_names()[-4:] == ("toy", "rapm", "pcm", "dmd2") and p.get_objective("toy")(*[None] * 6) == "toy objective"
     assert p.get_objective("pcm") is baselines.pcm.objective  # the declared fallback
 
     monkeypatch.setattr(p, "_ours", lambda ep: True)  # rapm-bench's own entry points installed: only those count

@@ -17,7 +17,6 @@ from ..errors import UserError
 from ..lora import LORA_FORMATS, LORA_TARGETS
 from ..plugins import ObjectiveSpec, get_objective
 from ..worlds.registry import get_world_spec
-from . import rapm_config  # noqa: F401 - registers RAPM (its config and builder)
 
 FLAT_OBJECTIVES = ("rapm", "pcm", "dmd2")  # the objectives whose settings every config.json holds (RAPM (ours),
 #   PCM (Wang et al. 2024), DMD2 (Yin et al. 2024): the ones shipped when the file was flat); another objective's

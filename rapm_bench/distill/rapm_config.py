@@ -1,4 +1,5 @@
-"""RAPM's own settings (docs/rapm.md §4) and its registry entry (rapm_bench.plugins.ObjectiveSpec).
+"""RAPM's own settings (docs/rapm.md §4) and its registry entry (rapm_bench.plugins.ObjectiveSpec), installed as
+the entry point `rapm = "rapm_bench.distill.rapm_config:OBJECTIVE"` of `rapm_bench.objectives`, as PCM's and DMD2's are.
 
 Light on purpose (no torch): `DistillConfig` nests a `RAPMConfig` as `cfg.rapm`, and the run's config.json
 stores its fields flat and unprefixed (`lambda_abs`, ...), as before objectives were a registry. The loss
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from ..plugins import ObjectiveSpec, register_objective
+from ..plugins import ObjectiveSpec
 
 if TYPE_CHECKING:
     from .config import DistillConfig
@@ -50,6 +51,6 @@ def build(cfg: DistillConfig, world: Any, sched: Any, guidance: float, student: 
     return build_rapm(cfg, world, sched, probe)
 
 
-OBJECTIVE = register_objective("rapm", ObjectiveSpec(
+OBJECTIVE = ObjectiveSpec(
     "rapm", build, RAPMConfig, prefix="", lora_impls=("peft", "merged", "fast"),
-    description="RAPM (ours): relative and absolute position matching"))
+    description="RAPM (ours): relative and absolute position matching")

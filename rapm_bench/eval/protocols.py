@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import UserError
 from ..precision import COMPUTE_PRECISIONS
@@ -29,8 +30,18 @@ CAPTION_FIELDS = ("caption_source", "caption_sampling", "caption_seed", "num_pai
                   "vae_precision")
 """The caption spec: what every metric of a protocol shares (the caption pairs and how the images are made)."""
 
-if TYPE_CHECKING:
-    from .metrics import MetricSpec
+
+class MetricFields(typing.Protocol):
+    """What a protocol reads of a metric (eval/metrics.py's MetricSpec) to hash it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fields(self) -> tuple[str, ...]: ...  # the Protocol fields its number depends on
+
+    @property
+    def settings(self) -> Mapping[str, Any]: ...  # its own settings
 
 
 @dataclass(frozen=True)
@@ -100,12 +111,12 @@ class Protocol:
         """The caption pairs and the generation settings every metric of this protocol shares."""
         return self._fields(CAPTION_FIELDS)
 
-    def metric_record(self, spec: MetricSpec) -> dict[str, Any]:
+    def metric_record(self, spec: MetricFields) -> dict[str, Any]:
         """What one metric's numbers depend on: the caption spec, the fields it reads, its own settings."""
         return {"metric": spec.name, "captions": self.caption_spec(), "fields": self._fields(spec.fields),
                 "settings": _plain(spec.settings)}
 
-    def metric_hash(self, spec: MetricSpec) -> str:
+    def metric_hash(self, spec: MetricFields) -> str:
         """12 hex digits of sha256(metric record): results agreeing on it are comparable on that metric."""
         record = json.dumps(self.metric_record(spec), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(record.encode()).hexdigest()[:12]

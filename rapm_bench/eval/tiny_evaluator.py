@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .features import no_tf32
+from ..precision import no_tf32
 
 CONTEXT_LENGTH = 32
 EVALUATOR_CONFIG: dict[str, Any] = {
