@@ -69,7 +69,7 @@ def cache_root(cfg: DistillConfig) -> Path:
     """Where the trajectory caches live."""
     if cfg.cache_dir:
         return Path(cfg.cache_dir)
-    from ..eval.engine import default_cache_dir
+    from ..files import default_cache_dir
 
     return default_cache_dir() / "trajectories"
 
