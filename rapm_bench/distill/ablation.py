@@ -296,8 +296,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _stats_cached(num_images: int) -> bool:
     """Whether the tiny protocol's reference statistics are already in the cache (built once, read by all jobs)."""
-    from ..files import default_cache_dir
     from ..eval.protocols import get_protocol
+    from ..files import default_cache_dir
 
     return any(default_cache_dir().glob(f"tiny-{get_protocol('tiny').hash()}-*.fid.npz"))
 
