@@ -13,13 +13,13 @@ A package declares what it adds as entry points (pyproject.toml):
     [project.entry-points."rapm_bench.worlds"]      # a WorldSpec: rapm_bench.worlds.registry
     tiny = "rapm_bench.presets:TINY"
 
-and a test or a user's script adds one at run time with `rapm_bench.models.register_model` / `register_objective` (a metric:
-rapm_bench.eval.metrics.register_metric; a world: rapm_bench.worlds.registry.register_world). The package declares its own
-the same way: RAPM's objective (rapm_bench.distill.rapm_config) and the shipped worlds (rapm_bench.presets); the
-shipped metrics register in rapm_bench.eval.metrics. An install made before the
-entry points were declared (an editable install sees new ones only once reinstalled) finds none: then
-the package's own declarations, `DECLARED`, are loaded the same way (tests/test_imports.py checks they
-equal pyproject.toml's).
+and a test or a user's script adds one at run time with `rapm_bench.models.register_model` or
+`register_objective` (a metric: rapm_bench.eval.metrics.register_metric; a world:
+rapm_bench.worlds.registry.register_world). The package declares its own the same way: the baselines, RAPM's
+objective (rapm_bench.distill.rapm_config) and the shipped worlds (rapm_bench.presets); the shipped metrics register
+in rapm_bench.eval.metrics. An install made before an entry point was declared (an editable install sees new ones
+only once reinstalled) lacks it: the package's own declarations, `DECLARED`, fill in every name no installed entry
+point holds (tests/test_imports.py checks they equal pyproject.toml's).
 """
 
 from __future__ import annotations
@@ -98,20 +98,12 @@ _objectives: dict[str, ObjectiveSpec] = {}
 
 @functools.cache
 def plugin_entry_points(group: str) -> tuple[EntryPoint, ...]:
-    """The installed entry points of `group`; when rapm-bench's own are not installed among them, plus the
-    package's declared ones (`DECLARED`) that no installed entry point of the same name replaces (read once)."""
+    """The installed entry points of `group`, then the package's declared ones (`DECLARED`) that no installed entry
+    point of the same name replaces: an install made before one was declared still finds it (read once)."""
     installed = tuple(entry_points(group=group))
-    if any(_ours(ep) for ep in installed):
-        return installed
     names = {ep.name for ep in installed}
     return installed + tuple(EntryPoint(name, value, group) for name, value in DECLARED.get(group, {}).items()
                              if name not in names)
-
-
-def _ours(ep: EntryPoint) -> bool:
-    """Whether the rapm-bench distribution itself declares `ep`."""
-    dist = getattr(ep, "dist", None)
-    return dist is not None and dist.name.lower().replace("_", "-") == "rapm-bench"
 
 
 @functools.cache

@@ -151,8 +151,7 @@ def test_the_registry_is_the_baselines_plugin():
 
 def test_entry_points_load_specs_mappings_and_builders(tmp_path, monkeypatch, fresh_plugins):
     """The entry-point path, on explicitly made EntryPoints: a ModelSpec, a mapping of them, an objective builder;
-    the declared fallback fills in while rapm-bench's own entry points are not installed; a wrong object is named
-    in the error."""
+    the declared entry points fill in the names the installed ones lack; a wrong object is named in the error."""
     from importlib.metadata import EntryPoint
 
     import baselines.pcm
@@ -173,6 +172,7 @@ def test_entry_points_load_specs_mappings_and_builders(tmp_path, monkeypatch, fr
     with pytest.raises(ValueError, match="model 'toy' is declared twice"):
         models.load_models([EntryPoint("a", "toy_plugin:SPEC", group)] * 2)
 
+    ours = p.entry_points(group=p.OBJECTIVES_GROUP)
     installed = {p.MODELS_GROUP: [EntryPoint("toy", "toy_plugin:SPEC", p.MODELS_GROUP)],
                  p.OBJECTIVES_GROUP: [EntryPoint("toy", "toy_plugin:build", p.OBJECTIVES_GROUP)]}
     monkeypatch.setattr(p, "entry_points", lambda group: installed[group])
@@ -181,10 +181,16 @@ def test_entry_points_load_specs_mappings_and_builders(tmp_path, monkeypatch, fr
     assert p.objective_names()[-4:] == ("toy", "rapm", "pcm", "dmd2") and p.get_objective("toy")(*[None] * 6) == "toy objective"
     assert p.get_objective("pcm") is baselines.pcm.objective  # the declared fallback
 
-    monkeypatch.setattr(p, "_ours", lambda ep: True)  # rapm-bench's own entry points installed: only those count
-    for f in (p.plugin_entry_points, models.installed_models):
+    # an install made before `rapm` was declared, with another package's objective named `dmd2`: the declared
+    # `rapm` fills in, the installed `dmd2` wins over the declared one
+    # (`pcm`: rapm-bench's own installed entry point)
+    installed[p.OBJECTIVES_GROUP] = [*(ep for ep in ours if ep.name == "pcm"),
+                                     EntryPoint("dmd2", "toy_plugin:build", p.OBJECTIVES_GROUP)]
+    assert installed[p.OBJECTIVES_GROUP][0].dist.name.replace("_", "-") == "rapm-bench"
+    for f in (p.plugin_entry_points, p._load_objective):
         f.cache_clear()
-    assert list(models.models()) == ["toy"] and p.get_objective("pcm") is None
+    assert p.objective_names() == ("pcm", "dmd2", "rapm")
+    assert p.get_objective("rapm").name == "rapm" and p.get_objective("dmd2")(*[None] * 6) == "toy objective"
 
 
 def test_register_model_and_objective_at_run_time(fresh_plugins):
