@@ -207,11 +207,6 @@ def installed_models() -> dict[str, ModelSpec]:
     return load_models(plugin_entry_points(MODELS_GROUP))
 
 
-def models() -> dict[str, ModelSpec]:
-    """Every known model by name: the plug-ins', then those registered at run time (which win)."""
-    return installed_models() | _models
-
-
 def register_model(spec: ModelSpec) -> ModelSpec:
     """Add a model at run time (it replaces a model of the same name); returns it."""
     _models[spec.name] = spec
@@ -224,8 +219,8 @@ def unregister_model(name: str) -> None:
 
 
 def registry() -> dict[str, ModelSpec]:
-    """All known models by name: the plug-ins' (`baselines/`) and those registered at run time."""
-    return models()
+    """All known models by name: the plug-ins' (`baselines/`), then those registered at run time (which win)."""
+    return installed_models() | _models
 
 
 def lora_model(path: str) -> ModelSpec:

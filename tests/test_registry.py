@@ -177,7 +177,7 @@ def test_entry_points_load_specs_mappings_and_builders(tmp_path, monkeypatch, fr
                  p.OBJECTIVES_GROUP: [EntryPoint("toy", "toy_plugin:build", p.OBJECTIVES_GROUP)]}
     monkeypatch.setattr(p, "entry_points", lambda group: installed[group])
     # another package's plug-in, rapm-bench's own entry points not installed (an old install): both
-    assert list(models.models()) == ["toy", *MODELS] and get_model("toy").name == "toy"
+    assert list(models.registry()) == ["toy", *MODELS] and get_model("toy").name == "toy"
     assert p.objective_names()[-4:] == ("toy", "rapm", "pcm", "dmd2") and p.get_objective("toy")(*[None] * 6) == "toy objective"
     assert p.get_objective("pcm") is baselines.pcm.objective  # the declared fallback
 
