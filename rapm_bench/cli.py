@@ -199,7 +199,7 @@ def report(
     from .report.html import write_report
 
     path = run(write_report, Path(results_dir) if results_dir else Path("results") / preset,
-                Path(out) if out else None)
+               Path(out) if out else None)
     typer.echo(f"wrote {path}")
 
 
@@ -332,10 +332,10 @@ def bench(
     from .perf.report import run_bench, summary
 
     cfg = run(resolve_bench, preset, scale, stages=stages, out=out, repeats=repeats, warmup=warmup,
-               resolution=resolution, device=device, dtype=dtype, threads=threads, peak_tflops=peak_tflops, lora=lora,
-               rapm_variants=rapm_variants, traj_batch=traj_batch, gen_batch=gen_batch, eval_batch=eval_batch,
-               merge_lora=merge_lora, cfg_batch=cfg_batch, channels_last=channels_last, sdpa=sdpa,
-               compile=compile_unet, compile_blocks=compile_blocks)
+              resolution=resolution, device=device, dtype=dtype, threads=threads, peak_tflops=peak_tflops, lora=lora,
+              rapm_variants=rapm_variants, traj_batch=traj_batch, gen_batch=gen_batch, eval_batch=eval_batch,
+              merge_lora=merge_lora, cfg_batch=cfg_batch, channels_last=channels_last, sdpa=sdpa,
+              compile=compile_unet, compile_blocks=compile_blocks)
     if dry_run:
         typer.echo(cfg.to_json())
         return

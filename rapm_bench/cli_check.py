@@ -35,7 +35,7 @@ def check(
     known_world(preset)
     tols = run(_tolerances, tol or [], fid_tol, clip_tol, kid_tol)
     ok, report = run(run_check, [Path(b) for b in baseline], [Path(r) for r in results] if results else None,
-                      tols, device)
+                     tols, device)
     typer.echo(report, nl=False)
     if not ok:
         typer.echo("rapm-bench: scores drifted past the tolerance", err=True)
