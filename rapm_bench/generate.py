@@ -1,8 +1,8 @@
 """Generation: captions -> uint8 images, one seeded generator per image.
 
-`generate_batch` is the one code path every model goes through (teacher, RAPM, PCM,
-DMD2, any LoRA); `generate` is the `rapm-bench generate` job around it: resumable,
-atomic PNG writes, a manifest, an optional contact sheet.
+`generate_batches` is the one code path every model goes through (teacher, RAPM, PCM,
+DMD2, any LoRA; `generate_batch` is one batch of it); `generate` is the `rapm-bench generate`
+job around it: resumable, atomic PNG writes, a manifest, an optional contact sheet.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 import io
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from .models import get_model
 from .prompts import read_prompts
 from .regions import WIDE, blocks_compiled, pays
 from .sampling import SamplerRecipe, cfg_denoiser, sample, seeded_noise
+from .transfer import host_copy
 from .worlds import World, load_world
 
 
@@ -48,7 +49,53 @@ def sample_latents(
     return sample(cfg_denoiser(world, cond, guidance), noise, recipe, world.noise_schedule, steps, gens)
 
 
+Job = tuple[Sequence[str], Sequence[int]]  # one batch: its captions and their seeds
+
+
+def _queue(world: World, prompts: Sequence[str], seeds: Sequence[int], recipe: SamplerRecipe, steps: int,
+           guidance: float) -> tuple[Sequence[int], Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+    """Queue one batch's sampling and decode; returns its seeds, a wait for which latents are finite and a wait
+    for its images."""
+    latents = sample_latents(world, prompts, seeds, recipe, steps, guidance)
+    finite = host_copy(torch.isfinite(latents.flatten(1)).all(1))
+    return seeds, finite, world.decode_start(latents)
+
+
+def _collect(seeds: Sequence[int], finite: Callable[[], torch.Tensor], images: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Wait for a queued batch's images; non-finite latents raise a UserError instead of becoming black images that
+    would be scored."""
+    out, ok = images(), finite()
+    if not bool(ok.all()):
+        bad = [int(s) for s, good in zip(seeds, ok.tolist(), strict=True) if not good]
+        raise UserError(f"the model produced NaN/Inf latents for {len(bad)} of {len(seeds)} images (seeds "
+                        f"{', '.join(map(str, bad[:4]))}{', ...' if len(bad) > 4 else ''}): a LoRA with non-finite "
+                        "weights or a half-precision overflow; check the LoRA, or pass --precision fp32")
+    return out
+
+
 @torch.no_grad()
+def generate_batches(world: World, jobs: Iterable[Job], recipe: SamplerRecipe, steps: int,
+                     guidance: float) -> Iterator[torch.Tensor]:
+    """Images (B, 3, H, W) uint8 on the CPU for each (prompts, seeds) job, in order; image i of a job depends only
+    on (prompts[i], seeds[i]).
+
+    Each job is queued before the previous one's images are waited for. On a GPU nothing in a job waits for the
+    GPU (timesteps, token ids and noise go through pinned memory, DDIM steps on the host's timesteps, the images
+    and the finiteness check come back behind CUDA events: `transfer`), so the host tokenises, encodes and draws
+    the noise of batch k+1 while the GPU runs batch k, and the GPU does not wait for the host between batches
+    (issue 14: an H100 sat idle 43 ms of each 1,487-ms batch of 16, results/bench/profiles/
+    profile-generate-b16-h100.txt). Images equal one `generate_batch` call a job (tests/test_tiny_world.py).
+    """
+    pending = None
+    for prompts, seeds in jobs:
+        queued = _queue(world, prompts, seeds, recipe, steps, guidance)
+        if pending is not None:
+            yield _collect(*pending)
+        pending = queued
+    if pending is not None:
+        yield _collect(*pending)
+
+
 def generate_batch(
     world: World,
     prompts: Sequence[str],
@@ -57,19 +104,9 @@ def generate_batch(
     steps: int,
     guidance: float,
 ) -> torch.Tensor:
-    """Images (B, 3, H, W) uint8 for `prompts`; image i depends only on (prompts[i], seeds[i]).
-
-    Non-finite latents (a broken LoRA, a half-precision overflow) raise a UserError instead of
-    silently becoming black images that would be scored.
-    """
-    latents = sample_latents(world, prompts, seeds, recipe, steps, guidance)
-    finite = torch.isfinite(latents.flatten(1)).all(1)
-    if not bool(finite.all()):
-        bad = [int(s) for s, ok in zip(seeds, finite.tolist(), strict=True) if not ok]
-        raise UserError(f"the model produced NaN/Inf latents for {len(bad)} of {len(seeds)} images (seeds "
-                        f"{', '.join(map(str, bad[:4]))}{', ...' if len(bad) > 4 else ''}): a LoRA with non-finite "
-                        "weights or a half-precision overflow; check the LoRA, or pass --precision fp32")
-    return world.decode(latents)
+    """Images (B, 3, H, W) uint8 for `prompts`; image i depends only on (prompts[i], seeds[i]) (one job of
+    `generate_batches`)."""
+    return next(generate_batches(world, [(prompts, seeds)], recipe, steps, guidance))
 
 
 def default_prompts(preset: str, n: int) -> list[str]:
@@ -264,10 +301,11 @@ def _generate(cfg: GenerateConfig) -> dict[str, Any]:
               unit="img") as bar, blocks_compiled(world.unet, blocks, WIDE), graphed_predict(world), \
             PngWriter(pending=2 * bs + png_threads()) as pngs:  # GPU: compiled blocks (regions.pays), the UNet
         # passes replayed from CUDA graphs; the PNGs of a batch are written by threads while the next one generates
+        stream = generate_batches(world, (([r["prompt"] for r in c], [r["seed"] for r in c]) for c in todo),
+                                  spec.recipe, cfg.steps, guidance)  # batch k+1 queued before k is waited for
         for chunk in todo:
             with oom_hint(f"generating {len(chunk)} images", batch_hint(bs, _memory_hint(cfg.world.preset))):
-                images = generate_batch(world, [r["prompt"] for r in chunk], [r["seed"] for r in chunk],
-                                        spec.recipe, cfg.steps, guidance)
+                images = next(stream)
             for r, img in zip(chunk, images, strict=True):
                 pngs.write(out / r["file"], img)
             bar.update(len(chunk))

@@ -3,7 +3,9 @@
 The update rules are diffusers' own schedulers; this module only builds them from a
 declarative recipe and runs the loop the diffusers pipelines run (scale_model_input,
 model call, step), so that images equal `StableDiffusionXLPipeline`'s for the same
-scheduler and seeds.
+scheduler and seeds. For DDIM the scheduler steps on the host's copy of the timesteps and the
+model gets the GPU's: diffusers' DDIM step reads a GPU timestep back on the host (its index into
+alphabar), which waits for the model's kernels, so a batch could not be queued ahead of the GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .transfer import to_device
 from .worlds.base import Cond, NoiseSchedule, World
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -71,6 +74,12 @@ def check_steps(recipe: SamplerRecipe, steps: int, schedule: NoiseSchedule) -> N
         raise UserError(f"this sampler runs exactly {len(recipe.timesteps)} steps {list(recipe.timesteps)}, got {steps}")
 
 
+# schedulers whose `step`, given a host timestep, reads host tensors only (alphabar on the CPU, as diffusers keeps
+# it): the same numbers as with the GPU's timestep, without a synchronisation a step. The others keep their
+# timesteps on the GPU as diffusers' pipelines do (LCM and Euler draw noise on the host generators each step anyway).
+HOST_TIMESTEPS = frozenset({"ddim"})
+
+
 def _step_kwargs(scheduler: Any, eta: float, generators: Sequence[torch.Generator] | None) -> dict[str, Any]:
     """The optional arguments of scheduler.step, as the diffusers pipelines pass them."""
     params = set(inspect.signature(scheduler.step).parameters)
@@ -93,6 +102,8 @@ def sample(
     """Run `steps` sampler steps from unit-variance `noise`; returns clean latents (fp32)."""
     check_steps(recipe, steps, schedule)
     scheduler = make_scheduler(recipe, schedule)
+    host = recipe.scheduler in HOST_TIMESTEPS
+    device = torch.device("cpu") if host else noise.device
     if recipe.timesteps is not None:
         # The explicit timesteps are the model's own (DMD2 trained on [999, 749, 499, 249]): LCMScheduler's
         # warning that they are off its 50-step origin grid is expected, not news to the user.
@@ -100,17 +111,19 @@ def sample(
         level = log.level
         log.setLevel(logging.ERROR)
         try:
-            scheduler.set_timesteps(timesteps=list(recipe.timesteps), device=noise.device)
+            scheduler.set_timesteps(timesteps=list(recipe.timesteps), device=device)
         finally:
             log.setLevel(level)
     else:
-        scheduler.set_timesteps(steps, device=noise.device)
+        scheduler.set_timesteps(steps, device=device)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
     step_kwargs = _step_kwargs(scheduler, recipe.eta, generators)
+    timesteps = scheduler.timesteps
+    model_timesteps = to_device(timesteps, noise.device) if host else timesteps  # one copy, queued
     x = noise.float() * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        out = denoiser(scheduler.scale_model_input(x, t), t)
+    for t, t_model in zip(timesteps, model_timesteps, strict=True):
+        out = denoiser(scheduler.scale_model_input(x, t), t_model)
         x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
     return x
 
@@ -132,7 +145,8 @@ def cfg_denoiser(world: World, cond: Cond, guidance: float) -> Denoiser:
 def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...], device: torch.device) -> tuple[
     torch.Tensor, list[torch.Generator]
 ]:
-    """One CPU generator per image: the noise of image i depends on its seed alone."""
+    """One CPU generator per image: the noise of image i depends on its seed alone (sent to the GPU queued:
+    `transfer.to_device`)."""
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in gens])
-    return noise.to(device), gens
+    return to_device(noise, device), gens

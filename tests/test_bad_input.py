@@ -505,11 +505,16 @@ def _oom(*args, **kwargs):
     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
+def _oom_batches(*args, **kwargs):
+    """`generate_batches` running out of GPU memory in its first batch."""
+    yield _oom()
+
+
 def test_generate_out_of_gpu_memory_names_batch_size(tmp_path, monkeypatch):
     from rapm_bench import generate
     from rapm_bench.config import GenerateConfig, WorldConfig
 
-    monkeypatch.setattr(generate, "generate_batch", _oom)
+    monkeypatch.setattr(generate, "generate_batches", _oom_batches)
     cfg = GenerateConfig(world=WorldConfig(device="cpu"), out=str(tmp_path / "o"), model="teacher", steps=1,
                          num_images=4, batch_size=4)
     with pytest.raises(UserError, match=r"out of GPU memory while generating 4 images: pass a smaller --batch-size "
@@ -523,13 +528,14 @@ def test_eval_out_of_gpu_memory_names_batch_size(tmp_path, monkeypatch):
     from rapm_bench.eval import engine, reference
 
     monkeypatch.setattr(reference, "reference_stats", lambda *a, **k: _stats(40, 8, 0))
-    monkeypatch.setattr(engine, "generate_batch", _oom)
+    monkeypatch.setattr(engine, "generate_batches", _oom_batches)
     cfg = EvalConfig(world=WorldConfig(device="cpu"), model="teacher", steps=1, num_images=4, batch_size=1,
                      out=str(tmp_path / "r"))
     with pytest.raises(UserError, match=r"out of GPU memory while generating 1 images: --batch-size is already 1; "
                                         r"free GPU memory"):
         engine.evaluate(cfg)
-    monkeypatch.setattr(engine, "generate_batch", lambda w, p, s, *a: torch.zeros(len(p), 3, 32, 32, dtype=torch.uint8))
+    monkeypatch.setattr(engine, "generate_batches",
+                        lambda w, jobs, *a: (torch.zeros(len(p), 3, 32, 32, dtype=torch.uint8) for p, _ in jobs))
     monkeypatch.setattr(engine, "_score_group", _oom)
     with pytest.raises(UserError, match=r"out of GPU memory while scoring 4 images .*--batch-size sets generation "
                                         r"batches only"):

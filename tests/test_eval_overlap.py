@@ -63,15 +63,17 @@ def test_off_runs_jobs_only_in_drain_and_a_shadowed_predict_is_restored():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_eval_scores_are_the_same_with_and_without_overlap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            device: str):
-    """Groups scored between the next group's UNet calls (each job waits for its prepared inputs, so both run
+    """Groups scored between the next group's UNet calls (each job waits for its prepared inputs, so they run
     beside; on a GPU on a side stream, under the UNet's graph replays) give the scores of groups scored after
-    it, bit for bit."""
+    it, bit for bit. Three groups of two batches, then a one-batch tail: the first two groups are scored beside
+    the next group's second batch; the third at the end, as the tail's one batch was queued before the third
+    group's images came back (generate_batches queues one batch ahead)."""
     submit = overlap.Alongside.submit
     monkeypatch.setattr(overlap.Alongside, "submit", lambda self, job, ready=None: submit(self, job))
 
     def run(flag: str) -> dict:
         out = tmp_path / flag
-        result = CliRunner().invoke(app, ["eval", "--model", "teacher", "--steps", "1", "--num-images", "136",
+        result = CliRunner().invoke(app, ["eval", "--model", "teacher", "--steps", "1", "--num-images", "200",
                                           "--batch-size", "32", "--out", str(out), "--data-dir", str(tmp_path / "c"),
                                           "--device", device, "--json", flag])
         assert result.exit_code == 0, result.output

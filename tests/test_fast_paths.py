@@ -301,19 +301,58 @@ def test_compiled_vae_decode_is_within_one_level_of_eager_and_compiles():
 @pytest.mark.gpu
 @cuda
 def test_decoded_images_reach_the_host_through_pinned_memory_unchanged():
-    """On a GPU the decode's images come back in pinned host memory, equal to a pageable copy; a CPU tensor as is."""
+    """On a GPU the decode's images come back in pinned host memory, equal to a pageable copy; a CPU tensor as is.
+    Host tensors reach the GPU through pinned memory unchanged, and may be changed as soon as the call returns."""
     from rapm_bench.bench import build_sdxl_vae
-    from rapm_bench.worlds.sdxl import VAEDecoder, to_pinned_host
+    from rapm_bench.transfer import host_copy, to_device, to_pinned_host
+    from rapm_bench.worlds.sdxl import VAEDecoder
 
     t = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, device="cuda")
     host = to_pinned_host(t)
     assert host.is_pinned() and torch.equal(host, t.cpu())
     assert to_pinned_host(host.clone()).device.type == "cpu"
+    wait = host_copy(t * 2)  # the product's kernel is queued before the copy; the wait covers both
+    assert torch.equal(wait(), (t * 2).cpu())
+    x = torch.randn(1 << 20)
+    big = torch.randn(4096, 4096, device="cuda")
+    for _ in range(8):  # keep the GPU busy, so that the copy waits in the queue
+        big = big @ big / 64
+    on_gpu = to_device(x, "cuda")
+    expected = x.clone()
+    x.zero_()  # the caller's tensor changes at once: the copy read the pinned copy, not x
+    assert torch.equal(on_gpu.cpu(), expected) and to_device(x, "cpu") is x
     dec = VAEDecoder(build_sdxl_vae(True, torch.device("cuda")))
     dec.compile = False
     assert dec(torch.randn(2, 4, 32, 32, device="cuda")).is_pinned()
     dec.pinned_host = False
     assert not dec(torch.randn(2, 4, 32, 32, device="cuda")).is_pinned()
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_queued_generation_batch_never_waits_for_the_gpu():
+    """Once warm (graphs captured, blocks compiled), queuing a DDIM batch (encode, noise, four UNet passes, the
+    finiteness check, the decode, the copies back) makes no synchronising call (torch's sync debug mode raises on
+    one); a stream of batches gives the images one batch at a time gives."""
+    from rapm_bench.cudagraphs import graphed_predict
+    from rapm_bench.generate import _collect, _queue, generate_batch, generate_batches
+    from rapm_bench.perf.worlds import RandomSDXLWorld
+    from rapm_bench.sampling import DDIM_TRAILING
+
+    world = RandomSDXLWorld(True, torch.device("cuda"), torch.bfloat16, seed=0)
+    world.set_vae_precision("tf32")
+    jobs = [([f"prompt {i}", f"prompt {i + 1}"], [i, i + 1]) for i in range(0, 8, 2)]
+    with graphed_predict(world):
+        one_by_one = [generate_batch(world, p, s, DDIM_TRAILING, 4, 1.0) for p, s in jobs]  # warm-up too
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            queued = _queue(world, *jobs[0], DDIM_TRAILING, 4, 1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(_collect(*queued), one_by_one[0])
+        streamed = list(generate_batches(world, jobs, DDIM_TRAILING, 4, 1.0))
+    assert all(torch.equal(a, b) for a, b in zip(streamed, one_by_one, strict=True))
 
 
 def test_adamw_is_fused_on_a_gpu_only_and_resumes_across_implementations():

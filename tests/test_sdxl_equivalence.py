@@ -112,3 +112,25 @@ def test_same_images_whatever_the_batch_size(tiny_sdxl):
     together = sample_latents(world, PROMPTS, SEEDS, DDIM_TRAILING, 4, 3.0)
     alone = torch.cat([sample_latents(world, [p], [s], DDIM_TRAILING, 4, 3.0) for p, s in zip(PROMPTS, SEEDS, strict=True)])
     assert (together - alone).abs().max() / together.abs().max() < 1e-5
+
+
+def test_prompt_encoding_equals_diffusers_encode_prompt(tiny_sdxl):
+    """The world's own encoding (token ids sent through `transfer.to_device`) is diffusers' `encode_prompt`, bit for
+    bit, and so is the empty prompt's where the pipeline does not zero it."""
+    from rapm_bench.config import WorldConfig
+    from rapm_bench.worlds import load_world
+
+    world = load_world(WorldConfig(preset="sdxl", teacher=str(tiny_sdxl), device="cpu"))
+    prompts = [*PROMPTS, "a caption far longer than the seventy-seven tokens CLIP reads " * 8]
+    embeds, _, pooled, _ = world.pipe.encode_prompt(prompts, device=world.device, num_images_per_prompt=1,
+                                                    do_classifier_free_guidance=False)
+    cond = world.encode_prompts(prompts)
+    assert torch.equal(cond["prompt_embeds"], embeds) and torch.equal(cond["text_embeds"], pooled)
+    assert cond["time_ids"].shape == (len(prompts), 6) and torch.equal(world.encode_prompts(PROMPTS[:1])["time_ids"],
+                                                                        cond["time_ids"][:1])
+    world.pipe.register_to_config(force_zeros_for_empty_prompt=False)
+    neg = world.negative_cond(cond)
+    empty, _, empty_pooled, _ = world.pipe.encode_prompt([""] * len(prompts), device=world.device,
+                                                         do_classifier_free_guidance=False)
+    assert torch.equal(neg["prompt_embeds"], empty) and torch.equal(neg["text_embeds"], empty_pooled)
+    assert not torch.equal(neg["prompt_embeds"], torch.zeros_like(empty))

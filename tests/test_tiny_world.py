@@ -71,6 +71,28 @@ def test_samples_are_seeded_per_image(world: TinyWorld) -> None:
     assert (both[1].int() - one[0].int()).abs().max() <= 1  # batch composition changes nothing (±1 rounding)
 
 
+def test_batches_are_queued_one_ahead_and_equal_single_batches(world: TinyWorld, monkeypatch) -> None:
+    """`generate_batches` queues batch k+1's decode before it hands over batch k (on a GPU: the host prepares the
+    next batch while the GPU runs this one); each batch equals a `generate_batch` call."""
+    from rapm_bench.generate import generate_batch, generate_batches
+    from rapm_bench.sampling import DDIM_TRAILING
+
+    prompts = shapes.eval_captions(5)
+    jobs = [(prompts[:2], [1, 2]), (prompts[2:4], [3, 4]), (prompts[4:], [5])]
+    queued: list[int] = []
+    start = world.decode_start
+    monkeypatch.setattr(world, "decode_start", lambda latents: queued.append(len(latents)) or start(latents))
+    stream = generate_batches(world, iter(jobs), DDIM_TRAILING, 2, world.default_guidance)
+    assert queued == []  # nothing runs before the first batch is asked for
+    first = next(stream)
+    assert queued == [2, 2]
+    rest = list(stream)
+    assert queued == [2, 2, 1] and [len(x) for x in (first, *rest)] == [2, 2, 1]
+    monkeypatch.undo()
+    for (p, s), got in zip(jobs, (first, *rest), strict=True):
+        assert torch.equal(got, generate_batch(world, p, s, DDIM_TRAILING, 2, world.default_guidance))
+
+
 def test_missing_assets_is_a_user_error(tmp_path) -> None:
     with pytest.raises(UserError, match="tiny teacher assets missing"):
         load_tiny_world("cpu", tmp_path)

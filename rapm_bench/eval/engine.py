@@ -25,7 +25,7 @@ from ..config import EvalConfig, get_preset
 from ..cudagraphs import graphed_predict
 from ..errors import UserError
 from ..files import atomic_write_bytes, sha256_file
-from ..generate import PngWriter, batch_hint, generate_batch, oom_hint, png_threads
+from ..generate import PngWriter, batch_hint, generate_batches, oom_hint, png_threads
 from ..models import get_model, with_lora
 from ..provenance import device_name, git_commit, versions
 from ..regions import WIDE, blocks_compiled, pays
@@ -157,14 +157,16 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
                 _score_group(acc, scorer, prepared.images, [captions[i] for i in group], group)  # rows on the CPU
             phases["score_s"] += time.perf_counter() - t
 
-        for group in mine:
+        batches = [[list(range(s, min(s + batch, g.stop))) for s in range(g.start, g.stop, batch)] for g in mine]
+        stream = generate_batches(world, (([captions[i] for i in idx], [cfg.seed + i for i in idx])
+                                          for group_batches in batches for idx in group_batches),
+                                  spec.recipe, steps, guidance)  # batch k+1 queued before k is waited for
+        for group, group_batches in zip(mine, batches, strict=True):
             t_group, scored = time.perf_counter(), phases["score_s"]
             imgs = []
-            for start in range(group.start, group.stop, batch):
-                idx = list(range(start, min(start + batch, group.stop)))
+            for idx in group_batches:
                 with oom_hint(f"generating {len(idx)} images", batch_hint(batch, memory)):
-                    imgs.append(generate_batch(world, [captions[i] for i in idx], [cfg.seed + i for i in idx],
-                                               spec.recipe, steps, guidance))
+                    imgs.append(next(stream))
                 bar.update(len(idx))
             images = torch.cat(imgs)  # uint8 on the CPU
             job = worker.submit(prepare, images)

@@ -1,10 +1,12 @@
 """Jobs that run between a world's UNet calls: eval scores one group while the GPU samples the next (issue 14).
 
-The sampler waits for every UNet call (each scheduler step reads its timestep on the host), so during generation
-the CPU mostly waits. `Alongside` shadows `world.predict` inside its block: once a call is queued on the GPU, it
-runs the oldest waiting job whose inputs are ready, its kernels on a side CUDA stream, so the job's host time
-(Python, launches, copies back) hides behind the UNet's GPU time; its GPU time hides only where the UNet leaves
-the GPU idle (SDXL at batch 16 on an H100: the 30K eval's steady rate 9.51 -> 9.70 images/s).
+The host queues generation's work ahead of the GPU (generate.generate_batches: one batch ahead), so during
+generation the CPU mostly waits. `Alongside` shadows `world.predict` inside its block: once a call is queued on the
+GPU, it runs the oldest waiting job whose inputs are ready, its kernels on a side CUDA stream, so the job's host
+time (Python, launches, copies back) hides behind the UNet's GPU time; its GPU time hides only where the UNet leaves
+the GPU idle (SDXL at batch 16 on an H100: the 30K eval's steady rate 9.51 -> 9.70 images/s, measured before
+batches were queued ahead). As the next group's first batch is queued before a group's images come back, a group
+is scored beside the next group's second batch and later: a one-batch group's predecessor at the end.
 Jobs run one after another in submission order, in the caller's thread (the global TF32 switches of
 `rapm_bench.precision` are set and restored by one thread at a time), so what they add up is what a loop running
 them between groups adds up (tests/test_eval_overlap.py).

@@ -17,6 +17,7 @@ from .config import BenchConfig, RapmVariant, parse_variant
 from .measure import Measurement, count_flops, free_memory, measure
 from .worlds import TunedWorld, build_world, compiled_unet, set_channels_last, set_sdpa, set_vae_variant
 
+STREAMED = 4  # batches a `generate` measurement runs in a row (generate.generate_batches: an eval group at batch 16)
 
 # --- the run context ---------------------------------------------------------------------------------------
 @dataclass
@@ -338,7 +339,7 @@ def stage_generate(b: Bench) -> dict[str, Any]:
     from ..cudagraphs import graphed_predict
     from ..distill.engine import ADAPTER
     from ..eval.protocols import default_protocol
-    from ..generate import generate_batch
+    from ..generate import generate_batch, generate_batches
     from ..lora import attach_lora
     from ..regions import WIDE, pays
     from ..sampling import DDIM_TRAILING
@@ -353,6 +354,12 @@ def stage_generate(b: Bench) -> dict[str, Any]:
         prompts = [f"bench prompt {i}" for i in range(batch)]
         seeds = list(range(cfg.seed, cfg.seed + batch))
         return lambda: generate_batch(w, prompts, seeds, DDIM_TRAILING, cfg.gen.steps, 1.0)
+
+    def streamer(batch: int) -> Callable[[], int]:
+        """STREAMED batches in a row as `generate` and `eval` run them: each queued before the last is waited for."""
+        jobs = [([f"bench prompt {k * batch + i}" for i in range(batch)],
+                 list(range(cfg.seed + k * batch, cfg.seed + (k + 1) * batch))) for k in range(STREAMED)]
+        return lambda: sum(1 for _ in generate_batches(w, jobs, DDIM_TRAILING, cfg.gen.steps, 1.0))
 
     run, n = runner(cfg.gen.batch), cfg.gen.batch
     ms = []
@@ -379,13 +386,19 @@ def stage_generate(b: Bench) -> dict[str, Any]:
                     ms.append(b.measure(f"LoRA merged, graphs, VAE {protocol_vae}, batch {big}", runner(big),
                                         "image", big, warmup=2, flops=counted and round(counted / n * big),
                                         flops_from=f"LoRA merged, batch {n}, scaled to {big}"))
+                for big in cfg.gen.big_batches[-1:]:  # a run of many batches: the host queues one ahead of the GPU
+                    ms.append(b.measure(f"LoRA merged, graphs, VAE {protocol_vae}, batch {big}, {STREAMED} streamed",
+                                        streamer(big), "image", big * STREAMED, warmup=1,
+                                        flops=counted and round(counted / n * big * STREAMED),
+                                        flops_from=f"LoRA merged, batch {n}, scaled to {big * STREAMED}"))
         w.unet.unfuse_lora()
     finally:
         w.unet.unload_lora()
         set_vae_variant(w, "fp32")
     names = [m.name for m in ms]
     layout = "/channels_last" if cfg.gen.vae_channels_last else ""
-    best = [f"LoRA merged, graphs, VAE {protocol_vae}, batch {big}" for big in cfg.gen.big_batches[-1:]]
+    best = [f"LoRA merged, graphs, VAE {protocol_vae}, batch {big}{more}" for big in cfg.gen.big_batches[-1:]
+            for more in (f", {STREAMED} streamed", "")]  # a 30K run is a stream of batches
     headline = next((x for x in [*best, f"LoRA merged, graphs, VAE {protocol_vae}{layout}"] if x in names),
                     "LoRA merged" if cfg.opts.merge_lora else "LoRA unmerged (peft)")
     return b.stage(ms, headline, steps=cfg.gen.steps, guidance=1.0, resolution=w.image_size,

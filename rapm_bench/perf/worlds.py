@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..transfer import to_device
 from ..worlds import sdxl as sdxl_world
 from ..worlds.base import Cond, NoiseSchedule, UNetWorld, World
 from ..worlds.registry import get_world_spec
@@ -81,7 +82,7 @@ class RandomSDXLWorld(UNetWorld):
         text = torch.stack([torch.randn(pooled, generator=g) for g in gens])
         side = self._resolution
         ids = torch.tensor([[side, side, 0, 0, side, side]] * len(prompts))
-        return {k: v.to(self.device, self.dtype) for k, v in
+        return {k: to_device(v.to(self.dtype), self.device) for k, v in  # queued: generate_batches runs ahead
                 (("prompt_embeds", embeds), ("text_embeds", text), ("time_ids", ids))}
 
     @torch.no_grad()
@@ -94,6 +95,7 @@ class RandomSDXLWorld(UNetWorld):
     # inside and fp32 out, and the decode, latents -> uint8 images on the CPU
     predict = SDXLWorld.predict
     decode = SDXLWorld.decode
+    decode_start = SDXLWorld.decode_start
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"teacher": "random weights, SDXL architecture" + (" (small)" if self.small else ""),
@@ -145,6 +147,9 @@ class TunedWorld(World):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.inner.decode(latents)
+
+    def decode_start(self, latents: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return self.inner.decode_start(latents)
 
     def grad_activation_gib(self) -> float:
         return self.inner.grad_activation_gib()

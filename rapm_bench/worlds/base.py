@@ -9,6 +9,7 @@ methods below.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,13 @@ class World(abc.ABC):
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> uint8 images (B, 3, H, W) on the CPU."""
+
+    def decode_start(self, latents: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """`decode`, split in two: queue the work, then (the returned function) wait for the images. A world on a
+        GPU queues the decode and the copy to the CPU without waiting for the GPU (generate.generate_batches);
+        here, `decode` at once."""
+        images = self.decode(latents)
+        return lambda: images
 
     def set_vae_precision(self, precision: str, channels_last: bool | None = None) -> None:
         """Decode in `precision` (precision.COMPUTE_PRECISIONS: the protocol's `vae_precision`) through the

@@ -8,6 +8,7 @@ VAE is given, latents and model outputs fp32 outside `predict`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 
 from ..errors import UserError
 from ..lora import check_lora_fits, quiet_peft_loader, read_lora_file, to_diffusers_unet_lora
+from ..transfer import host_copy, to_device
 from .base import Cond, NoiseSchedule, World, pick_device, pick_dtype
 
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -30,17 +32,6 @@ ACTIVATION_GIB_1024 = 9.1  # one latent's UNet gradient pass at 1024 px, bf16: a
 def activation_gib(resolution: int) -> float:
     """`World.grad_activation_gib` of an SDXL-architecture UNet at `resolution` px (activations scale with pixels)."""
     return ACTIVATION_GIB_1024 * (resolution / 1024) ** 2
-
-
-def to_pinned_host(t: torch.Tensor) -> torch.Tensor:
-    """`t.cpu()`, for a CUDA tensor through pinned memory (torch's caching host allocator): a pageable copy of a
-    batch of 16 images ran at ~2 GB/s on an H100 (25 ms, results/bench/profiles/profile-vae-half-bounded-b16-h100.txt)."""
-    if not t.is_cuda:
-        return t.cpu()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    torch.cuda.current_stream(t.device).synchronize()
-    return host
 
 
 # a compiled TF32 decode's convolutions on fp16 tensor cores (worlds/halfconv.py): "bounded" those reading
@@ -140,15 +131,20 @@ class VAEDecoder:
             self._copies[key] = net
         return self._copies[key]
 
-    @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> uint8 images (B, 3, H, W) on the CPU (VaeImageProcessor.postprocess's rounding)."""
+        return self.start(latents)()
+
+    @torch.no_grad()
+    def start(self, latents: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Queue the decode of `latents` and the copy of its images to the CPU; the returned function waits for
+        them and returns the uint8 images (`World.decode_start`)."""
         from ..precision import tf32
 
         cfg = self.vae.config
         if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
+            mean = to_device(torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents.dtype), latents.device)
+            std = to_device(torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents.dtype), latents.device)
             latents = latents * std / cfg.scaling_factor + mean
         else:
             latents = latents / cfg.scaling_factor
@@ -160,7 +156,10 @@ class VAEDecoder:
             image = net.decode(x, return_dict=False)[0].float()
         # [-1, 1] -> [0, 1] -> round(255 x)
         image = (image / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
-        return to_pinned_host(image) if self.pinned_host else image.cpu()
+        if self.pinned_host:
+            return host_copy(image)
+        host = image.cpu()
+        return lambda: host
 
 
 def _load_pipeline(source: str, dtype: torch.dtype) -> Any:
@@ -226,6 +225,7 @@ class SDXLWorld(World):
         self.unet = self.pipe.unet
         self.vae = self.pipe.vae
         self.decoder = VAEDecoder(self.vae)
+        self._ids: tuple[tuple[int, torch.dtype, torch.device], torch.Tensor] | None = None  # `_time_ids`' row
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._resolution = resolution or self.unet.config.sample_size * self.vae_scale
         if self._resolution % self.vae_scale:
@@ -257,18 +257,44 @@ class SDXLWorld(World):
     def _time_ids(self, n: int) -> torch.Tensor:
         """SDXL micro-conditioning: (original size, crop top-left, target size) = (H, W, 0, 0, H, W)."""
         side = self._resolution
-        ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=self.dtype, device=self.device)
-        proj_dim = self.pipe.text_encoder_2.config.projection_dim
-        expected = self.unet.add_embedding.linear_1.in_features
-        if self.unet.config.addition_time_embed_dim * ids.shape[1] + proj_dim != expected:
-            raise UserError("this UNet does not take SDXL time_ids: is the teacher an SDXL pipeline?")
-        return ids.repeat(n, 1)
+        key = (side, self.dtype, self.device)
+        if self._ids is None or self._ids[0] != key:  # made once: a tensor built on the GPU from a list waits
+            ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=self.dtype)
+            proj_dim = self.pipe.text_encoder_2.config.projection_dim
+            expected = self.unet.add_embedding.linear_1.in_features
+            if self.unet.config.addition_time_embed_dim * ids.shape[1] + proj_dim != expected:
+                raise UserError("this UNet does not take SDXL time_ids: is the teacher an SDXL pipeline?")
+            self._ids = (key, to_device(ids, self.device))
+        return self._ids[1].repeat(n, 1)
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pipe.encode_prompt(prompts, do_classifier_free_guidance=False)`'s prompt and pooled embeddings (no LoRA
+        scale, no clip skip): the penultimate hidden states of both text encoders, concatenated, and the second
+        encoder's projected output. The token ids go to the GPU through pinned memory (`transfer.to_device`):
+        diffusers copies them from pageable memory, which waits for every queued kernel, so that a batch could not
+        be encoded while the GPU still ran the previous one (generate.generate_batches)."""
+        pipe = self.pipe
+        pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+        embeds, pooled = [], None
+        for tokenizer, encoder in pairs:
+            if tokenizer is None:  # an SDXL refiner: the second encoder alone
+                continue
+            text = pipe.maybe_convert_prompt(prompts, tokenizer)  # textual-inversion tokens, as encode_prompt
+            ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            out = encoder(to_device(ids, encoder.device), output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:  # the projected output of the encoder that has one
+                pooled = out[0]
+            embeds.append(out.hidden_states[-2])
+        if pooled is None:
+            raise UserError("this pipeline's text encoders give no pooled embedding: is the teacher an SDXL pipeline?")
+        dtype = (pipe.text_encoder_2 if pipe.text_encoder_2 is not None else pipe.unet).dtype
+        return torch.concat(embeds, dim=-1).to(dtype=dtype, device=self.device), pooled
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
+        embeds, pooled = self._encode(prompts)
         return {"prompt_embeds": embeds, "text_embeds": pooled, "time_ids": self._time_ids(len(prompts))}
 
     @torch.no_grad()
@@ -278,7 +304,7 @@ class SDXLWorld(World):
             neg = {"prompt_embeds": torch.zeros_like(cond["prompt_embeds"]),
                    "text_embeds": torch.zeros_like(cond["text_embeds"])}
         else:
-            e, _, p, _ = self.pipe.encode_prompt([""] * n, device=self.device, do_classifier_free_guidance=False)
+            e, p = self._encode([""] * n)
             neg = {"prompt_embeds": e, "text_embeds": p}
         return neg | {"time_ids": cond["time_ids"]}
 
@@ -295,6 +321,9 @@ class SDXLWorld(World):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(latents)
+
+    def decode_start(self, latents: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return self.decoder.start(latents)
 
     # --- LoRA -----------------------------------------------------------------------------
     def load_lora(self, path: Path, adapter_name: str = "default", scale: float = 1.0) -> None:

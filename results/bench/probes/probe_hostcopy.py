@@ -1,4 +1,4 @@
-"""Probe (issue 14): the decoded images to the host through pinned memory (worlds/sdxl.py `to_pinned_host`).
+"""Probe (issue 14): the decoded images to the host through pinned memory (`rapm_bench/transfer.py` `to_pinned_host`; worlds/sdxl.py until 2026-12-08).
 
     OUT=results/bench/probes python results/bench/probes/probe_hostcopy.py   # a CUDA GPU; ~2 min
 
@@ -14,7 +14,7 @@ import os
 import torch
 from probe_common import cuda_ms, time_decodes
 
-from rapm_bench.worlds.sdxl import to_pinned_host
+from rapm_bench.transfer import to_pinned_host
 
 out = os.environ.get("OUT", "/tmp")
 res = {"gpu": torch.cuda.get_device_name()}
