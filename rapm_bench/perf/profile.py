@@ -13,7 +13,8 @@ iteration makes (torch.cuda's sync debug mode): each one drains the GPU's queue,
 the engine runs them; `vae`: the decode at `--vae-batch` in the sdxl protocol's precision (compiled). Each file
 (profile-unet-b16.txt, profile-vae-tf32-b4.txt) adds a table by kernel kind: GPU time, counted FLOPs
 (FlopCounterMode) and the TF32/bf16 rate each kind reached, which names what limits the pass. `generate`: a whole
-`generate_batch` at `--unet-batch` (graphs, blocks compiled, the protocol's decode), for its idle time.
+`generate_batch` at `--unet-batch` (graphs, blocks compiled, the protocol's decode), for its idle time, and
+four of them in a row through `generate_batches` (each queued before the last is waited for).
 """
 
 from __future__ import annotations
@@ -161,8 +162,9 @@ def profile_generate(world: object, batch: int, out: Path, rows: int) -> None:
     from .. import regions
     from ..cudagraphs import graphed_predict
     from ..eval.protocols import default_protocol
-    from ..generate import generate_batch
+    from ..generate import generate_batch, generate_batches
     from ..sampling import DDIM_TRAILING
+    from .stages import STREAMED
 
     precision = default_protocol("sdxl").vae_precision
     world.set_vae_precision(precision)  # type: ignore[attr-defined]
@@ -173,6 +175,11 @@ def profile_generate(world: object, batch: int, out: Path, rows: int) -> None:
         profile_pass(f"generate-b{batch}", lambda: generate_batch(world, prompts, seeds, DDIM_TRAILING, 4, 1.0), 2,
                      out, rows, f"generate_batch at batch {batch}: 4 steps, graphs, regions.WIDE compiled, VAE {precision}; "
                      "FLOPs not counted (a graph's replay has no ops to count)", count=False)
+        jobs = [(prompts, seeds)] * STREAMED  # as `generate` and `eval` run them: each queued before the last returns
+        profile_pass(f"generate-b{batch}-x{STREAMED}", lambda: sum(1 for _ in generate_batches(
+                     world, jobs, DDIM_TRAILING, 4, 1.0)), 2, out, rows, f"generate_batches, {STREAMED} batches of "
+                     f"{batch} in a row: 4 steps, graphs, regions.WIDE compiled, VAE {precision}; FLOPs not counted",
+                     count=False)
 
 
 def main(argv: list[str] | None = None) -> None:
