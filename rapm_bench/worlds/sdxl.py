@@ -225,7 +225,7 @@ class SDXLWorld(World):
         self.unet = self.pipe.unet
         self.vae = self.pipe.vae
         self.decoder = VAEDecoder(self.vae)
-        self._ids: tuple[tuple[int, torch.dtype, torch.device], torch.Tensor] | None = None  # `_time_ids`' row
+        self._ids: torch.Tensor | None = None  # `_time_ids`' row on the device (resolution and dtype are fixed)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._resolution = resolution or self.unet.config.sample_size * self.vae_scale
         if self._resolution % self.vae_scale:
@@ -256,16 +256,15 @@ class SDXLWorld(World):
     # --- conditioning -------------------------------------------------------------------
     def _time_ids(self, n: int) -> torch.Tensor:
         """SDXL micro-conditioning: (original size, crop top-left, target size) = (H, W, 0, 0, H, W)."""
-        side = self._resolution
-        key = (side, self.dtype, self.device)
-        if self._ids is None or self._ids[0] != key:  # made once: a tensor built on the GPU from a list waits
+        if self._ids is None:  # made once: a tensor built on the GPU from a list waits for the GPU's queue
+            side = self._resolution
             ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=self.dtype)
             proj_dim = self.pipe.text_encoder_2.config.projection_dim
             expected = self.unet.add_embedding.linear_1.in_features
             if self.unet.config.addition_time_embed_dim * ids.shape[1] + proj_dim != expected:
                 raise UserError("this UNet does not take SDXL time_ids: is the teacher an SDXL pipeline?")
-            self._ids = (key, to_device(ids, self.device))
-        return self._ids[1].repeat(n, 1)
+            self._ids = to_device(ids, self.device)
+        return self._ids.repeat(n, 1)
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
