@@ -299,6 +299,10 @@ def bench(
                                                            "distill preset's), e.g. merged/ckpt/chunk1.")] = None,
     traj_batch: Annotated[int | None, typer.Option(help="Trajectories per teacher batch.")] = None,
     gen_batch: Annotated[int | None, typer.Option(help="Images per generation call.")] = None,
+    vae_variants: Annotated[str | None, typer.Option(help="Comma-separated VAE variants that `generate` times on a "
+                                                     "GPU at --gen-batch: <precision>[/channels_last][/eager][/sdpa"
+                                                     "|/tf32attn][/tf32conv|/bounded|/halfall], precision fp32, "
+                                                     "tf32 or bf16 (default: the preset's), e.g. tf32,bf16.")] = None,
     eval_batch: Annotated[int | None, typer.Option(help="Images per feature-network call.")] = None,
     merge_lora: Annotated[bool | None, typer.Option("--merge-lora/--no-merge-lora", help="No-grad passes through "
                                                     "merged LoRA weights; default: on.")] = None,
@@ -333,8 +337,8 @@ def bench(
 
     cfg = run(resolve_bench, preset, scale, stages=stages, out=out, repeats=repeats, warmup=warmup,
               resolution=resolution, device=device, dtype=dtype, threads=threads, peak_tflops=peak_tflops, lora=lora,
-              rapm_variants=rapm_variants, traj_batch=traj_batch, gen_batch=gen_batch, eval_batch=eval_batch,
-              merge_lora=merge_lora, cfg_batch=cfg_batch, channels_last=channels_last, sdpa=sdpa,
+              rapm_variants=rapm_variants, traj_batch=traj_batch, gen_batch=gen_batch, vae_variants=vae_variants,
+              eval_batch=eval_batch, merge_lora=merge_lora, cfg_batch=cfg_batch, channels_last=channels_last, sdpa=sdpa,
               compile=compile_unet, compile_blocks=compile_blocks)
     if dry_run:
         typer.echo(cfg.to_json())

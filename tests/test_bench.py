@@ -312,6 +312,10 @@ def test_bf16_close_to_fp32(world: bm.RandomSDXLWorld):
     ({"rapm_variants": "merged/unmerged"}, "bad RAPM variant 'merged/unmerged': `merged` runs every pass"),
     ({"rapm_variants": "fused/ckpt"}, "lora one of plain, fast, merged, peft"),
     ({"threads": 0}, "--threads must be at least 1"),
+    ({"vae_variants": "tf32,tf32/foo"}, "bad VAE variant 'tf32/foo'"),
+    ({"vae_variants": "fp16"}, "precision one of fp32, tf32, bf16"),
+    ({"vae_variants": "tf32/sdpa/tf32attn"}, "bad VAE variant"),
+    ({"vae_variants": "tf32/bounded/halfall"}, "bad VAE variant"),
 ])
 def test_resolve_bench_rejects_bad_input(kwargs, needle):
     with pytest.raises(UserError, match=needle):
@@ -324,8 +328,10 @@ def test_resolve_bench_presets_and_overrides():
     with pytest.raises(UserError, match="--scale small is for --preset sdxl"):
         bm.resolve_bench("tiny", "small")
     cfg = bm.resolve_bench("sdxl", "small", stages="matmul, generate", merge_lora=False, traj_batch=3,
-                           rapm_variants="plain,fast/unmerged")
+                           rapm_variants="plain,fast/unmerged", vae_variants="tf32, bf16/channels_last/eager")
     assert cfg.stages == ("matmul", "generate") and cfg.name == "sdxl-small" and not cfg.opts.merge_lora
+    assert cfg.gen.vae_variants == ("tf32", "bf16/channels_last/eager")
+    assert bm.parse_vae_variant("tf32/sdpa/tf32conv") == ("tf32", ("sdpa", "tf32conv"))
     assert cfg.traj.batch == 3 and cfg.rapm.variants == ("plain", "fast/unmerged")
     assert bm.parse_variant("fast/ckpt", merge_default=False) == bm.RapmVariant("fast", True, False)
     assert bm.parse_variant("fast/ckpt", merge_default=False).name == "fast/ckpt/unmerged"

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..precision import COMPUTE_PRECISIONS
 from ..worlds.registry import get_world_spec
 
 STAGES: tuple[str, ...] = ("matmul", "unet-forward", "rapm-iteration", "trajectories", "generate", "eval-features",
@@ -152,7 +153,7 @@ def resolve_bench(preset: str = "tiny", scale: str = "full", **overrides: Any) -
     """The preset's config with overrides (None = keep the preset's), validated.
 
     Flat keys `merge_lora`, `cfg_batch`, `channels_last`, `sdpa`, `compile`, `compile_blocks`, `lora` go to
-    `opts`; `rapm_variants`, `traj_batch`, `gen_batch`, `eval_batch` to their stages.
+    `opts`; `rapm_variants`, `traj_batch`, `gen_batch`, `vae_variants`, `eval_batch` to their stages.
     """
     world = get_world_spec(preset)
     if scale not in SCALES:
@@ -161,10 +162,11 @@ def resolve_bench(preset: str = "tiny", scale: str = "full", **overrides: Any) -
     given = {k: v for k, v in overrides.items() if v is not None}
     opts = replace(cfg.opts, **{k: given.pop(k) for k in list(given) if k in Optimisations.__dataclass_fields__})
     stage_keys = {"rapm_variants": ("rapm", "variants"), "traj_batch": ("traj", "batch"),
-                  "gen_batch": ("gen", "batch"), "eval_batch": ("eval", "batch")}
+                  "gen_batch": ("gen", "batch"), "eval_batch": ("eval", "batch"),
+                  "vae_variants": ("gen", "vae_variants")}
     for key, (stage, name) in stage_keys.items():
         if key in given:
-            value = _csv(given.pop(key)) if name == "variants" else given.pop(key)
+            value = _csv(given.pop(key)) if name.endswith("variants") else given.pop(key)
             cfg = replace(cfg, **{stage: replace(getattr(cfg, stage), **{name: value})})
     if "stages" in given:
         given["stages"] = _csv(given["stages"])
@@ -198,6 +200,8 @@ def validate(cfg: BenchConfig) -> None:
                         f"got {cfg.opts.lora!r}")
     for v in cfg.rapm.variants:
         parse_variant(v)
+    for v in cfg.gen.vae_variants:
+        parse_vae_variant(v)
     for p in cfg.eval.precisions:
         if p not in EVAL_PRECISIONS:
             raise UserError(f"unknown eval precision {p!r}; use any of {', '.join(EVAL_PRECISIONS)}")
@@ -231,6 +235,20 @@ class RapmVariant:
 
 
 VARIANT_FLAGS = ("ckpt", "unmerged", "merged", "graphs", "gradgraphs", "blocks")
+
+
+VAE_FLAGS = ("channels_last", "eager", "sdpa", "tf32attn", "tf32conv", "bounded", "halfall")
+
+
+def parse_vae_variant(text: str) -> tuple[str, tuple[str, ...]]:
+    """`<precision>[/channels_last][/eager][/sdpa|/tf32attn][/tf32conv|/bounded|/halfall]` -> (precision, flags)
+    (perf.worlds.set_vae_variant applies it)."""
+    precision, *flags = text.split("/")
+    if (precision not in COMPUTE_PRECISIONS or any(f not in VAE_FLAGS for f in flags) or len(set(flags)) < len(flags)
+            or {"sdpa", "tf32attn"} <= set(flags) or len({"tf32conv", "bounded", "halfall"} & set(flags)) > 1):
+        raise UserError(f"bad VAE variant {text!r}: use <precision>[/channels_last][/eager][/sdpa|/tf32attn]"
+                        f"[/tf32conv|/bounded|/halfall] with precision one of {', '.join(COMPUTE_PRECISIONS)}")
+    return precision, tuple(flags)
 
 
 def parse_variant(text: str, merge_default: bool = True) -> RapmVariant:
