@@ -300,9 +300,11 @@ def bench(
     traj_batch: Annotated[int | None, typer.Option(help="Trajectories per teacher batch.")] = None,
     gen_batch: Annotated[int | None, typer.Option(help="Images per generation call.")] = None,
     vae_variants: Annotated[str | None, typer.Option(help="Comma-separated VAE variants that `generate` times on a "
-                                                     "GPU at --gen-batch: <precision>[/channels_last][/eager][/sdpa"
-                                                     "|/tf32attn][/tf32conv|/bounded|/halfall], precision fp32, "
-                                                     "tf32 or bf16 (default: the preset's), e.g. tf32,bf16.")] = None,
+                                                     "GPU at --gen-batch: fp32, tf32 or bf16, each optionally with "
+                                                     "/channels_last, /eager (not compiled), /sdpa or /tf32attn (the "
+                                                     "attention) and /tf32conv, /bounded or /halfall (the "
+                                                     "convolutions) (default: the preset's), e.g. "
+                                                     "tf32,bf16/eager.")] = None,
     eval_batch: Annotated[int | None, typer.Option(help="Images per feature-network call.")] = None,
     merge_lora: Annotated[bool | None, typer.Option("--merge-lora/--no-merge-lora", help="No-grad passes through "
                                                     "merged LoRA weights; default: on.")] = None,
