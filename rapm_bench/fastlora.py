@@ -320,10 +320,12 @@ class _MergedConv2d(torch.autograd.Function):
     A is a conv (r, in, k, k) with the layer's stride/padding/dilation, B a 1×1 conv (out, r):
       ∂L/∂x = conv2d_input(g, W')                                (one convolution_backward)
       u = conv2d(x, sA)                                          (N, r, H', W')
-      v = s·Σ_o g[:, o]·B[o, :], ∂L/∂B = s·Σ_{n,h,w} g ⊗ conv2d(x, A)
-        = the input and weight gradients of the 1×1 conv u ↦ conv2d(u, sB)  (one convolution_backward)
+      v = s·Σ_o g[:, o]·B[o, :], ∂L/∂B = s·Σ_{n,h,w} g ⊗ conv2d(x, A) = Σ_{n,h,w} g ⊗ u
+        (the 1×1 conv's input and weight gradients, as two batched products over the pixels: a 1×1 conv
+        through cuDNN copied g to NHWC first)
       ∂L/∂A = conv2d_weight(x, v) with the layer's stride/padding/dilation   (one convolution_backward)
-    `cache` = (W', sA, sB) as in `_MergedLinear`; only x is saved.
+    The two rank-r convolutions read one channels_last copy of x (cuDNN's bf16 kernels are NHWC: from an NCHW x
+    each made its own). `cache` = (W', sA, sB) as in `_MergedLinear`; only x is saved.
     """
 
     @staticmethod
@@ -347,21 +349,19 @@ class _MergedConv2d(torch.autograd.Function):
                 g, x, weight, [weight.shape[0]] if need_bias else None, stride, padding, dilation, False, [0, 0], 1,
                 [need_x, False, need_bias])
         if need_a or need_b:
-            n, _, h, w = g.shape
+            n, o, h, w = g.shape
             r = a_s.shape[0]
-            if need_b:
-                u = F.conv2d(x, a_s, None, stride, padding, dilation)  # s·conv2d(x, A)
-            else:  # only its shape is read
-                u = g.new_empty(1).expand(n, r, h, w)
-            v, grad_b4, _ = _aten.convolution_backward(  # the 1×1 conv u ↦ conv2d(u, sB): v = s·gB, ∂L/∂B = g ⊗ u
-                g, u, b_s[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_a, need_b, False])
+            x_nhwc = x.contiguous(memory_format=torch.channels_last)  # read by both rank-r convolutions
+            g_pix = g.reshape(n, o, h * w)  # (N, out, pixels)
             sink = _sink(ctx.layer, ctx)
-            if need_b:
-                grad_b = grad_b4.view(b_s.shape)
+            if need_b:  # ∂L/∂B = Σ_n g_n·u_nᵀ with u = conv2d(x, sA)
+                u = F.conv2d(x_nhwc, a_s, None, stride, padding, dilation).reshape(n, r, h * w)
+                grad_b = torch.bmm(g_pix, u.transpose(1, 2)).sum(0, dtype=torch.float32)  # each n rounded once
                 grad_b = _into(sink, 1, grad_b, ctx.master[1])
-            if need_a:
-                grad_a = _aten.convolution_backward(v, x, a_s, None, stride, padding, dilation, False, [0, 0], 1,
-                                                    [False, True, False])[1]
+            if need_a:  # v = (sB)ᵀ·g per pixel, then ∂L/∂A = conv2d_weight(x, v)
+                v = torch.matmul(b_s.t(), g_pix).view(n, r, h, w)
+                grad_a = _aten.convolution_backward(v, x_nhwc, a_s, None, stride, padding, dilation, False, [0, 0],
+                                                    1, [False, True, False])[1]
                 grad_a = _into(sink, 0, grad_a, ctx.master[0])
         return grad_x, grad_bias, grad_a, grad_b, None, None, None, _token_grad(ctx)
 

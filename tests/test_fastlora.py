@@ -195,6 +195,21 @@ def test_merged_grad_forward_runs_the_bare_layers_kernels_and_saves_only_x(name:
     assert all(a is b for a, b in zip(y.grad_fn.cache, wrap.cached(), strict=True))  # W', s·A, s·B: the cache
 
 
+@pytest.mark.parametrize("rank", [1, 4])
+def test_merged_conv_backward_runs_two_convolution_backwards_and_one_copy_of_x(rank: int):
+    """∂L/∂x and ∂L/∂A through cuDNN, u = conv2d(x, sA) forward, v and ∂L/∂B as batched products over the pixels; the
+    rank-r convolutions read one channels_last copy of x (no 1×1 convolution: it made cuDNN copy g to NHWC)."""
+    layer, x = _layer("conv3x3-stride2")
+    host = Host(layer)
+    lora = FastLoRA(host, rank, ("layer",), seed=0, mode="merged")
+    randomise(lora.parameters(), seed=1)
+    y = host(x.clone().requires_grad_(True))
+    with OpLog() as log:
+        y.sum().backward()
+    assert log.ops.count("convolution_backward") == 2 and log.ops.count("convolution") == 1
+    assert log.ops.count("clone") == 1 and log.ops.count("bmm") == 2
+
+
 # --- a tiny SDXL-architecture UNet ---------------------------------------------------------------------------
 SMALL_UNET = bm.SDXL_UNET_SMALL | {"transformer_layers_per_block": (1, 1, 1)}  # every module kind, one deep
 
