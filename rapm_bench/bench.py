@@ -109,8 +109,8 @@ __all__ = [
     "TrajectoryStage", "TunedWorld", "_random_lora_b", "build_clip", "build_inception", "build_sdxl_unet",
     "build_sdxl_vae", "build_world", "calibrate_batchnorm", "compiled_unet", "compute_dtype", "count_flops",
     "device_info", "estimates", "free_memory", "goal_values", "headline_row", "measure", "parse_vae_variant",
-    "parse_variant", "peak_for", "rapm_iteration", "rapm_setup", "resolve_bench", "result_path", "run_bench", "set_channels_last",
-    "set_sdpa", "stage_eval_features", "stage_feature_precision", "stage_generate", "stage_lines", "stage_matmul",
-    "stage_rapm_iteration", "stage_trajectories", "stage_unet_forward", "stage_vae_precision", "summary", "sync",
-    "uint8_difference", "validate", "versions", "git_commit",
+    "parse_variant", "peak_for", "rapm_iteration", "rapm_setup", "resolve_bench", "result_path", "run_bench",
+    "set_channels_last", "set_sdpa", "stage_eval_features", "stage_feature_precision", "stage_generate",
+    "stage_lines", "stage_matmul", "stage_rapm_iteration", "stage_trajectories", "stage_unet_forward",
+    "stage_vae_precision", "summary", "sync", "uint8_difference", "validate", "versions", "git_commit",
 ]
