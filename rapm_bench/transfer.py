@@ -45,7 +45,6 @@ def host_copy(t: torch.Tensor) -> Callable[[], torch.Tensor]:
     return wait
 
 
-
 def to_pinned_host(t: torch.Tensor) -> torch.Tensor:
     """`t.cpu()`, for a CUDA tensor through pinned memory (`host_copy`, waited for at once)."""
     return host_copy(t)()
